@@ -1,0 +1,166 @@
+"""What the executor needs to know about a model family: the pieces of a block, nothing about devices.
+
+An adapter wraps an already-loaded Hugging Face model and calls its own submodules (norms,
+projections, MLPs); it never forks modeling code.  The executor owns attention and the exchange.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Geometry:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    causal: bool
+    rotary: bool
+
+    @property
+    def kv_width(self) -> int:
+        """Values per position of K (or of V) after projection."""
+        return self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A request as the plan sees it: per-position inputs plus padding, positions and sink flags."""
+
+    valid: Tensor  # (B, N) bool, True at real positions
+    positions: Tensor  # (B, N) long position ids (HF default: index in the padded input)
+    sink: Tensor  # (B, N) bool, attention-sink positions
+    per_position: dict[str, Tensor] = field(default_factory=dict)  # each (B, N, ...)
+
+    def gather(self, index: Tensor) -> dict[str, Tensor]:
+        """Per-position inputs of the rows `index` (B, n): what one device receives to embed."""
+        out = {}
+        for name, t in self.per_position.items():
+            idx = index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+            out[name] = torch.gather(t, 1, idx)
+        out["positions"] = torch.gather(self.positions, 1, index)
+        return out
+
+
+class Adapter:
+    """One model family.  Subclasses name the pieces; shapes: x (B, n, d), q/k/v (B, n, heads*head_dim)."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    heads: ClassVar[dict[str, str]]  # HF class name -> head kind
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.head = self.heads[type(model).__name__]
+        self.config = model.config
+
+    # --- inputs -------------------------------------------------------------------------------
+    def prepare(self, **inputs) -> Batch:
+        raise NotImplementedError
+
+    def embed(self, local: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    # --- one block ----------------------------------------------------------------------------
+    geometry: Geometry
+
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def attn_input(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """The (normalised) input of the attention's projections."""
+        raise NotImplementedError
+
+    def qkv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.q(layer, h), *self.kv(layer, h)
+
+    def q(self, layer: nn.Module, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def kv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def scale(self, index: int) -> float:
+        return self.geometry.head_dim**-0.5
+
+    def attn_dropout(self) -> float:
+        return 0.0
+
+    def rotary(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(cos, sin), each (B, n, head_dim), for rotary models; None otherwise."""
+        return None
+
+    def after_attention(self, layer: nn.Module, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
+        """Output projection, residual, MLP: everything of the block after attention."""
+        raise NotImplementedError
+
+    # --- outputs ------------------------------------------------------------------------------
+    def final(self, x: Tensor) -> dict[str, Tensor]:
+        """Position-wise outputs of one device's rows: final norm, LM head."""
+        raise NotImplementedError
+
+    def pool(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Outputs computed from the first position (pooler, classifier): runs where position 0 lives."""
+        return {}
+
+    # --- shared helpers -----------------------------------------------------------------------
+    def special_ids(self) -> set[int]:
+        ids = set()
+        for name in ("bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
+            value = getattr(self.config, name, None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        return ids
+
+
+def _require(value, name: str, family: str, hint: str):
+    if value is None:
+        raise ValueError(f"{name} is required for {family} models; {hint}")
+    return value
+
+
+class TextAdapter(Adapter):
+    """Token-sequence families (BERT, GPT-2, Llama): inputs are input_ids + attention_mask."""
+
+    def prepare(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        sink_token_ids: tuple[int, ...] = (),
+    ) -> Batch:
+        if pixel_values is not None:
+            raise ValueError(f"{self.family} models take input_ids, not pixel_values; tokenize the text first")
+        ids = _require(input_ids, "input_ids", self.family, "pass input_ids=tokenizer(texts)['input_ids']")
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (batch, length) LongTensor, got {type(ids).__name__} "
+                             f"{tuple(getattr(ids, 'shape', ()))}; use return_tensors='pt'")
+        batch, length = ids.shape
+        if attention_mask is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=ids.device)
+        else:
+            if attention_mask.shape != ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
+                                 f"{tuple(ids.shape)}; pass the mask the tokenizer returned with these ids")
+            valid = attention_mask.bool()
+        if position_ids is None:
+            positions = torch.arange(length, device=ids.device).expand(batch, -1)
+        else:
+            positions = position_ids.expand(batch, -1)
+        first = valid & (valid.long().cumsum(1) == 1)  # the first real token: BOS / [CLS]
+        special = torch.tensor(sorted(self.special_ids() | set(sink_token_ids)), dtype=ids.dtype)
+        sink = first | (torch.isin(ids, special.to(ids.device)) & valid)
+        per_position = {"input_ids": ids}
+        if token_type_ids is not None:
+            per_position["token_type_ids"] = token_type_ids.expand(batch, -1)
+        return Batch(valid=valid, positions=positions, sink=sink, per_position=per_position)

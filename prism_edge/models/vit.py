@@ -1,0 +1,103 @@
+"""ViT (pre-LN encoder over image patches + [CLS]): ViTModel, ViTForImageClassification."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Adapter, Batch, Geometry
+
+
+class ViTAdapter(Adapter):
+    family = "vit"
+    model_types = ("vit",)
+    heads = {"ViTModel": "base", "ViTForImageClassification": "classify"}
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        cfg = self.config
+        self.vit = model if self.head == "base" else model.vit
+        heads = cfg.num_attention_heads
+        self.geometry = Geometry(
+            hidden=cfg.hidden_size,
+            heads=heads,
+            kv_heads=heads,
+            head_dim=cfg.hidden_size // heads,
+            layers=cfg.num_hidden_layers,
+            causal=False,
+            rotary=False,
+        )
+
+    def prepare(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        sink_token_ids: tuple[int, ...] = (),
+    ) -> Batch:
+        if pixel_values is None:
+            raise ValueError("pixel_values is required for vit models; pass pixel_values=image_processor(images)['pixel_values']")
+        if input_ids is not None or attention_mask is not None:
+            raise ValueError("vit models take pixel_values only; drop input_ids / attention_mask")
+        emb = self.vit.embeddings
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+        batch, channels, height, width = pixel_values.shape
+        size = tuple(emb.image_size) if isinstance(emb.image_size, (tuple, list)) else (emb.image_size,) * 2
+        if (height, width) != size:
+            raise ValueError(f"image size {height}x{width} does not match the model's {size[0]}x{size[1]}; resize the "
+                             "images with the model's image processor")
+        p = emb.patch_size
+        # (B, C, H, W) -> (B, C, H/p, W/p, p, p) -> (B, H/p * W/p, C*p*p), the patch order of the HF conv
+        patches = pixel_values.unfold(2, p, p).unfold(3, p, p)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, channels * p * p)
+        # position 0 is [CLS]: a row of zeros stands in for its (absent) patch
+        patches = torch.cat([patches.new_zeros(batch, 1, patches.shape[-1]), patches], dim=1)
+        n = patches.shape[1]
+        positions = torch.arange(n, device=patches.device).expand(batch, -1)
+        valid = torch.ones(batch, n, dtype=torch.bool, device=patches.device)
+        sink = positions == 0
+        return Batch(valid=valid, positions=positions, sink=sink, per_position={"patches": patches})
+
+    def embed(self, local: dict[str, Tensor]) -> Tensor:
+        emb = self.vit.embeddings
+        conv = emb.patch_embeddings.projection  # Conv2d with stride == kernel: a linear map per patch
+        weight = conv.weight.reshape(conv.weight.shape[0], -1)  # (d, C*p*p)
+        x = nn.functional.linear(local["patches"], weight, conv.bias)  # (B, n, d)
+        positions = local["positions"]
+        x = torch.where((positions == 0).unsqueeze(-1), emb.cls_token.to(x.dtype), x)
+        x = x + emb.position_embeddings[0][positions]
+        return emb.dropout(x)
+
+    def layers(self) -> nn.ModuleList:
+        return self.vit.layers
+
+    def attn_input(self, layer: nn.Module, x: Tensor) -> Tensor:
+        return layer.layernorm_before(x)
+
+    def q(self, layer: nn.Module, h: Tensor) -> Tensor:
+        return layer.attention.q_proj(h)
+
+    def kv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+        att = layer.attention
+        return att.k_proj(h), att.v_proj(h)
+
+    def attn_dropout(self) -> float:
+        return self.config.attention_probs_dropout_prob
+
+    def after_attention(self, layer: nn.Module, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
+        x = x + layer.dropout(layer.attention.o_proj(ctx))
+        return x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
+
+    def final(self, x: Tensor) -> dict[str, Tensor]:
+        return {"last_hidden_state": self.vit.layernorm(x)}
+
+    def pool(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        first = outputs["last_hidden_state"][:, :1]
+        if self.head == "classify":
+            return {"logits": self.model.classifier(first[:, 0])}
+        if self.vit.pooler is None:
+            return {}
+        return {"pooler_output": self.vit.pooler(first)}

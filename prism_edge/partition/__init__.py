@@ -1,0 +1,1 @@
+"""Partition plans, Segment Means routing and attention masks."""

@@ -1,0 +1,55 @@
+"""The communicator owns every exchanged tensor and counts its bytes in a ledger.
+
+The simulator's communicator hands tensors from device to device inside one process; the
+multi-process runtime swaps in one over torch.distributed.  Both record the same ledger entries.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+def nbytes(t: Tensor) -> int:
+    """Bytes a tensor occupies on the wire: its elements at the dtype actually sent."""
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class ByteLedger:
+    """Bytes per (stage, src, dst); a stage is a layer index or a name such as "input"/"output"."""
+
+    entries: dict[tuple[object, int, int], int] = field(default_factory=lambda: defaultdict(int))
+
+    def record(self, stage: object, src: int, dst: int, tensor: Tensor) -> None:
+        self.entries[(stage, src, dst)] += nbytes(tensor)
+
+    def sent(self, stage: object, rank: int) -> int:
+        return sum(b for (s, src, _), b in self.entries.items() if s == stage and src == rank)
+
+    def received(self, stage: object, rank: int) -> int:
+        return sum(b for (s, _, dst), b in self.entries.items() if s == stage and dst == rank)
+
+    def total(self) -> int:
+        return sum(self.entries.values())
+
+
+class LocalCommunicator:
+    """All devices in one process: an exchange is a hand-over, recorded in the ledger."""
+
+    def __init__(self, world: int, ledger: ByteLedger | None = None) -> None:
+        self.world = world
+        self.ledger = ledger if ledger is not None else ByteLedger()
+
+    def exchange(self, stage: object, outgoing: list[dict[int, Tensor]]) -> list[dict[int, Tensor]]:
+        """outgoing[src][dst] -> incoming[dst][src], every message counted."""
+        if len(outgoing) != self.world:
+            raise AssertionError(f"expected messages from {self.world} devices, got {len(outgoing)}")
+        incoming: list[dict[int, Tensor]] = [{} for _ in range(self.world)]
+        for src, messages in enumerate(outgoing):
+            for dst, tensor in messages.items():
+                self.ledger.record(stage, src, dst, tensor)
+                incoming[dst][src] = tensor
+        return incoming

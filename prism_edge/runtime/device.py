@@ -1,0 +1,164 @@
+"""One device's share of a forward pass: the code every device runs, in the simulator and in the runtime.
+
+A layer is two halves around the exchange, so the same code serves an in-process simulator (all
+devices step together) and one process per device (torch.distributed in between):
+
+    state, outgoing = dev.send(i, x)        # {dst: (rows, width) tensor}
+    incoming = <communicator>(outgoing)     # {src: (rows, width) tensor}
+    x = dev.receive(i, state, incoming)
+
+Device `rank` computes Q, K, V for its own rows only, and K, V only for the rows it receives (or
+receives them ready-made): no device ever computes K/V for another device's full slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..config import PrismConfig
+from ..models.base import Adapter, Batch
+from ..partition import masks
+from ..partition.plan import Plan
+
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_payload(cfg: PrismConfig, rotary: bool, hidden: int, kv_width: int) -> str:
+    """What one exchanged row holds: the normalised attention input ("hidden") or its K and V ("kv").
+
+    Both are exact at CR=1 because K and V are affine in the attention input.  Rotary keys depend on
+    the position, so a mean of several positions must be taken after rotation: kv.
+    """
+    if cfg.scheme != "prism":
+        return "hidden"  # Voltage ships activations and every device recomputes K/V (the baseline)
+    if cfg.payload == "auto":
+        return "kv" if rotary or 2 * kv_width < hidden else "hidden"
+    if cfg.payload == "hidden" and rotary and cfg.cr > 1:
+        raise ValueError(
+            "payload='hidden' cannot carry rotary positions through a segment mean; use payload='kv' or 'auto'"
+        )
+    return cfg.payload
+
+
+@dataclass
+class LayerState:
+    x: Tensor  # (B, n, d) residual stream entering the layer
+    h: Tensor  # (B, n, d) attention input
+    q: Tensor  # (B, H, n, hd)
+    k: Tensor  # (B, Hkv, n, hd)
+    v: Tensor  # (B, Hkv, n, hd)
+
+
+class DeviceExecutor:
+    def __init__(self, adapter: Adapter, plan: Plan, rank: int, cfg: PrismConfig, batch: Batch) -> None:
+        self.adapter, self.plan, self.rank, self.cfg = adapter, plan, rank, cfg
+        self.geo = g = adapter.geometry
+        self.slice = plan.devices[rank]
+        self.out_routes = plan.routes_from(rank)
+        self.in_routes = plan.routes_to(rank)
+        self.payload = resolve_payload(cfg, g.rotary, g.hidden, g.kv_width)
+        self.wire_dtype = WIRE_DTYPES[cfg.wire_dtype]
+        self.positions = torch.gather(batch.positions, 1, self.slice.index)  # (B, n)
+        self.remote_positions = [
+            torch.gather(batch.positions, 1, r.row_index.clamp(min=0)) for r in self.in_routes
+        ]  # (B, m) per incoming route; only exact rows' entries are meaningful
+        self._mask: Tensor | None = None
+        self._rope: tuple | None = None
+
+    # ------------------------------------------------------------------ set-up per request
+    def mask(self, dtype: torch.dtype) -> Tensor:
+        """(B, 1, n, n + M) additive mask over [own rows ; received rows], built once per request."""
+        if self._mask is None or self._mask.dtype != dtype:
+            n = self.slice.rows
+            allowed = [masks.own_mask(self.slice.valid, self.geo.causal)]
+            allowed += [masks.remote_mask(r.row_valid, n) for r in self.in_routes]
+            counts = torch.cat([r.row_count for r in self.in_routes], dim=1) if self.in_routes else None
+            bias = None
+            if counts is not None and self.cfg.count_bias and self.cfg.scheme == "prism":
+                bias = masks.log_count_bias(n, counts, True)
+            self._mask = masks.additive_mask(torch.cat(allowed, dim=2), bias, dtype)
+        return self._mask
+
+    def rope(self, x: Tensor):
+        """(own cos/sin, [cos/sin per incoming route]) for rotary models, computed once per request."""
+        if self._rope is None:
+            own = self.adapter.rotary(x, self.positions)
+            remote = [self.adapter.rotary(x, pos) for pos in self.remote_positions]
+            self._rope = (own, remote)
+        return self._rope
+
+    def expected(self) -> dict[int, tuple[int, int]]:
+        """Shape (rows, width) of the message from every device that sends to this one."""
+        width = self.wire_width()
+        return {r.src: (r.rows, width) for r in self.in_routes}
+
+    def wire_width(self) -> int:
+        return 2 * self.geo.kv_width if self.payload == "kv" else self.geo.hidden
+
+    # ------------------------------------------------------------------ the layer
+    def embed(self, local: dict[str, Tensor]) -> Tensor:
+        return self.adapter.embed(local)
+
+    def _heads(self, t: Tensor, heads: int) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, heads, self.geo.head_dim).transpose(1, 2)  # (B, heads, n, hd)
+
+    def _flat(self, t: Tensor) -> Tensor:
+        b, _, n, _ = t.shape
+        return t.transpose(1, 2).reshape(b, n, -1)  # (B, n, heads * hd)
+
+    def send(self, index: int, x: Tensor) -> tuple[LayerState, dict[int, Tensor]]:
+        layer = self.adapter.layers()[index]
+        g = self.geo
+        h = self.adapter.attn_input(layer, x)
+        q, k, v = self.adapter.qkv(layer, h)
+        q, k, v = self._heads(q, g.heads), self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
+        if g.rotary:
+            (cos, sin), _ = self.rope(x)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        source = torch.cat([self._flat(k), self._flat(v)], dim=-1) if self.payload == "kv" else h
+        outgoing = {r.dst: r.compress(source).to(self.wire_dtype) for r in self.out_routes}
+        return LayerState(x, h, q, k, v), outgoing
+
+    def _remote_kv(self, layer, incoming: dict[int, Tensor], like: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        g = self.geo
+        keys, values = [], []
+        for j, route in enumerate(self.in_routes):
+            rows = route.expand(incoming[route.src].to(like.dtype), like.shape[0])  # (B, m, width)
+            if self.payload == "kv":
+                k, v = rows.split(g.kv_width, dim=-1)
+                k, v = self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
+            else:
+                k, v = self.adapter.kv(layer, rows)
+                k, v = self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
+                if g.rotary:  # exact rows only (resolve_payload refuses hidden means on rotary models)
+                    cos, sin = self.rope(like)[1][j]
+                    k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+    def receive(self, index: int, state: LayerState, incoming: dict[int, Tensor]) -> Tensor:
+        layer = self.adapter.layers()[index]
+        keys, values = self._remote_kv(layer, incoming, state.x)
+        k = torch.cat([state.k, *keys], dim=2)  # (B, Hkv, n + M, hd)
+        v = torch.cat([state.v, *values], dim=2)
+        dropout = self.adapter.attn_dropout() if self.adapter.model.training else 0.0
+        ctx = F.scaled_dot_product_attention(
+            state.q,
+            k,
+            v,
+            attn_mask=self.mask(state.q.dtype),
+            dropout_p=dropout,
+            scale=self.adapter.scale(index),
+            enable_gqa=self.geo.heads != self.geo.kv_heads,
+        )  # (B, H, n, hd)
+        return self.adapter.after_attention(layer, state.x, state.h, self._flat(ctx))
+
+    def final(self, x: Tensor) -> dict[str, Tensor]:
+        return self.adapter.final(x)

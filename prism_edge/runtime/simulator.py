@@ -1,0 +1,128 @@
+"""All devices in one process: the reference driver of the per-device code (differentiable, batched)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from ..config import PrismConfig
+from ..models import Adapter, Batch, adapter_for
+from ..partition.plan import Plan, make_plan
+from .comm import ByteLedger, LocalCommunicator
+from .device import DeviceExecutor
+from .stats import FlopTally, Stats
+
+
+@dataclass
+class PrismOutput:
+    """Same fields and shapes as the Hugging Face model's output, plus the run's `stats` and `plan`.
+
+    Outputs at padding positions are zero (no device owns them).
+    """
+
+    last_hidden_state: Tensor | None = None
+    pooler_output: Tensor | None = None
+    logits: Tensor | None = None
+    stats: Stats | None = None
+    plan: Plan | None = None
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
+def plan_for(batch: Batch, cfg: PrismConfig, causal: bool) -> Plan:
+    """The plan a config implies: Voltage and full are plain exact exchanges (CR=1, no extras)."""
+    prism = cfg.scheme == "prism"
+    sink = batch.sink if (prism and cfg.sinks) else torch.zeros_like(batch.sink)
+    return make_plan(
+        batch.valid,
+        sink,
+        devices=cfg.effective_devices,
+        cr=cfg.effective_cr,
+        halo=cfg.halo if prism else 0,
+        causal=causal,
+        weights=cfg.weights if cfg.scheme != "full" else None,
+    )
+
+
+def scatter_rows(parts: list[Tensor], plan: Plan, batch: int, length: int) -> Tensor:
+    """Per-device (B, n_p, ...) rows -> (B, N, ...) in input order; zeros at padding positions."""
+    tail = parts[0].shape[2:]
+    out = parts[0].new_zeros(batch * length, *tail)
+    for part, sl in zip(parts, plan.devices):
+        flat = (sl.index + torch.arange(batch, device=sl.index.device).unsqueeze(1) * length)[sl.valid]
+        out = out.index_put((flat.to(out.device),), part[sl.valid.to(part.device)])
+    return out.view(batch, length, *tail)
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return Batch(
+        valid=batch.valid.to(device),
+        positions=batch.positions.to(device),
+        sink=batch.sink,
+        per_position={k: v.to(device) for k, v in batch.per_position.items()},
+    )
+
+
+def simulate(
+    model: nn.Module,
+    cfg: PrismConfig | None = None,
+    *,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    pixel_values: Tensor | None = None,
+    count_flops: bool = True,
+    adapter: Adapter | None = None,
+) -> PrismOutput:
+    """Run `model` as `cfg.devices` devices would under PRISM, all inside this process.
+
+    Gradients flow through everything (segment means included), so a model can be fine-tuned
+    through its partitioned forward.  `count_flops=False` skips the FLOP counter's overhead.
+    """
+    cfg = cfg if cfg is not None else PrismConfig()
+    if not isinstance(cfg, PrismConfig):
+        raise ValueError(f"cfg must be a PrismConfig, got {type(cfg).__name__}; use PrismConfig(devices=4, cr=16)")
+    adapter = adapter if adapter is not None else adapter_for(model)
+    batch = adapter.prepare(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        position_ids=position_ids,
+        pixel_values=pixel_values,
+        sink_token_ids=cfg.sink_token_ids,
+    )
+    plan = plan_for(batch, cfg, adapter.geometry.causal)
+    device = next(model.parameters()).device
+    local_batch = _to(batch, device)
+    B, N = batch.valid.shape
+    ledger, tally = ByteLedger(), FlopTally(count_flops)
+    comm = LocalCommunicator(plan.world, ledger)
+    devs = [DeviceExecutor(adapter, _plan_on(plan, device), p, cfg, local_batch) for p in range(plan.world)]
+
+    xs = [tally.run("embed", p, d.embed, local_batch.gather(d.slice.index)) for p, d in enumerate(devs)]
+    for i in range(adapter.geometry.layers):
+        sent = [tally.run(i, p, d.send, i, xs[p]) for p, d in enumerate(devs)]
+        incoming = comm.exchange(i, [out for _, out in sent])
+        xs = [tally.run(i, p, d.receive, i, sent[p][0], incoming[p]) for p, d in enumerate(devs)]
+    finals = [tally.run("head", p, d.final, xs[p]) for p, d in enumerate(devs)]
+    outputs = {name: scatter_rows([f[name] for f in finals], plan, B, N) for name in finals[0]}
+    outputs.update(tally.run("head", 0, adapter.pool, outputs))  # the first position lives on device 0
+    stats = Stats.collect(plan.world, adapter.geometry.layers, ledger, tally)
+    return PrismOutput(**outputs, stats=stats, plan=plan)
+
+
+def _plan_on(plan: Plan, device: torch.device) -> Plan:
+    if device.type == "cpu":
+        return plan
+    from dataclasses import replace
+
+    moved = lambda obj: replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in fields(obj)
+                                       if isinstance(getattr(obj, f.name), Tensor)})
+    return replace(plan, devices=tuple(map(moved, plan.devices)), routes=tuple(map(moved, plan.routes)))

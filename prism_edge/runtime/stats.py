@@ -1,0 +1,89 @@
+"""Per-device, per-layer traffic and compute of one forward pass."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+from torch.utils.flop_counter import FlopCounterMode
+
+from .comm import ByteLedger
+
+
+class FlopTally:
+    """FLOPs per (stage, device), counted by torch.utils.flop_counter around each device's work."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.counts: dict[tuple[object, int], int] = {}
+
+    def run(self, stage: object, rank: int, fn, *args):
+        counter = FlopCounterMode(display=False) if self.enabled else nullcontext()
+        with counter:
+            out = fn(*args)
+        if self.enabled:
+            key = (stage, rank)
+            self.counts[key] = self.counts.get(key, 0) + counter.get_total_flops()
+        return out
+
+
+@dataclass(frozen=True)
+class Stats:
+    """sent[l][p] / received[l][p]: bytes device p sent / received in layer l's exchange.
+
+    layer_flops[l][p]: FLOPs of device p in layer l; flops[p]: its total including embedding and
+    head (None when FLOP counting was off).
+    """
+
+    world: int
+    sent: tuple[tuple[int, ...], ...]
+    received: tuple[tuple[int, ...], ...]
+    layer_flops: tuple[tuple[int, ...], ...] | None
+    flops: tuple[int, ...] | None
+
+    @classmethod
+    def collect(cls, world: int, layers: int, ledger: ByteLedger, tally: FlopTally) -> "Stats":
+        sent = tuple(tuple(ledger.sent(i, p) for p in range(world)) for i in range(layers))
+        received = tuple(tuple(ledger.received(i, p) for p in range(world)) for i in range(layers))
+        if not tally.enabled:
+            return cls(world, sent, received, None, None)
+        layer_flops = tuple(tuple(tally.counts.get((i, p), 0) for p in range(world)) for i in range(layers))
+        flops = tuple(sum(v for (_, r), v in tally.counts.items() if r == p) for p in range(world))
+        return cls(world, sent, received, layer_flops, flops)
+
+    @property
+    def layers(self) -> int:
+        return len(self.sent)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes exchanged between devices in all layers (each message counted once)."""
+        return sum(map(sum, self.sent))
+
+    def bytes_sent(self, rank: int) -> int:
+        return sum(layer[rank] for layer in self.sent)
+
+    def bytes_received(self, rank: int) -> int:
+        return sum(layer[rank] for layer in self.received)
+
+    @property
+    def max_flops(self) -> int | None:
+        """FLOPs of the busiest device: what bounds the wall time of a balanced split."""
+        return max(self.flops) if self.flops else None
+
+    def to_dict(self) -> dict:
+        return {
+            "world": self.world,
+            "bytes_sent": [list(x) for x in self.sent],
+            "bytes_received": [list(x) for x in self.received],
+            "layer_flops": None if self.layer_flops is None else [list(x) for x in self.layer_flops],
+            "flops": None if self.flops is None else list(self.flops),
+            "total_bytes": self.total_bytes,
+        }
+
+    def table(self) -> str:
+        rows = ["device  bytes sent  bytes received  GFLOPs"]
+        for p in range(self.world):
+            gf = "n/a" if self.flops is None else f"{self.flops[p] / 1e9:.3f}"
+            rows.append(f"{p:>6}  {self.bytes_sent(p):>10,}  {self.bytes_received(p):>14,}  {gf:>6}")
+        return "\n".join(rows)
