@@ -65,9 +65,12 @@ class ViTAdapter(Adapter):
         emb = self.vit.embeddings
         conv = emb.patch_embeddings.projection  # Conv2d with stride == kernel: a linear map per patch
         weight = conv.weight.reshape(conv.weight.shape[0], -1)  # (d, C*p*p)
-        x = nn.functional.linear(local["patches"], weight, conv.bias)  # (B, n, d)
-        positions = local["positions"]
-        x = torch.where((positions == 0).unsqueeze(-1), emb.cls_token.to(x.dtype), x)
+        positions, patches = local["positions"], local["patches"]
+        # [CLS] (position 0) is always the first row of the device that owns it: project real patches only
+        has_cls = bool((positions[:, 0] == 0).all())
+        x = nn.functional.linear(patches[:, 1:] if has_cls else patches, weight, conv.bias)  # (B, n', d)
+        if has_cls:
+            x = torch.cat([emb.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         x = x + emb.position_embeddings[0][positions]
         return emb.dropout(x)
 

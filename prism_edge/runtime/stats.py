@@ -5,9 +5,31 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from torch.utils.flop_counter import FlopCounterMode
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from .comm import ByteLedger
+
+_aten = torch.ops.aten
+# torch's counter knows the CUDA attention kernels but not the CPU one that
+# scaled_dot_product_attention dispatches to here; count it with torch's own SDPA formula.
+def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+CPU_ATTENTION_FLOPS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch.utils.flop_counter with CPU attention counted (matmuls, convolutions and attention)."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
 
 
 class FlopTally:
@@ -18,7 +40,7 @@ class FlopTally:
         self.counts: dict[tuple[object, int], int] = {}
 
     def run(self, stage: object, rank: int, fn, *args):
-        counter = FlopCounterMode(display=False) if self.enabled else nullcontext()
+        counter = flop_counter() if self.enabled else nullcontext()
         with counter:
             out = fn(*args)
         if self.enabled:

