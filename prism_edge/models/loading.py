@@ -62,6 +62,21 @@ def _class_for(config) -> type[nn.Module]:
     raise ValueError(f"unsupported model type {model_type!r}; supported: {supported()}")
 
 
+def _save_dequantised(model: nn.Module, tokenizer, folder: Path) -> None:
+    """HF refuses save_pretrained on a GGUF-loaded model; its weights are plain fp32 tensors by now."""
+    from safetensors.torch import save_model
+    from transformers import AutoConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    AutoConfig.for_model(**config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    tmp = folder / "model.safetensors.partial"
+    save_model(model, str(tmp))  # handles the tied embedding / LM-head weights
+    tmp.rename(folder / "model.safetensors")  # last, so a half-written cache is never loaded
+
+
 def _load_smollm2(cache_dir: Path | None) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,9 +91,7 @@ def _load_smollm2(cache_dir: Path | None) -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         if cached is not None:  # de-quantising takes ~40 s on 2 cores; the safetensors copy loads in ~1 s
-            cached.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(cached)
-            tokenizer.save_pretrained(cached)
+            _save_dequantised(model, tokenizer, cached)
     return Loaded(model.eval(), tokenizer, "smollm2")
 
 

@@ -1,0 +1,199 @@
+"""`prism-edge`: the command line.  The only place that reads the environment.
+
+  prism-edge run                 the bundled default: real MiniLM-L6 on built-in texts, 4 devices
+  prism-edge run --model smollm2 --cr 4
+  prism-edge bench overhead      simulator overhead against a plain HF forward
+  prism-edge bench ablation      fidelity of plain means vs sinks / halo / count bias on real weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+
+from .config import PAYLOADS, SCHEMES, WIRE_DTYPES, PrismConfig
+
+CHOICES = {"scheme": SCHEMES, "payload": PAYLOADS, "wire_dtype": WIRE_DTYPES}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, non-zero exit
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PRISM_EDGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prism-edge")
+    return Path(root)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per PrismConfig field; the defaults live in the dataclass only."""
+    hints = typing.get_type_hints(PrismConfig)
+    for f in dataclasses.fields(PrismConfig):
+        flag, kw = "--" + f.name.replace("_", "-"), {"help": f.metadata.get("help"), "default": f.default}
+        hint = hints[f.name]
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif hint is int:
+            kw["type"] = int
+        elif hint is str:
+            kw["choices"] = CHOICES.get(f.name)
+        else:  # tuples: weights (float) and sink_token_ids (int)
+            kw.update(nargs="+", type=float if f.name == "weights" else int)
+        parser.add_argument(flag, dest=f.name, **kw)
+
+
+def config_from(args: argparse.Namespace) -> PrismConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrismConfig)}
+    for name in ("weights", "sink_token_ids"):
+        if values[name] is not None:
+            values[name] = tuple(values[name])
+    return PrismConfig(**values)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n):,} B"
+        n /= 1000
+    return str(n)
+
+
+def _inputs(loaded, args):
+    """Tokenised built-in texts (or --text / --text-file), or an image for ViT."""
+    from .eval.data import builtin_texts
+
+    family = loaded.model.config.model_type
+    if family == "vit":
+        from PIL import Image
+
+        if not args.image:
+            raise ValueError("vit models need an image: pass --image PATH")
+        if loaded.tokenizer is None:
+            raise ValueError("this ViT checkpoint ships no image processor; cannot prepare --image")
+        images = [Image.open(p).convert("RGB") for p in args.image]
+        return loaded.tokenizer(images, return_tensors="pt").data, [Path(p).name for p in args.image]
+    texts = list(args.text or [])
+    if args.text_file:
+        lines = Path(args.text_file).read_text(encoding="utf-8").splitlines()
+        texts += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    texts = texts or builtin_texts()
+    tok = loaded.tokenizer
+    if family in ("gpt2", "llama"):
+        texts = ["\n".join(texts)]  # a decoder reads one document: the texts joined
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    enc = tok(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}, texts
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from .eval.compare import compare
+    from .models import adapter_for
+    from .models.loading import load_model
+
+    cfg = config_from(args)
+    torch.set_num_threads(args.threads) if args.threads else None
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, cache_dir=cache_dir())
+    adapter_for(loaded.model)  # refuse unsupported models before tokenising
+    inputs, labels = _inputs(loaded, args)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s; running full, Voltage and PRISM ...", file=sys.stderr, flush=True)
+    report = compare(loaded.model, cfg, inputs, labels)
+    g = adapter_for(loaded.model).geometry
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), default=str, indent=1))
+        return 0
+    print(f"model    {args.model}: {type(loaded.model).__name__}, {g.layers} layers, hidden {g.hidden}, "
+          f"{g.heads} heads ({g.kv_heads} KV)")
+    print(f"split    {cfg.devices} devices, CR={cfg.cr}, sinks {'on' if cfg.sinks else 'off'}, halo {cfg.halo}, "
+          f"count bias {'on' if cfg.count_bias else 'off'}, wire {cfg.wire_dtype}")
+    print(f"input    {len(report.positions)} sequence(s), {min(report.positions)}-{max(report.positions)} positions")
+    print("\nresult (PRISM against the unpartitioned model)")
+    for line in report.details[: args.show]:
+        print("  " + line)
+    if len(report.details) > args.show:
+        print(f"  ... {len(report.details) - args.show} more (--show N)")
+    for name, value in report.quality.items():
+        print(f"  {name:<38} {value:.4f}")
+    print("\ncost per request            Voltage        PRISM          saved")
+    print(f"  bytes between devices   {_fmt_bytes(report.bytes['voltage']):>12}  {_fmt_bytes(report.bytes['prism']):>12}"
+          f"  {100 * report.saved(report.bytes):>6.1f} %")
+    print(f"  busiest device GFLOPs   {report.max_flops['voltage'] / 1e9:>12.3f}  {report.max_flops['prism'] / 1e9:>12.3f}"
+          f"  {100 * report.saved(report.max_flops):>6.1f} %")
+    print(f"  (one device alone: {report.full_flops / 1e9:.3f} GFLOPs; perfect {cfg.devices}-way split "
+          f"{report.full_flops / cfg.devices / 1e9:.3f})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    out = Path(args.out)
+    if args.what == "overhead":
+        from .bench.overhead import main as overhead
+
+        print(overhead(args.model, out, repeats=args.repeats, length=args.length, cache=cache_dir()))
+    else:
+        from .bench.ablation import VARIANTS, main as ablation
+
+        print(ablation(args.models, args.devices, args.crs, list(VARIANTS), out, cache_dir=cache_dir(),
+                       length=args.length, chunks=args.chunks))
+    print(f"results written to {out}/", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="prism-edge", description="Run one Transformer across several devices with PRISM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    run = sub.add_parser("run", help="run a model split across devices (simulator) and compare with Voltage")
+    run.add_argument("--model", default="minilm", help="alias (minilm, smollm2), hub name or local folder")
+    run.add_argument("--text", action="append", help="input text (repeatable); default: built-in texts")
+    run.add_argument("--text-file", help="file with one input text per line (lines starting with # skipped)")
+    run.add_argument("--image", nargs="+", help="image file(s) for ViT models")
+    run.add_argument("--max-length", type=int, default=512, help="truncate inputs to this many tokens")
+    run.add_argument("--show", type=int, default=6, help="result lines to print")
+    run.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    run.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_config_flags(run)
+    run.set_defaults(fn=cmd_run)
+
+    bench = sub.add_parser("bench", help="benchmarks that print a table and write results")
+    bench.add_argument("what", choices=("overhead", "ablation"))
+    bench.add_argument("--out", default="results", help="folder for the JSON/markdown results")
+    bench.add_argument("--model", default="minilm", help="overhead: model alias or path")
+    bench.add_argument("--repeats", type=int, default=20, help="overhead: timed repeats per variant")
+    bench.add_argument("--length", type=int, default=128, help="tokens per sequence (ablation: per LM chunk)")
+    bench.add_argument("--models", nargs="+", default=["minilm", "smollm2"], help="ablation: models")
+    bench.add_argument("--devices", type=int, default=4, help="ablation: devices")
+    bench.add_argument("--crs", type=int, nargs="+", default=[4, 16, 64], help="ablation: compression rates")
+    bench.add_argument("--chunks", type=int, default=8, help="ablation: LM chunks of --length tokens")
+    bench.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as err:
+        print(f"prism-edge: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # unreadable --text-file / --image and the like
+        print(f"prism-edge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prism-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

