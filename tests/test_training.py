@@ -28,14 +28,14 @@ def test_cr1_gradients_equal_hf_gradients():
 
 
 def test_gradients_flow_through_segment_means_and_training_lowers_loss():
-    torch.manual_seed(0)
     model = tiny("bert-cls").train()
+    torch.manual_seed(0)  # dropout draws
     ids, mask = text_batch(batch=4, length=16, pad_to=[16, 14, 12, 10])
     labels = torch.tensor([0, 1, 2, 1])
     cfg = PrismConfig(devices=2, cr=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(40):
         logits = simulate(model, cfg, input_ids=ids, attention_mask=mask, count_flops=False).logits
         loss = torch.nn.functional.cross_entropy(logits, labels)
         opt.zero_grad()
@@ -45,4 +45,4 @@ def test_gradients_flow_through_segment_means_and_training_lowers_loss():
             assert key is not None and torch.isfinite(key).all() and key.abs().sum() > 0
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] * 0.5
+    assert sum(losses[-5:]) / 5 < losses[0] * 0.3
