@@ -102,7 +102,8 @@ def cmd_run(args) -> int:
     from .models.loading import load_model
 
     cfg = config_from(args)
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     loaded = load_model(args.model, cache_dir=cache_dir())

@@ -88,7 +88,8 @@ class DeviceExecutor:
         """(own cos/sin, [cos/sin per incoming route]) for rotary models, computed once per request."""
         if self._rope is None:
             own = self.adapter.rotary(x, self.positions)
-            remote = [self.adapter.rotary(x, pos) for pos in self.remote_positions]
+            # received K arrive rotated with a kv payload; only hidden rows need rotating here
+            remote = [self.adapter.rotary(x, pos) for pos in self.remote_positions] if self.payload == "hidden" else []
             self._rope = (own, remote)
         return self._rope
 

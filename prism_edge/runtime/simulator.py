@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -119,10 +119,12 @@ def simulate(
 
 
 def _plan_on(plan: Plan, device: torch.device) -> Plan:
+    """The plan's index tensors on the model's device (plans are built on the CPU)."""
     if device.type == "cpu":
         return plan
-    from dataclasses import replace
 
-    moved = lambda obj: replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in fields(obj)
-                                       if isinstance(getattr(obj, f.name), Tensor)})
+    def moved(obj):
+        return replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in fields(obj)
+                               if isinstance(getattr(obj, f.name), Tensor)})
+
     return replace(plan, devices=tuple(map(moved, plan.devices)), routes=tuple(map(moved, plan.routes)))
