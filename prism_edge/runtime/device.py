@@ -149,6 +149,11 @@ class DeviceExecutor:
         keys, values = self._remote_kv(layer, incoming, state.x)
         k = torch.cat([state.k, *keys], dim=2)  # (B, Hkv, n + M, hd)
         v = torch.cat([state.v, *values], dim=2)
+        if self.geo.heads != self.geo.kv_heads:
+            # grouped-query: each KV head serves heads / kv_heads query heads; expanded explicitly because
+            # older torch's FLOP formula (and some kernels) reject enable_gqa's mismatched head counts
+            rep = self.geo.heads // self.geo.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, n + M, hd)
         dropout = self.adapter.attn_dropout() if self.adapter.model.training else 0.0
         ctx = F.scaled_dot_product_attention(
             state.q,
@@ -157,7 +162,6 @@ class DeviceExecutor:
             attn_mask=self.mask(state.q.dtype),
             dropout_p=dropout,
             scale=self.adapter.scale(index),
-            enable_gqa=self.geo.heads != self.geo.kv_heads,
         )  # (B, H, n, hd)
         return self.adapter.after_attention(layer, state.x, state.h, self._flat(ctx))
 
