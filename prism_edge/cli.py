@@ -1,9 +1,13 @@
 """`prism-edge`: the command line.  The only place that reads the environment.
 
-  prism-edge run                 the bundled default: real MiniLM-L6 on built-in texts, 4 devices
+  prism-edge launch              the bundled default: real MiniLM-L6 across 4 local device processes
+  prism-edge launch --serve 127.0.0.1:8000    keep the devices up and serve JSON over HTTP
+  prism-edge worker --rank R --world-size W --master HOST:PORT    one device of a multi-machine group
+  prism-edge run                 the in-process simulator: full vs Voltage vs PRISM on the same input
   prism-edge run --model smollm2 --cr 4
   prism-edge bench overhead      simulator overhead against a plain HF forward
   prism-edge bench ablation      fidelity of plain means vs sinks / halo / count bias on real weights
+  prism-edge bench runtime --link wifi   multi-process wall time and bytes; overlap on an emulated link
 """
 
 from __future__ import annotations
@@ -139,7 +143,12 @@ def cmd_run(args) -> int:
 
 def cmd_bench(args) -> int:
     out = Path(args.out)
-    if args.what == "overhead":
+    if args.what == "runtime":
+        from .bench.runtime import main as runtime
+
+        print(runtime(args.model, out, args.device_counts, args.cr, min(args.repeats, 10) if args.repeats == 20 else
+                      args.repeats, args.length, args.link, args.rounds, cache_dir()))
+    elif args.what == "overhead":
         from .bench.overhead import main as overhead
 
         print(overhead(args.model, out, repeats=args.repeats, length=args.length, cache=cache_dir()))
@@ -167,8 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(run)
     run.set_defaults(fn=cmd_run)
 
+    from .launch import add_request_flags, add_runtime_flags, cmd_launch, cmd_worker
+
+    launch = sub.add_parser("launch", help="start one process per device on this machine and run requests")
+    launch.add_argument("--model", default="minilm", help="alias (minilm, smollm2), hub name or local folder")
+    add_request_flags(launch)
+    add_runtime_flags(launch)
+    add_config_flags(launch)
+    launch.set_defaults(fn=cmd_launch)
+
+    worker = sub.add_parser("worker", help="one device process of a group (also: python -m prism_edge.worker)")
+    worker.add_argument("--rank", type=int, help="this device's rank (default: $RANK, as set by torchrun)")
+    worker.add_argument("--world-size", type=int, help="number of devices (default: $WORLD_SIZE)")
+    worker.add_argument("--master", help="rank 0's HOST:PORT (default: $MASTER_ADDR:$MASTER_PORT)")
+    worker.add_argument("--bind", help="local address whose interface gloo uses (default: the hostname's)")
+    worker.add_argument("--iface", help="network interface gloo uses, e.g. eth0 (like GLOO_SOCKET_IFNAME)")
+    worker.add_argument("--model", default="minilm", help="alias (minilm, smollm2), hub name or local folder")
+    worker.add_argument("--verbose", action="store_true", help="log each worker's shutdown")
+    add_request_flags(worker)
+    add_runtime_flags(worker)
+    add_config_flags(worker)
+    worker.set_defaults(fn=cmd_worker, devices=None)
+
     bench = sub.add_parser("bench", help="benchmarks that print a table and write results")
-    bench.add_argument("what", choices=("overhead", "ablation"))
+    bench.add_argument("what", choices=("overhead", "ablation", "runtime"))
     bench.add_argument("--out", default="results", help="folder for the JSON/markdown results")
     bench.add_argument("--model", default="minilm", help="overhead: model alias or path")
     bench.add_argument("--repeats", type=int, default=20, help="overhead: timed repeats per variant")
@@ -177,14 +208,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", type=int, default=4, help="ablation: devices")
     bench.add_argument("--crs", type=int, nargs="+", default=[4, 16, 64], help="ablation: compression rates")
     bench.add_argument("--chunks", type=int, default=8, help="ablation: LM chunks of --length tokens")
+    bench.add_argument("--device-counts", type=int, nargs="+", default=[1, 2, 4], help="runtime: device counts")
+    bench.add_argument("--cr", type=int, default=16, help="runtime: compression rate")
+    bench.add_argument("--link", default=None,
+                       help="runtime: also measure attention overlap on an emulated link (wifi, slow, lan or "
+                            "RATEmbit[,DELAYms]; needs root)")
+    bench.add_argument("--rounds", type=int, default=3, help="runtime: interleaved overlap on/off runs")
     bench.set_defaults(fn=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime.cluster import ClusterError
+    from .runtime.transport import DeviceLost
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except (DeviceLost, ClusterError) as err:
+        print(f"prism-edge: error: {err}", file=sys.stderr)
+        return 3
     except ValueError as err:
         print(f"prism-edge: error: {err}", file=sys.stderr)
         return 2

@@ -115,9 +115,13 @@ def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loa
     if config.model_type == "vit":
         try:
             processor = AutoImageProcessor.from_pretrained(path)
-        except (OSError, ValueError):
+        except (OSError, ValueError, ImportError):  # no preprocessor config, or Pillow missing
             processor = None
         return Loaded(model, processor, str(name))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    _mark_special_tokens(model, tokenizer)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # a bare checkpoint (e.g. saved random weights): token ids only
+    if tokenizer is not None:
+        _mark_special_tokens(model, tokenizer)
     return Loaded(model, tokenizer, str(name))

@@ -46,6 +46,20 @@ def resolve_payload(cfg: PrismConfig, rotary: bool, hidden: int, kv_width: int) 
 
 
 @dataclass
+class Partial:
+    """Attention over a subset of the keys, mergeable with another subset's (log-sum-exp merge)."""
+
+    out: Tensor  # (B, H, n, hd) softmax-weighted values over this subset of the keys
+    lse: Tensor  # (B, H, n, 1) log of the softmax denominator over this subset
+
+    def merge(self, other: "Partial") -> Tensor:
+        """Exactly the attention over both key subsets together."""
+        top = torch.maximum(self.lse, other.lse)
+        a, b = torch.exp(self.lse - top), torch.exp(other.lse - top)
+        return (a * self.out + b * other.out) / (a + b)
+
+
+@dataclass
 class LayerState:
     x: Tensor  # (B, n, d) residual stream entering the layer
     h: Tensor  # (B, n, d) attention input
@@ -144,16 +158,46 @@ class DeviceExecutor:
             values.append(v)
         return keys, values
 
-    def receive(self, index: int, state: LayerState, incoming: dict[int, Tensor]) -> Tensor:
-        layer = self.adapter.layers()[index]
-        keys, values = self._remote_kv(layer, incoming, state.x)
-        k = torch.cat([state.k, *keys], dim=2)  # (B, Hkv, n + M, hd)
-        v = torch.cat([state.v, *values], dim=2)
+    def _expand_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.geo.heads != self.geo.kv_heads:
             # grouped-query: each KV head serves heads / kv_heads query heads; expanded explicitly because
             # older torch's FLOP formula (and some kernels) reject enable_gqa's mismatched head counts
             rep = self.geo.heads // self.geo.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, n + M, hd)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, keys, hd)
+        return k, v
+
+    def _partial(self, index: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Partial:
+        k, v = self._expand_kv(k, v)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.adapter.scale(index) + mask  # (B, H, n, keys)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        return Partial(torch.matmul(torch.exp(scores - lse), v), lse)
+
+    def attend_own(self, index: int, state: LayerState) -> Partial:
+        """Attention over this device's own keys only: what can run while the exchange is in flight."""
+        if self.adapter.model.training and self.adapter.attn_dropout() > 0:
+            raise ValueError("split (overlapped) attention is for inference; call model.eval() or use receive() alone")
+        n = self.slice.rows
+        return self._partial(index, state.q, state.k, state.v, self.mask(state.q.dtype)[..., :n])
+
+    def receive(self, index: int, state: LayerState, incoming: dict[int, Tensor], own: Partial | None = None) -> Tensor:
+        """Finish the layer once the messages are in.
+
+        Without `own`: one attention over [own keys ; received keys].  With `own` (from attend_own,
+        computed while the messages travelled): attention over the received keys only, merged
+        exactly with `own` by log-sum-exp.
+        """
+        layer = self.adapter.layers()[index]
+        keys, values = self._remote_kv(layer, incoming, state.x)
+        if own is not None:
+            if keys:
+                n = self.slice.rows
+                remote = self._partial(index, state.q, torch.cat(keys, dim=2), torch.cat(values, dim=2),
+                                       self.mask(state.q.dtype)[..., n:])
+                ctx = own.merge(remote)
+            else:
+                ctx = own.out
+            return self.adapter.after_attention(layer, state.x, state.h, self._flat(ctx))
+        k, v = self._expand_kv(torch.cat([state.k, *keys], dim=2), torch.cat([state.v, *values], dim=2))
         dropout = self.adapter.attn_dropout() if self.adapter.model.training else 0.0
         ctx = F.scaled_dot_product_attention(
             state.q,

@@ -12,6 +12,7 @@ from ..models import Adapter, Batch, adapter_for
 from ..partition.plan import Plan, make_plan
 from .comm import ByteLedger, LocalCommunicator
 from .device import DeviceExecutor
+from .protocol import input_tensors, meta_tensors, output_tensors, request_header
 from .stats import FlopTally, Stats
 
 
@@ -80,11 +81,17 @@ def simulate(
     pixel_values: Tensor | None = None,
     count_flops: bool = True,
     adapter: Adapter | None = None,
+    overlap: bool = False,
 ) -> PrismOutput:
     """Run `model` as `cfg.devices` devices would under PRISM, all inside this process.
 
     Gradients flow through everything (segment means included), so a model can be fine-tuned
     through its partitioned forward.  `count_flops=False` skips the FLOP counter's overhead.
+    `overlap=True` runs attention the way the multi-process runtime does (own keys first, received
+    keys after, merged by log-sum-exp): same result within float rounding, inference only.
+
+    The ledger also counts what a real coordinator would ship: each device's inputs from rank 0
+    and its outputs back (stages "input" and "output", all positions returned).
     """
     cfg = cfg if cfg is not None else PrismConfig()
     if not isinstance(cfg, PrismConfig):
@@ -105,13 +112,21 @@ def simulate(
     ledger, tally = ByteLedger(), FlopTally(count_flops)
     comm = LocalCommunicator(plan.world, ledger)
     devs = [DeviceExecutor(adapter, _plan_on(plan, device), p, cfg, local_batch) for p in range(plan.world)]
+    header = request_header(batch, 0, "all")
+    for p in range(1, plan.world):
+        for t in meta_tensors(batch, header) + input_tensors(batch, plan, p):
+            ledger.record("input", 0, p, t)
 
     xs = [tally.run("embed", p, d.embed, local_batch.gather(d.slice.index)) for p, d in enumerate(devs)]
     for i in range(adapter.geometry.layers):
         sent = [tally.run(i, p, d.send, i, xs[p]) for p, d in enumerate(devs)]
         incoming = comm.exchange(i, [out for _, out in sent])
-        xs = [tally.run(i, p, d.receive, i, sent[p][0], incoming[p]) for p, d in enumerate(devs)]
+        own = [tally.run(i, p, d.attend_own, i, sent[p][0]) if overlap else None for p, d in enumerate(devs)]
+        xs = [tally.run(i, p, d.receive, i, sent[p][0], incoming[p], own[p]) for p, d in enumerate(devs)]
     finals = [tally.run("head", p, d.final, xs[p]) for p, d in enumerate(devs)]
+    for p in range(1, plan.world):
+        for t in output_tensors(finals[p], plan, p, "all"):
+            ledger.record("output", p, 0, t)
     outputs = {name: scatter_rows([f[name] for f in finals], plan, B, N) for name in finals[0]}
     outputs.update(tally.run("head", 0, adapter.pool, outputs))  # the first position lives on device 0
     stats = Stats.collect(plan.world, adapter.geometry.layers, ledger, tally)

@@ -55,6 +55,11 @@ class Stats:
 
     layer_flops[l][p]: FLOPs of device p in layer l; flops[p]: its total including embedding and
     head (None when FLOP counting was off).
+
+    input_bytes[p] / output_bytes[p]: bytes the coordinator (rank 0) sent device p with the request
+    and device p sent back (0 for rank 0 itself).  The multi-process runtime also fills the timings:
+    compute_s[l][p] / wait_s[l][p], seconds device p computed / waited on the exchange in layer l, and
+    wall_s, the request's wall time at rank 0.
     """
 
     world: int
@@ -62,16 +67,23 @@ class Stats:
     received: tuple[tuple[int, ...], ...]
     layer_flops: tuple[tuple[int, ...], ...] | None
     flops: tuple[int, ...] | None
+    input_bytes: tuple[int, ...] | None = None
+    output_bytes: tuple[int, ...] | None = None
+    compute_s: tuple[tuple[float, ...], ...] | None = None
+    wait_s: tuple[tuple[float, ...], ...] | None = None
+    wall_s: float | None = None
 
     @classmethod
     def collect(cls, world: int, layers: int, ledger: ByteLedger, tally: FlopTally) -> "Stats":
         sent = tuple(tuple(ledger.sent(i, p) for p in range(world)) for i in range(layers))
         received = tuple(tuple(ledger.received(i, p) for p in range(world)) for i in range(layers))
+        io = {"input_bytes": tuple(ledger.received("input", p) for p in range(world)),
+              "output_bytes": tuple(ledger.sent("output", p) for p in range(world))}
         if not tally.enabled:
-            return cls(world, sent, received, None, None)
+            return cls(world, sent, received, None, None, **io)
         layer_flops = tuple(tuple(tally.counts.get((i, p), 0) for p in range(world)) for i in range(layers))
         flops = tuple(sum(v for (_, r), v in tally.counts.items() if r == p) for p in range(world))
-        return cls(world, sent, received, layer_flops, flops)
+        return cls(world, sent, received, layer_flops, flops, **io)
 
     @property
     def layers(self) -> int:
@@ -81,6 +93,11 @@ class Stats:
     def total_bytes(self) -> int:
         """Bytes exchanged between devices in all layers (each message counted once)."""
         return sum(map(sum, self.sent))
+
+    @property
+    def request_bytes(self) -> int:
+        """Everything on the wire for the request: the exchange plus inputs out and outputs back."""
+        return self.total_bytes + sum(self.input_bytes or ()) + sum(self.output_bytes or ())
 
     def bytes_sent(self, rank: int) -> int:
         return sum(layer[rank] for layer in self.sent)
@@ -101,11 +118,26 @@ class Stats:
             "layer_flops": None if self.layer_flops is None else [list(x) for x in self.layer_flops],
             "flops": None if self.flops is None else list(self.flops),
             "total_bytes": self.total_bytes,
+            "input_bytes": None if self.input_bytes is None else list(self.input_bytes),
+            "output_bytes": None if self.output_bytes is None else list(self.output_bytes),
+            "request_bytes": self.request_bytes,
+            "compute_s": None if self.compute_s is None else [list(x) for x in self.compute_s],
+            "wait_s": None if self.wait_s is None else [list(x) for x in self.wait_s],
+            "wall_s": self.wall_s,
         }
 
     def table(self) -> str:
-        rows = ["device  bytes sent  bytes received  GFLOPs"]
+        """Per device: exchange bytes, request input/output bytes, FLOPs and (runtime) compute/wait time."""
+        timed = self.compute_s is not None and self.wait_s is not None
+        head = "device  exchange sent  exchange recv  input recv  output sent  GFLOPs"
+        rows = [head + ("  compute s  wait s" if timed else "")]
         for p in range(self.world):
             gf = "n/a" if self.flops is None else f"{self.flops[p] / 1e9:.3f}"
-            rows.append(f"{p:>6}  {self.bytes_sent(p):>10,}  {self.bytes_received(p):>14,}  {gf:>6}")
+            inp = "n/a" if self.input_bytes is None else f"{self.input_bytes[p]:,}"
+            out = "n/a" if self.output_bytes is None else f"{self.output_bytes[p]:,}"
+            row = (f"{p:>6}  {self.bytes_sent(p):>13,}  {self.bytes_received(p):>13,}  {inp:>10}  {out:>11}"
+                   f"  {gf:>6}")
+            if timed:
+                row += f"  {sum(l[p] for l in self.compute_s):>9.3f}  {sum(l[p] for l in self.wait_s):>6.3f}"
+            rows.append(row)
         return "\n".join(rows)

@@ -1,0 +1,193 @@
+"""The multi-process runtime's cost: wall time and bytes per request, and what overlap saves on a slow link.
+
+1. Loopback (`loopback`): for each device count, a local Cluster serves the same request `repeats`
+   times; reported beside the in-process simulator (same config, one thread) and, at P=1, the
+   plain HF forward.  The machine has 2 cores: P=4 processes share them.
+2. Emulated link (`overlap`): P device processes, each in its own network namespace behind a `tc tbf`
+   link (prism_edge.bench.links), run with attention overlap on and off, interleaved.  Needs root.
+
+Medians over interleaved repeats; compare ratios from one run (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import PrismConfig
+from ..eval.data import builtin_texts
+from ..models.loading import load_model
+from ..runtime.cluster import Cluster
+from ..runtime.simulator import simulate
+
+
+def _inputs(loaded, length: int) -> dict:
+    enc = loaded.tokenizer(builtin_texts(), padding=True, truncation=True, max_length=length, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def loopback(model: str, devices: list[int], cr: int, repeats: int, length: int, cache: Path | None) -> list[dict]:
+    torch.set_num_threads(1)
+    loaded = load_model(model, cache_dir=cache)
+    inputs = _inputs(loaded, length)
+    rows = []
+    with torch.inference_mode():
+        hf = _median_time(lambda: loaded.model(**inputs), repeats)
+    for p in tqdm(devices, desc="device counts"):
+        cfg = PrismConfig(devices=p, cr=cr)
+        with torch.inference_mode():
+            sim = _median_time(lambda: simulate(loaded.model, cfg, count_flops=False, **inputs), repeats)
+        with Cluster(model, cfg, threads=1, cache_dir=cache) as cluster:
+            cluster(**inputs, outputs="mean")  # warm-up
+            walls, stats = [], None
+            for _ in range(repeats):
+                out = cluster(**inputs, outputs="mean")
+                walls.append(out.stats.wall_s)
+                stats = out.stats
+        rows.append({
+            "devices": p, "cr": cr, "runtime_s": statistics.median(walls), "simulator_s": sim, "hf_forward_s": hf,
+            "exchange_bytes": stats.total_bytes, "input_bytes": sum(stats.input_bytes),
+            "output_bytes": sum(stats.output_bytes), "request_bytes": stats.request_bytes,
+            "wait_s": sum(map(sum, stats.wait_s)) / p, "compute_s": sum(map(sum, stats.compute_s)) / p,
+        })
+    return rows
+
+
+def wire_precision(model: str, devices: int, cr: int, length: int, cache: Path | None) -> list[dict]:
+    """Fidelity cost of a narrower wire dtype (simulated: the runtime sends the very same tensors)."""
+    from ..eval.fidelity import mean_pool
+
+    loaded = load_model(model, cache_dir=cache)
+    inputs = _inputs(loaded, length)
+    mask = inputs["attention_mask"]
+    rows = []
+    with torch.inference_mode():
+        full = loaded.model(**inputs).last_hidden_state
+        base = None
+        for wire in ("float32", "float16", "bfloat16"):
+            out = simulate(loaded.model, PrismConfig(devices=devices, cr=cr, wire_dtype=wire), count_flops=False,
+                           **inputs)
+            base = out if base is None else base
+            valid = mask.bool()
+            rows.append({
+                "wire": wire, "exchange_bytes": out.stats.total_bytes,
+                "cosine_to_full": float((mean_pool(out.last_hidden_state, mask) * mean_pool(full, mask)).sum(-1).mean()),
+                "max_abs_vs_fp32_wire": float((out.last_hidden_state - base.last_hidden_state)[valid].abs().max()),
+            })
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _emulated_run(net, model: str, devices: int, cfg_args: list[str], overlap: bool, repeats: int,
+                  length: int) -> dict:
+    """One cluster, every rank in its own namespace, rank 0 prints its JSON report."""
+    port = 29000 + _free_port() % 1000
+    procs = []
+    for rank in range(devices):
+        cmd = net.wrap(rank, [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size",
+                              str(devices), "--master", f"{net.address(0)}:{port}", "--bind", net.address(rank),
+                              "--model", model, "--repeat", str(repeats), "--json", "--max-length", str(length),
+                              "--overlap" if overlap else "--no-overlap", *cfg_args])
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode != 0:
+            raise RuntimeError(f"emulated-link run failed (rank exit {p.returncode}): {err.strip()[-800:]}")
+    return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
+def overlap(model: str, link_name: str, devices: int, cr: int, repeats: int, rounds: int, length: int) -> dict:
+    from .links import EmulatedNetwork, available, parse_link
+
+    ok, why = available()
+    if not ok:
+        return {"skipped": f"link emulation unavailable here: {why}"}
+    link = parse_link(link_name)
+    cfg_args = ["--devices", str(devices), "--cr", str(cr)]
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    waits: dict[bool, list[float]] = {True: [], False: []}
+    report = None
+    with EmulatedNetwork(devices, link, allow_no_delay=True) as net:
+        before = [net.counters(p) for p in range(devices)]
+        for _ in tqdm(range(rounds), desc=f"overlap on/off over {link_name}"):
+            for on in (True, False):  # interleaved
+                report = _emulated_run(net, model, devices, cfg_args, on, repeats, length)
+                walls[on] += report["wall_s"][1:]  # the first request warms up
+                waits[on].append(sum(map(sum, report["stats"]["wait_s"])) / devices)
+        after = [net.counters(p) for p in range(devices)]
+        delay = net.delay_emulated
+    wire = sum(a[0] - b[0] for a, b in zip(after, before))
+    return {
+        "link": link_name, "rate_mbit": link.rate_mbit, "delay_ms": link.delay_ms if delay else 0.0,
+        "devices": devices, "cr": cr, "requests_per_run": repeats,
+        "overlap_on_s": statistics.median(walls[True]), "overlap_off_s": statistics.median(walls[False]),
+        "wait_on_s": statistics.median(waits[True]), "wait_off_s": statistics.median(waits[False]),
+        "request_bytes": report["stats"]["request_bytes"],
+        "interface_tx_bytes_all_runs": wire,
+    }
+
+
+def main(model: str, out: Path, devices: list[int], cr: int, repeats: int, length: int, link: str | None,
+         rounds: int, cache: Path | None) -> str:
+    rows = loopback(model, devices, cr, repeats, length, cache)
+    lines = [f"## Multi-process runtime on loopback — {model}, {len(builtin_texts())} built-in texts (≤ {length} "
+             f"tokens), CR={cr}, 1 thread per device, 2 cores, median of {repeats}", "",
+             "| P | runtime wall (ms) | simulator (ms) | runtime ÷ simulator | HF forward (ms) | mean wait per "
+             "device (ms) | exchange bytes | inputs | outputs |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['devices']} | {r['runtime_s'] * 1e3:.1f} | {r['simulator_s'] * 1e3:.1f} | "
+                     f"{r['runtime_s'] / r['simulator_s']:.2f} | {r['hf_forward_s'] * 1e3:.1f} | "
+                     f"{r['wait_s'] * 1e3:.1f} | {r['exchange_bytes']:,} | {r['input_bytes']:,} | "
+                     f"{r['output_bytes']:,} |")
+    wires = wire_precision(model, 4, cr, length, cache)
+    lines += ["", f"## Wire precision — {model}, P=4, CR={cr}, same texts", "",
+              "| wire dtype | exchange bytes | ÷ fp32 | embedding cosine to full model | max abs diff vs fp32 wire |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {w['wire']} | {w['exchange_bytes']:,} | {w['exchange_bytes'] / wires[0]['exchange_bytes']:.3f} | "
+              f"{w['cosine_to_full']:.5f} | {w['max_abs_vs_fp32_wire']:.2e} |" for w in wires]
+    result = {"model": model, "loopback": rows, "wire_precision": wires}
+    if link:
+        ov = overlap(model, link, 2, cr, repeats, rounds, length)
+        result["overlap"] = ov
+        lines += [""]
+        if "skipped" in ov:
+            lines.append(f"Overlap on an emulated link: not measured ({ov['skipped']}).")
+        else:
+            saved = 1 - ov["overlap_on_s"] / ov["overlap_off_s"]
+            lines += [f"## Attention overlap on an emulated link — {link} ({ov['rate_mbit']:g} Mbit/s, "
+                      f"{ov['delay_ms']:g} ms one-way), P=2, CR={cr}, median over {rounds} interleaved runs", "",
+                      "| overlap | wall per request (ms) | mean wait per device (ms) |", "|---|---|---|",
+                      f"| on | {ov['overlap_on_s'] * 1e3:.1f} | {ov['wait_on_s'] * 1e3:.1f} |",
+                      f"| off | {ov['overlap_off_s'] * 1e3:.1f} | {ov['wait_off_s'] * 1e3:.1f} |", "",
+                      f"Overlap saves {100 * saved:.1f} % of the wall time. Bytes per request (ledger): "
+                      f"{ov['request_bytes']:,}; interface counters over all runs: "
+                      f"{ov['interface_tx_bytes_all_runs']:,} B sent (includes start-up and handshakes)."]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runtime.json").write_text(json.dumps(result, indent=1))
+    table = "\n".join(lines) + "\n"
+    (out / "runtime.md").write_text(table)
+    return table

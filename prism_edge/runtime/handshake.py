@@ -1,0 +1,109 @@
+"""Start-up handshake: every rank must run the same package version, config and model weights.
+
+Each rank describes itself as a small JSON document (version, config, a fingerprint of the
+weights); all ranks all-gather the documents as uint8 tensors and compare them with rank 0's.  A
+difference stops every rank with a message naming the rank and the field.
+
+What it does not protect against: it is not authentication.  Anyone who can reach the gloo ports
+can join or inject tensors (gloo has none); run the cluster on a trusted network or a tunnel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import PrismConfig
+
+
+class HandshakeError(ValueError):
+    """The ranks disagree on version, config or model: refused before any request."""
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Hash of the model class, every parameter's name, shape and dtype, and a sample of its values."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            flat = t.detach().reshape(-1).cpu()
+            step = max(1, flat.numel() // 64)
+            sample = flat[::step][:64].to(torch.float64)
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{flat.to(torch.float64).sum().item():.10e}|".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def identity(model: nn.Module, cfg: PrismConfig, model_name: str) -> dict:
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "prism_edge": __version__,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
+        "model": {"class": type(model).__name__, "fingerprint": fingerprint(model),
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "model_name": model_name,  # informative only: the same weights may live at different paths
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _gather(group: dist.ProcessGroup, world: int, payload: bytes, timeout: float) -> list[bytes]:
+    wait = timedelta(seconds=timeout)
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    group.allgather([sizes], [size]).wait(wait)
+    longest = int(max(s.item() for s in sizes))
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    docs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
+    group.allgather([docs], [mine]).wait(wait)
+    return [bytes(d[: int(s.item())].tolist()) for d, s in zip(docs, sizes)]
+
+
+def differences(reference: dict, other: dict) -> list[str]:
+    """Human-readable differences that make two ranks incompatible (`other` against rank 0's)."""
+    out = []
+    if other["prism_edge"] != reference["prism_edge"]:
+        out.append(f"prism-edge version {other['prism_edge']} vs {reference['prism_edge']}")
+    for key, value in reference["config"].items():
+        theirs = other["config"].get(key)
+        if theirs != value:
+            out.append(f"config {key}={theirs!r} vs {value!r}")
+    a, b = other["model"], reference["model"]
+    if a != b:
+        if a["class"] != b["class"]:
+            out.append(f"model class {a['class']} vs {b['class']}")
+        else:
+            out.append(f"model weights differ (fingerprint {a['fingerprint']} from {other['model_name']!r} vs "
+                       f"{b['fingerprint']} from {reference['model_name']!r})")
+    return out
+
+
+def check(group: dist.ProcessGroup, rank: int, world: int, ident: dict, timeout: float) -> list[dict]:
+    """All-gather every rank's identity; raise HandshakeError on any rank if one differs from rank 0."""
+    from .transport import DeviceLost
+
+    try:
+        raw = _gather(group, world, json.dumps(ident, sort_keys=True).encode(), timeout)
+    except RuntimeError as err:
+        raise DeviceLost(f"rank {rank}: a rank dropped out during the start-up handshake "
+                         f"({str(err).splitlines()[0]}); see that rank's error") from None
+    docs = [json.loads(d) for d in raw]
+    problems = []
+    for r in range(1, world):
+        diff = differences(docs[0], docs[r])
+        if diff:
+            problems.append(f"rank {r} has " + ", ".join(diff))
+    if problems:
+        raise HandshakeError(f"handshake refused (rank {rank} reporting): " + "; ".join(problems)
+                             + " (left: that rank, right: rank 0); start every rank with the same version, "
+                               "model and flags")
+    return docs

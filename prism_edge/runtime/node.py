@@ -1,0 +1,144 @@
+"""One device process: the per-request layer loop (shared by rank 0 and the workers) and the worker's serve loop.
+
+The loop runs exactly the simulator's DeviceExecutor; only the communicator differs.  Per layer:
+
+  post receives  ->  compute own Q/K/V and the outgoing means  ->  send
+  ->  attention over the own keys while the means travel  ->  wait for the means
+  ->  attention over the received keys, log-sum-exp merge with the own part  ->  MLP
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..config import PrismConfig
+from ..models import Adapter
+from ..models.base import Batch
+from ..partition.plan import Plan
+from . import protocol
+from .device import DeviceExecutor
+from .simulator import plan_for
+from .stats import FlopTally
+from .transport import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS, DeviceLost, DistCommunicator
+
+FAULT_ENV = "PRISM_EDGE_FAULT"  # testing aid: "RANK:die@LAYER" or "RANK:hang@LAYER" (first request only)
+
+
+@dataclass
+class DeviceRun:
+    finals: dict[str, Tensor]
+    compute_s: list[float] = field(default_factory=list)  # per layer
+    wait_s: list[float] = field(default_factory=list)
+    tally: FlopTally | None = None
+
+
+def _fault(rank: int) -> tuple[str, int] | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    who, _, what = spec.partition(":")
+    kind, _, layer = what.partition("@")
+    if not who.isdigit() or int(who) != rank or kind not in ("die", "hang") or not layer.isdigit():
+        return None
+    return kind, int(layer)
+
+
+def _inject(fault: tuple[str, int] | None, layer: int) -> None:
+    if fault is None or fault[1] != layer:
+        return
+    if fault[0] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    while True:  # hang: alive but silent, as a stuck device would be
+        time.sleep(3600)
+
+
+def run_device(
+    adapter: Adapter,
+    cfg: PrismConfig,
+    plan: Plan,
+    batch: Batch,
+    local: dict[str, Tensor],
+    comm: DistCommunicator,
+    *,
+    overlap: bool = True,
+    count_flops: bool = False,
+    fault: tuple[str, int] | None = None,
+) -> DeviceRun:
+    """This process's device for one request: embed, every layer with its exchange, the head."""
+    rank = comm.rank
+    dev = DeviceExecutor(adapter, plan, rank, cfg, batch)
+    tally = FlopTally(count_flops)
+    run = DeviceRun(finals={}, tally=tally)
+    with torch.inference_mode():
+        x = tally.run("embed", rank, dev.embed, local)
+        for i in range(adapter.geometry.layers):
+            _inject(fault, i)
+            t0 = time.perf_counter()
+            posted = comm.post_layer(i, dev.expected(), dev.wire_dtype)
+            state, outgoing = tally.run(i, rank, dev.send, i, x)
+            comm.send_layer(i, outgoing)
+            own = tally.run(i, rank, dev.attend_own, i, state) if overlap else None
+            t1 = time.perf_counter()
+            incoming = comm.collect_layer(i, posted)
+            t2 = time.perf_counter()
+            x = tally.run(i, rank, dev.receive, i, state, incoming, own)
+            run.compute_s.append((t1 - t0) + (time.perf_counter() - t2))
+            run.wait_s.append(t2 - t1)
+        run.finals = tally.run("head", rank, dev.final, x)
+    return run
+
+
+def stats_tensor(comm: DistCommunicator, run: DeviceRun, layers: int) -> Tensor:
+    """A worker's own numbers for rank 0: per layer [sent, received, flops, compute ns, wait ns], then
+    a totals row [input bytes, output bytes, all flops, 0, 0]."""
+    rank, ledger, tally = comm.rank, comm.ledger, run.tally
+    t = torch.zeros(layers + 1, 5, dtype=torch.int64)
+    for i in range(layers):
+        flops = tally.counts.get((i, rank), 0) if tally and tally.enabled else -1
+        t[i] = torch.tensor([ledger.sent(i, rank), ledger.received(i, rank), flops,
+                             int(run.compute_s[i] * 1e9), int(run.wait_s[i] * 1e9)])
+    total = sum(v for (_, r), v in tally.counts.items() if r == rank) if tally and tally.enabled else -1
+    t[layers] = torch.tensor([ledger.received("input", rank), ledger.sent("output", rank), total, 0, 0])
+    return t
+
+
+def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, overlap: bool = True,
+                 count_flops: bool = False, log=None) -> None:
+    """Rank > 0: wait for requests from rank 0 until it says stop.
+
+    Rank 0 sends a heartbeat header whenever it is idle, so silence longer than the timeout means
+    the coordinator died or hung: DeviceLost.
+    """
+    rank, layers, causal = comm.rank, adapter.geometry.layers, adapter.geometry.causal
+    fault = _fault(rank)
+    served = 0
+    while True:
+        raw = comm.recv("control", 0, [protocol.empty_header()], TAG_HEADER, "request header (heartbeat)", count=False)
+        header = protocol.Header.decode(raw[0])
+        if header.op == protocol.PING:
+            continue
+        if header.op == protocol.SHUTDOWN:
+            if log:
+                log(f"rank {rank}: shut down by rank 0 after {served} request(s)")
+            return
+        comm.reset()
+        meta = comm.recv("input", 0, protocol.meta_buffers(header), TAG_META, "request plan data")
+        batch = protocol.batch_from_meta(header, meta)
+        plan = plan_for(batch, cfg, causal)
+        rows = comm.recv("input", 0, protocol.input_buffers(header, plan, rank), TAG_INPUT, "request inputs")
+        local = protocol.local_inputs(header, batch, plan, rank, rows)
+        run = run_device(adapter, cfg, plan, batch, local, comm, overlap=overlap, count_flops=count_flops,
+                         fault=fault if served == 0 else None)
+        comm.isend("output", 0, protocol.output_tensors(run.finals, plan, rank, header.mode), TAG_OUTPUT, "outputs")
+        comm.isend("control", 0, [stats_tensor(comm, run, layers)], TAG_STATS, "statistics", count=False)
+        comm.flush()
+        served += 1
+
+
+__all__ = ["DeviceLost", "DeviceRun", "run_device", "serve_worker", "stats_tensor", "FAULT_ENV"]

@@ -1,0 +1,202 @@
+"""The multi-process communicator: every byte between device processes goes through torch.distributed.
+
+Each device is one process in a gloo process group (point-to-point isend/irecv of plain tensors;
+nothing is pickled).  The communicator records every tensor it sends or receives in a ByteLedger
+with the same (stage, src, dst) keys as the simulator's, and turns a peer that died, hung or fell out
+of step into a `DeviceLost` error that names the peer and the stage, within a bounded time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .comm import ByteLedger
+
+# the j-th tensor of a message travels with tag + j, so a message of several tensors never mixes up
+TAG_HEADER, TAG_META, TAG_INPUT, TAG_OUTPUT, TAG_STATS = 32, 64, 96, 128, 160
+TAG_LAYER = 256  # layer i travels with tag TAG_LAYER + i
+
+
+class DeviceLost(RuntimeError):
+    """A peer died, hung or fell out of step: this process cannot go on and the cluster must stop."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the group meets (the store on rank 0's machine) and which local address gloo binds to."""
+
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    bind: str | None = None  # address of this machine's interface to use (hostname or IP)
+    iface: str | None = None  # or the interface by name (like GLOO_SOCKET_IFNAME)
+
+    @classmethod
+    def parse(cls, master: str, bind: str | None = None, iface: str | None = None) -> "Endpoint":
+        host, sep, port = master.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"--master must be HOST:PORT (e.g. 192.168.1.10:29500), got {master!r}")
+        return cls(host.strip("[]"), int(port), bind, iface)
+
+
+def open_store(endpoint: Endpoint, rank: int, world: int, timeout: float, is_master: bool | None = None) -> dist.TCPStore:
+    """The rendezvous store: rank 0 hosts it unless torchrun's agent already does (then all are clients)."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    master = (rank == 0 and not agent) if is_master is None else is_master
+    try:
+        store = dist.TCPStore(endpoint.master_addr, endpoint.master_port, world, master,
+                              timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    except (RuntimeError, OSError) as err:
+        what = "host the rendezvous on" if master else "reach rank 0's rendezvous at"
+        raise DeviceLost(f"rank {rank}: cannot {what} {endpoint.master_addr}:{endpoint.master_port} "
+                         f"({str(err).splitlines()[0]}); check --master and that rank 0 is running") from None
+    return store
+
+
+def join_group(store: dist.Store, endpoint: Endpoint, rank: int, world: int, timeout: float) -> dist.ProcessGroup:
+    """A gloo process group of `world` ranks, bound to the endpoint's interface when one is given."""
+    opts = dist.ProcessGroupGloo._Options()
+    if endpoint.iface:
+        device = dist.ProcessGroupGloo.create_device(interface=endpoint.iface)
+    elif endpoint.bind:
+        device = dist.ProcessGroupGloo.create_device(hostname=endpoint.bind)
+    else:
+        device = dist.ProcessGroupGloo.create_default_device()
+    opts._devices = [device]
+    opts._timeout = timedelta(seconds=timeout)
+    opts._threads = 2
+    try:
+        return dist.ProcessGroupGloo(dist.PrefixStore("prism-edge/", store), rank, world, opts)
+    except RuntimeError as err:
+        raise DeviceLost(f"rank {rank}: could not connect to all {world} ranks within {timeout:g} s "
+                         f"({str(err).splitlines()[0]}); are all ranks started with --world-size {world}?") from None
+
+
+def _describe(err: Exception) -> str:
+    text = str(err)
+    if "Timed out" in text or "timed out" in text:
+        return "timeout"
+    if "closed" in text or "reset" in text.lower() or "Broken pipe" in text or "EOF" in text:
+        return "closed"
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class DistCommunicator:
+    """Point-to-point exchange over a process group, every byte counted, every wait bounded."""
+
+    def __init__(self, group: dist.ProcessGroup, rank: int, world: int, timeout: float = 30.0) -> None:
+        self.group, self.rank, self.world, self.timeout = group, rank, world, timeout
+        self.ledger = ByteLedger()
+        self._sends: list[tuple[object, int, str, Tensor]] = []
+
+    def reset(self) -> None:
+        """A new request: a fresh ledger."""
+        self.ledger = ByteLedger()
+
+    # ------------------------------------------------------------------ primitives
+    def isend(self, stage: object, dst: int, tensors: list[Tensor], tag: int, what: str, count: bool = True) -> None:
+        for j, t in enumerate(tensors):
+            if t.numel() == 0:
+                continue
+            t = t.contiguous()
+            if count:
+                self.ledger.record(stage, self.rank, dst, t)
+            work = self._guard(lambda: self.group.send([t], dst, tag + j), dst, what)
+            self._sends.append((work, dst, what, t))  # keep t alive until the send completes
+
+    def irecv(self, src: int, buffers: list[Tensor], tag: int, what: str) -> list[tuple[object, Tensor]]:
+        return [(self._guard(lambda b=b, j=j: self.group.recv([b], src, tag + j), src, what), b)
+                for j, b in enumerate(buffers) if b.numel() > 0]
+
+    def wait_recv(self, stage: object, src: int, posted: list[tuple[object, Tensor]], what: str,
+                  deadline: float | None = None, count: bool = True) -> None:
+        deadline = deadline if deadline is not None else time.monotonic() + self.timeout
+        for work, buf in posted:
+            self._wait(work, src, what, deadline)
+            if count:
+                self.ledger.record(stage, src, self.rank, buf)
+
+    def recv(self, stage: object, src: int, buffers: list[Tensor], tag: int, what: str,
+             timeout: float | None = None, count: bool = True) -> list[Tensor]:
+        posted = self.irecv(src, buffers, tag, what)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        self.wait_recv(stage, src, posted, what, deadline, count)
+        return buffers
+
+    def flush(self) -> None:
+        """Wait until every posted send has gone out."""
+        deadline = time.monotonic() + self.timeout
+        sends, self._sends = self._sends, []
+        for work, dst, what, _ in sends:
+            self._wait(work, dst, what, deadline, sending=True)
+
+    def close(self, abort: bool = False) -> None:
+        """Release the process group's threads and sockets (left to die with the interpreter, they abort it).
+
+        After a lost peer the group may have operations stuck on it: abort in a helper thread, bounded.
+        """
+        group, self.group = self.group, None
+        if group is None:
+            return
+
+        def release():
+            try:
+                group.abort() if abort else group.shutdown()
+            except RuntimeError:
+                pass
+
+        thread = threading.Thread(target=release, daemon=True)
+        thread.start()
+        thread.join(5.0)
+
+    # ------------------------------------------------------------------ one layer's exchange
+    def post_layer(self, index: int, expected: dict[int, tuple[int, int]], dtype: torch.dtype) -> dict:
+        """Post the layer's receives before computing anything: gloo sends go out only once posted."""
+        return {src: self.irecv(src, [torch.empty(shape, dtype=dtype)], TAG_LAYER + index,
+                                f"layer {index} message") for src, shape in expected.items()}
+
+    def send_layer(self, index: int, outgoing: dict[int, Tensor]) -> None:
+        self.flush()  # the previous layer's sends: long done unless a peer is stuck
+        for dst, t in outgoing.items():
+            self.isend(index, dst, [t], TAG_LAYER + index, f"layer {index} message")
+
+    def collect_layer(self, index: int, posted: dict) -> dict[int, Tensor]:
+        deadline = time.monotonic() + self.timeout
+        out = {}
+        for src, works in posted.items():
+            self.wait_recv(index, src, works, f"layer {index} message", deadline)
+            out[src] = works[0][1] if works else torch.empty(0)
+        return out
+
+    # ------------------------------------------------------------------ errors
+    def _guard(self, start, peer: int, what: str):
+        try:
+            return start()
+        except RuntimeError as err:
+            raise self._lost(err, peer, what) from None
+
+    def _wait(self, work, peer: int, what: str, deadline: float, sending: bool = False) -> None:
+        left = max(0.001, deadline - time.monotonic())
+        try:
+            work.wait(timedelta(seconds=left))
+        except RuntimeError as err:
+            raise self._lost(err, peer, what, sending) from None
+
+    def _lost(self, err: Exception, peer: int, what: str, sending: bool = False) -> DeviceLost:
+        kind = _describe(err)
+        me = f"rank {self.rank}"
+        if kind == "timeout":
+            verb = f"could not deliver {what} to" if sending else f"got no {what} from"
+            return DeviceLost(f"{me}: {verb} rank {peer} within {self.timeout:g} s: rank {peer} died, hung or is "
+                              f"unreachable; stopping (raise --timeout if the devices are only slow)")
+        if kind == "closed":
+            return DeviceLost(f"{me}: lost rank {peer} while exchanging the {what} (connection closed: that process "
+                              f"crashed, was killed or stopped); stopping")
+        return DeviceLost(f"{me}: exchanging the {what} with rank {peer} failed: {kind}; stopping")

@@ -1,0 +1,274 @@
+"""The multi-process runtime: real device processes over gloo against the in-process simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import image_batch, text_batch, tiny
+from prism_edge import PrismConfig, simulate
+from prism_edge.runtime.cluster import Cluster, ClusterError
+
+FAMILIES = ["bert", "gpt2-lm", "vit", "llama-lm"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Tiny random models saved as HF folders, so worker processes load the very same weights."""
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name in FAMILIES + ["bert-cls"]:
+        paths[name] = str(root / name)
+        tiny(name).save_pretrained(paths[name])
+    paths["bert-other"] = str(root / "bert-other")
+    tiny("bert", seed=1).save_pretrained(paths["bert-other"])
+    return paths
+
+
+def _inputs(name: str) -> dict:
+    if name.startswith("vit"):
+        return {"pixel_values": image_batch()}
+    ids, mask = text_batch(batch=3, length=13, pad_to=[13, 9, 11])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _assert_same(out, ref, tol=1e-5):
+    for key in ref.keys():
+        if key in ("stats", "plan"):
+            continue
+        diff = (getattr(out, key) - getattr(ref, key)).abs().max().item()
+        assert diff <= tol, f"{key}: runtime differs from the simulator by {diff}"
+    s, r = out.stats, ref.stats
+    assert s.sent == r.sent and s.received == r.received, "per-layer exchange bytes differ"
+    assert s.input_bytes == r.input_bytes and s.output_bytes == r.output_bytes, "request input/output bytes differ"
+
+
+@pytest.mark.parametrize("cr", [1, 8])
+@pytest.mark.parametrize("devices", [2, 3])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_runtime_equals_simulator(saved, name, devices, cr):
+    model = tiny(name)
+    cfg = PrismConfig(devices=devices, cr=cr, halo=2)
+    inputs = _inputs(name)
+    with Cluster(saved[name], cfg, timeout=20, count_flops=True) as cluster:
+        out = cluster(**inputs)
+        ref = simulate(model, cfg, **inputs)
+        _assert_same(out, ref)
+        assert out.stats.flops == ref.stats.flops  # split attention counts the same matmuls
+        assert out.stats.wall_s > 0 and len(out.stats.wait_s) == model.config.num_hidden_layers
+        # the same workers serve a second, differently shaped request
+        second = {k: v[:2] for k, v in inputs.items()}
+        _assert_same(cluster(**second), simulate(model, cfg, **second))
+
+
+def test_output_modes_reduce_like_the_full_outputs(saved):
+    model = tiny("gpt2-lm")
+    cfg = PrismConfig(devices=3, cr=4, halo=1)
+    ids, mask = text_batch(batch=3, length=13, pad_to=[13, 9, 11])
+    ref = simulate(model, cfg, input_ids=ids, attention_mask=mask, count_flops=False)
+    last = mask.sum(1) - 1
+    with Cluster(saved["gpt2-lm"], cfg, timeout=20) as cluster:
+        out = cluster(input_ids=ids, attention_mask=mask, outputs="last")
+        torch.testing.assert_close(out.logits[:, 0], ref.logits[torch.arange(3), last], atol=1e-5, rtol=1e-5)
+        assert out.stats.output_bytes[1] == 0 and out.stats.output_bytes[2] == 3 * model.config.vocab_size * 4
+        mean = cluster(input_ids=ids, attention_mask=mask, outputs="mean")
+        want = ref.logits.sum(1) / mask.sum(1, keepdim=True)
+        torch.testing.assert_close(mean.logits[:, 0], want, atol=1e-5, rtol=1e-5)
+    model = tiny("bert-cls")
+    with Cluster(saved["bert-cls"], cfg, timeout=20) as cluster:
+        pooled = cluster(input_ids=ids, attention_mask=mask, outputs="pooled")
+        torch.testing.assert_close(pooled.logits, simulate(model, cfg, input_ids=ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=1e-5)
+        assert sum(pooled.stats.output_bytes) == 0  # position 0 lives on rank 0: nothing comes back
+
+
+def test_wire_fp16_halves_bytes(saved):
+    model = tiny("bert")
+    inputs = _inputs("bert")
+    cfg32 = PrismConfig(devices=2, cr=4, halo=1)
+    cfg16 = cfg32.replace(wire_dtype="float16")
+    ref32 = simulate(model, cfg32, **inputs, count_flops=False)
+    with Cluster(saved["bert"], cfg16, timeout=20) as cluster:
+        out = cluster(**inputs)
+    _assert_same(out, simulate(model, cfg16, **inputs, count_flops=False))
+    assert out.stats.total_bytes * 2 == ref32.stats.total_bytes
+    valid = inputs["attention_mask"].bool()
+    diff = (out.last_hidden_state - ref32.last_hidden_state)[valid].abs().max().item()
+    assert diff < 2e-2, f"fp16 wire moved the outputs by {diff}"
+
+
+def test_bad_request_does_not_poison_the_next(saved):
+    model = tiny("bert")
+    cfg = PrismConfig(devices=3, cr=4)
+    inputs = _inputs("bert")
+    with Cluster(saved["bert"], cfg, timeout=20) as cluster:
+        with pytest.raises(ValueError, match="token ids must lie in"):
+            cluster(input_ids=torch.full((1, 8), 10_000))
+        with pytest.raises(ValueError, match="devices"):
+            cluster(input_ids=torch.tensor([[5, 6]]))
+        with pytest.raises(ValueError, match="unknown outputs"):
+            cluster(**inputs, outputs="everything")
+        with pytest.raises(ValueError, match="input_ids"):
+            cluster(pixel_values=image_batch())
+        _assert_same(cluster(**inputs), simulate(model, cfg, **inputs, count_flops=False))
+        assert cluster.alive
+
+
+def test_idle_cluster_stays_up_on_heartbeats(saved):
+    inputs = _inputs("bert")
+    with Cluster(saved["bert"], PrismConfig(devices=2, cr=4), timeout=2) as cluster:
+        time.sleep(5)  # more than twice the timeout: only the heartbeats keep the workers waiting
+        assert cluster(**inputs).last_hidden_state.shape[:2] == (3, 13)
+
+
+@pytest.mark.parametrize("kind", ["die", "hang"])
+def test_lost_device_stops_everyone_within_the_timeout(saved, monkeypatch, capfd, kind):
+    monkeypatch.setenv("PRISM_EDGE_FAULT", f"1:{kind}@1")  # rank 1 dies / hangs in layer 1 of its first request
+    timeout = 3.0
+    cluster = Cluster(saved["bert"], PrismConfig(devices=3, cr=4), timeout=timeout)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match="rank 1") as err:
+            cluster(**_inputs("bert"))
+        elapsed = time.monotonic() - t0
+        assert elapsed < timeout + 10, f"took {elapsed:.1f} s to notice"
+        survivor = cluster._procs[2]
+        assert survivor.returncode == 3, f"rank 2 should exit on its own with code 3, got {survivor.returncode}"
+        with pytest.raises(ClusterError, match="cluster is down"):
+            cluster(**_inputs("bert"))
+    finally:
+        cluster.close()
+    stderr = capfd.readouterr().err
+    assert "rank 2:" in stderr and "rank 1" in stderr, stderr[-2000:]
+    if kind == "die":
+        assert "SIGKILL" in str(err.value)
+    else:
+        assert f"within {timeout:g} s" in stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, model: str, *flags: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", "2",
+           "--master", f"127.0.0.1:{port}", "--bind", "127.0.0.1", "--model", model, "--startup-timeout", "60",
+           "--serve", "127.0.0.1:0", *flags]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("mismatch", ["config", "model"])
+def test_handshake_refuses_mismatched_ranks(saved, mismatch):
+    port = _free_port()
+    r0 = _worker(0, port, saved["bert"], "--cr", "8")
+    if mismatch == "config":
+        r1 = _worker(1, port, saved["bert"], "--cr", "4")
+        expected = "config cr=4 vs 8"
+    else:
+        r1 = _worker(1, port, saved["bert-other"], "--cr", "8")
+        expected = "model weights differ"
+    outs = [p.communicate(timeout=120) for p in (r0, r1)]
+    for proc, (_, err) in zip((r0, r1), outs):
+        assert proc.returncode == 2, err[-2000:]
+        assert "handshake refused" in err and expected in err and "rank 1 has" in err, err[-2000:]
+
+
+def test_http_endpoint(saved):
+    from prism_edge.runtime.http import make_server
+
+    model = tiny("bert")
+    cfg = PrismConfig(devices=2, cr=4)
+    ids, mask = text_batch(batch=2, length=9)
+    with Cluster(saved["bert"], cfg, timeout=20) as cluster:
+        server = make_server(cluster, "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            health = json.load(urllib.request.urlopen(url + "/health", timeout=10))
+            assert health["alive"] and health["devices"] == 2
+
+            def post(body):
+                req = urllib.request.Request(url + "/v1/forward", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+                return json.load(urllib.request.urlopen(req, timeout=30))
+
+            reply = post({"input_ids": ids.tolist(), "attention_mask": mask.tolist()})
+            assert reply["mode"] == "mean"
+            ref = simulate(model, cfg, input_ids=ids, attention_mask=mask, count_flops=False).last_hidden_state.mean(1)
+            torch.testing.assert_close(torch.tensor(reply["outputs"]["last_hidden_state"])[:, 0], ref,
+                                       atol=1e-5, rtol=1e-5)
+            assert reply["stats"]["total_bytes"] > 0
+            with pytest.raises(urllib.error.HTTPError) as bad:
+                post({"input_ids": [[1, 2, 99999]]})
+            assert bad.value.code == 400 and "token ids" in json.load(bad.value)["error"]
+            assert post({"input_ids": ids.tolist()})["outputs"]  # still serving after the bad request
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def test_ctrl_c_on_the_launcher_tears_everything_down(saved):
+    cmd = [sys.executable, "-m", "prism_edge", "launch", "--devices", "3", "--model", saved["bert"],
+           "--serve", "127.0.0.1:0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids, deadline = [], time.monotonic() + 120
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "pids" in line:
+            pids = [int(p) for p in line.split("pids")[1].replace(",", " ").split()]
+        if "serving on" in line or not line:
+            break
+    assert "serving on" in lines[-1], "".join(lines)
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    time.sleep(0.5)
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+# ------------------------------------------------------------------ real weights
+@pytest.mark.real
+@pytest.mark.parametrize("cr", [1, 8])
+@pytest.mark.parametrize("devices", [2, 3])
+def test_runtime_equals_simulator_on_real_minilm(minilm, devices, cr):
+    from prism_edge.eval.data import builtin_texts
+
+    enc = minilm.tokenizer(builtin_texts()[:4], padding=True, return_tensors="pt")
+    cfg = PrismConfig(devices=devices, cr=cr)
+    with Cluster("minilm", cfg, timeout=30) as cluster:
+        out = cluster(**enc)
+    ref = simulate(minilm.model, cfg, **enc, count_flops=False)
+    _assert_same(out, ref)
+    if cr == 1:
+        torch.testing.assert_close(out.last_hidden_state[enc["attention_mask"].bool()],
+                                   minilm.model(**enc).last_hidden_state[enc["attention_mask"].bool()],
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.real
+def test_torchrun_starts_workers(minilm, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "prism_edge.worker",
+           "--model", "minilm", "--cr", "8", "--text", "The river burst its banks after three days of rain.",
+           "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cluster"]["devices"] == 2 and report["stats"]["total_bytes"] > 0
