@@ -90,6 +90,9 @@ def _inputs(loaded, args):
         texts += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     texts = texts or builtin_texts()
     tok = loaded.tokenizer
+    if tok is None:
+        raise ValueError(f"model {loaded.name!r} ships no tokenizer, so it cannot read text; use a checkpoint with "
+                         "one, or the Python API with input_ids")
     if family in ("gpt2", "llama"):
         texts = ["\n".join(texts)]  # a decoder reads one document: the texts joined
         if tok.pad_token is None:
@@ -146,8 +149,8 @@ def cmd_bench(args) -> int:
     if args.what == "runtime":
         from .bench.runtime import main as runtime
 
-        print(runtime(args.model, out, args.device_counts, args.cr, min(args.repeats, 10) if args.repeats == 20 else
-                      args.repeats, args.length, args.link, args.rounds, cache_dir()))
+        print(runtime(args.model, out, args.device_counts, args.cr, args.repeats, args.length, args.link, args.rounds,
+                      cache_dir()))
     elif args.what == "overhead":
         from .bench.overhead import main as overhead
 
@@ -210,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chunks", type=int, default=8, help="ablation: LM chunks of --length tokens")
     bench.add_argument("--device-counts", type=int, nargs="+", default=[1, 2, 4], help="runtime: device counts")
     bench.add_argument("--cr", type=int, default=16, help="runtime: compression rate")
-    bench.add_argument("--link", default=None,
+    bench.add_argument("--link", nargs="*", default=[],
                        help="runtime: also measure attention overlap on an emulated link (wifi, slow, lan or "
                             "RATEmbit[,DELAYms]; needs root)")
     bench.add_argument("--rounds", type=int, default=3, help="runtime: interleaved overlap on/off runs")

@@ -272,3 +272,15 @@ def test_torchrun_starts_workers(minilm, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["cluster"]["devices"] == 2 and report["stats"]["total_bytes"] > 0
+
+
+@pytest.mark.real
+def test_readme_main_job_runs_on_real_processes(minilm):
+    """The README's main command, `prism-edge launch`, on 2 devices (4 in the README) to keep CI short."""
+    proc = subprocess.run([sys.executable, "-m", "prism_edge", "launch", "--devices", "2", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cluster"]["model"] == "minilm" and report["mode"] == "mean"
+    stats = report["stats"]
+    assert stats["total_bytes"] > 0 and stats["input_bytes"][1] > 0 and stats["output_bytes"][1] > 0

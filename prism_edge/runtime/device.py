@@ -61,11 +61,15 @@ class Partial:
 
 @dataclass
 class LayerState:
+    """One layer in flight on one device.  Q (and K, V for a hidden payload) are computed only after
+    the message is out (see DeviceExecutor.project), so that work overlaps the exchange."""
+
+    index: int
     x: Tensor  # (B, n, d) residual stream entering the layer
     h: Tensor  # (B, n, d) attention input
-    q: Tensor  # (B, H, n, hd)
-    k: Tensor  # (B, Hkv, n, hd)
-    v: Tensor  # (B, Hkv, n, hd)
+    q: Tensor | None = None  # (B, H, n, hd)
+    k: Tensor | None = None  # (B, Hkv, n, hd)
+    v: Tensor | None = None  # (B, Hkv, n, hd)
 
 
 class DeviceExecutor:
@@ -128,17 +132,40 @@ class DeviceExecutor:
         return t.transpose(1, 2).reshape(b, n, -1)  # (B, n, heads * hd)
 
     def send(self, index: int, x: Tensor) -> tuple[LayerState, dict[int, Tensor]]:
+        """Only what the outgoing messages need: the attention input (and K, V for a kv payload)."""
         layer = self.adapter.layers()[index]
-        g = self.geo
-        h = self.adapter.attn_input(layer, x)
-        q, k, v = self.adapter.qkv(layer, h)
-        q, k, v = self._heads(q, g.heads), self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
-        if g.rotary:
-            (cos, sin), _ = self.rope(x)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        source = torch.cat([self._flat(k), self._flat(v)], dim=-1) if self.payload == "kv" else h
+        state = LayerState(index, x, self.adapter.attn_input(layer, x))
+        if self.payload == "kv":
+            g = self.geo
+            k, v = self.adapter.kv(layer, state.h)
+            state.k, state.v = self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
+            if g.rotary:
+                (cos, sin), _ = self.rope(x)
+                state.k = apply_rotary_pos_emb(state.k, state.k, cos, sin)[0]
+            source = torch.cat([self._flat(state.k), self._flat(state.v)], dim=-1)
+        else:
+            source = state.h
         outgoing = {r.dst: r.compress(source).to(self.wire_dtype) for r in self.out_routes}
-        return LayerState(x, h, q, k, v), outgoing
+        return state, outgoing
+
+    def project(self, state: LayerState) -> LayerState:
+        """The own rows' Q (and K, V where send did not need them): runs while the messages travel."""
+        if state.q is not None:
+            return state
+        g, layer = self.geo, self.adapter.layers()[state.index]
+        if state.k is None:
+            q, k, v = self.adapter.qkv(layer, state.h)
+            q, state.k, state.v = self._heads(q, g.heads), self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
+            if g.rotary:
+                (cos, sin), _ = self.rope(state.x)
+                q, state.k = apply_rotary_pos_emb(q, state.k, cos, sin)
+        else:
+            q = self._heads(self.adapter.q(layer, state.h), g.heads)
+            if g.rotary:
+                (cos, sin), _ = self.rope(state.x)
+                q = apply_rotary_pos_emb(q, q, cos, sin)[0]
+        state.q = q
+        return state
 
     def _remote_kv(self, layer, incoming: dict[int, Tensor], like: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         g = self.geo
@@ -168,7 +195,13 @@ class DeviceExecutor:
 
     def _partial(self, index: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Partial:
         k, v = self._expand_kv(k, v)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.adapter.scale(index) + mask  # (B, H, n, keys)
+        scale = self.adapter.scale(index)
+        if q.device.type == "cpu" and not torch.is_grad_enabled():
+            # torch's CPU flash kernel returns the log-sum-exp the merge needs (and is faster than matmuls)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, False, attn_mask=mask.to(q.dtype), scale=scale)
+            return Partial(out, lse.unsqueeze(-1))
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask  # (B, H, n, keys)
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         return Partial(torch.matmul(torch.exp(scores - lse), v), lse)
 
@@ -176,6 +209,7 @@ class DeviceExecutor:
         """Attention over this device's own keys only: what can run while the exchange is in flight."""
         if self.adapter.model.training and self.adapter.attn_dropout() > 0:
             raise ValueError("split (overlapped) attention is for inference; call model.eval() or use receive() alone")
+        self.project(state)
         n = self.slice.rows
         return self._partial(index, state.q, state.k, state.v, self.mask(state.q.dtype)[..., :n])
 
@@ -187,6 +221,7 @@ class DeviceExecutor:
         exactly with `own` by log-sum-exp.
         """
         layer = self.adapter.layers()[index]
+        self.project(state)
         keys, values = self._remote_kv(layer, incoming, state.x)
         if own is not None:
             if keys:

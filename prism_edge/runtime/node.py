@@ -2,8 +2,8 @@
 
 The loop runs exactly the simulator's DeviceExecutor; only the communicator differs.  Per layer:
 
-  post receives  ->  compute own Q/K/V and the outgoing means  ->  send
-  ->  attention over the own keys while the means travel  ->  wait for the means
+  post receives  ->  attention input (and K/V for a kv payload)  ->  the outgoing means  ->  send
+  ->  while the means travel: own Q/K/V and attention over the own keys  ->  wait for the means
   ->  attention over the received keys, log-sum-exp merge with the own part  ->  MLP
 """
 
@@ -82,8 +82,11 @@ def run_device(
             t0 = time.perf_counter()
             posted = comm.post_layer(i, dev.expected(), dev.wire_dtype)
             state, outgoing = tally.run(i, rank, dev.send, i, x)
+            if not overlap:  # the plain order: all of the layer's projections before anything is sent
+                tally.run(i, rank, dev.project, state)
             comm.send_layer(i, outgoing)
-            own = tally.run(i, rank, dev.attend_own, i, state) if overlap else None
+            # overlap: while the messages travel, Q/K/V of the own rows and attention over them
+            own = tally.run(i, rank, dev.attend_own, i, state) if overlap and dev.in_routes else None
             t1 = time.perf_counter()
             incoming = comm.collect_layer(i, posted)
             t2 = time.perf_counter()

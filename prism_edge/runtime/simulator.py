@@ -121,7 +121,8 @@ def simulate(
     for i in range(adapter.geometry.layers):
         sent = [tally.run(i, p, d.send, i, xs[p]) for p, d in enumerate(devs)]
         incoming = comm.exchange(i, [out for _, out in sent])
-        own = [tally.run(i, p, d.attend_own, i, sent[p][0]) if overlap else None for p, d in enumerate(devs)]
+        own = [tally.run(i, p, d.attend_own, i, sent[p][0]) if overlap and d.in_routes else None
+               for p, d in enumerate(devs)]
         xs = [tally.run(i, p, d.receive, i, sent[p][0], incoming[p], own[p]) for p, d in enumerate(devs)]
     finals = [tally.run("head", p, d.final, xs[p]) for p, d in enumerate(devs)]
     for p in range(1, plan.world):
