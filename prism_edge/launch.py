@@ -138,7 +138,8 @@ def cmd_launch(args) -> int:
     cfg = config_from(args)
     _log(f"starting {cfg.effective_devices} device process(es) for {args.model} ...")
     with Cluster(args.model, cfg, threads=args.threads, timeout=args.timeout, startup_timeout=args.startup_timeout,
-                 overlap=args.overlap, count_flops=args.count_flops, cache_dir=cache_dir(), log=_log) as cluster:
+                 overlap=args.overlap, count_flops=args.count_flops, cache_dir=cache_dir(), device=args.device,
+                 log=_log) as cluster:
         return drive(cluster, args)
 
 
@@ -164,13 +165,14 @@ def cmd_worker(args) -> int:
 
         with Cluster(args.model, cfg, threads=args.threads, timeout=args.timeout,
                      startup_timeout=args.startup_timeout, overlap=args.overlap, count_flops=args.count_flops,
-                     cache_dir=cache_dir(), spawn=False, endpoint=endpoint, log=_log) as cluster:
+                     cache_dir=cache_dir(), device=args.device, spawn=False, endpoint=endpoint, log=_log) as cluster:
             return drive(cluster, args)
 
     from transformers.utils import logging as hf_logging
 
     from .models import adapter_for
     from .models.loading import load_model
+    from .runtime.cluster import check_device
     from .runtime.handshake import check, identity
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar (rank 0's) is enough
@@ -180,6 +182,7 @@ def cmd_worker(args) -> int:
     group = join_group(store, endpoint, rank, world, args.startup_timeout)
     try:
         loaded = load_model(args.model, cache_dir=cache_dir())
+        loaded.model.to(check_device(args.device))
     except BaseException:
         group.shutdown()
         raise
@@ -208,6 +211,7 @@ def add_runtime_flags(parser) -> None:
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                         help="attend to the own positions while the means are in flight (default on)")
     parser.add_argument("--count-flops", action="store_true", help="count FLOPs per device (slower)")
+    parser.add_argument("--device", default="cpu", help="where this process's model runs: cpu, cuda, cuda:N")
 
 
 def add_request_flags(parser) -> None:

@@ -284,3 +284,16 @@ def test_readme_main_job_runs_on_real_processes(minilm):
     assert report["cluster"]["model"] == "minilm" and report["mode"] == "mean"
     stats = report["stats"]
     assert stats["total_bytes"] > 0 and stats["input_bytes"][1] > 0 and stats["output_bytes"][1] > 0
+
+
+def test_bad_runtime_arguments_are_refused_clearly(saved):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no usable CUDA"):
+            Cluster(saved["bert"], PrismConfig(devices=2), device="cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        Cluster(saved["bert"], PrismConfig(devices=2), device="abacus")
+    with pytest.raises(ValueError, match="threads"):
+        Cluster(saved["bert"], PrismConfig(devices=2), threads=0)
+    proc = subprocess.run([sys.executable, "-m", "prism_edge", "worker", "--rank", "3", "--world-size", "2",
+                           "--model", saved["bert"]], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--rank" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

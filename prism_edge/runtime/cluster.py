@@ -46,6 +46,19 @@ from .transport import (
 )
 
 
+def check_device(device: str) -> torch.device:
+    """A torch device this process can use, or a ValueError saying what to pass."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but this torch has no usable CUDA; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
 class ClusterError(RuntimeError):
     """The cluster lost a device (or never came up); it has been shut down."""
 
@@ -91,8 +104,9 @@ class Cluster:
     model: an alias (minilm, smollm2), hub name or local folder that every rank can load.
     threads: torch threads per device process.  timeout: seconds any device may stay silent before
     the others give up on it (also the heartbeat bound while idle).  overlap: attention over the own
-    keys while the means travel.  spawn: start the other devices as local processes (False: they
-    join from elsewhere through `endpoint`).
+    keys while the means travel.  device: where rank 0's (and spawned workers') model runs, "cpu"
+    or "cuda[:i]" (messages stage through host memory; ranks may use different devices).  spawn:
+    start the other devices as local processes (False: they join from elsewhere through `endpoint`).
     """
 
     def __init__(
@@ -107,6 +121,7 @@ class Cluster:
         overlap: bool = True,
         count_flops: bool = False,
         cache_dir: str | Path | None = None,
+        device: str = "cpu",
         spawn: bool = True,
         endpoint: Endpoint | None = None,
         log=None,
@@ -122,6 +137,7 @@ class Cluster:
             raise ValueError(f"timeouts must be > 0 seconds, got timeout={timeout}, startup_timeout={startup_timeout}")
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        self.device = check_device(device)
         self.cfg, self.model_name, self.threads, self.timeout = cfg, str(model), threads, timeout
         self.overlap, self.count_flops = overlap, count_flops
         self.world = cfg.effective_devices
@@ -137,7 +153,7 @@ class Cluster:
         t0 = time.perf_counter()
         try:
             self.loaded = load_model(self.model_name, cache_dir=cache_dir)  # first, so workers hit a warm cache
-            self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+            self.model, self.tokenizer = self.loaded.model.to(self.device), self.loaded.tokenizer
             self.adapter = adapter_for(self.model)
             self.comm = DistCommunicator(None, 0, 1, timeout)
             if self.world > 1:
@@ -167,7 +183,8 @@ class Cluster:
         for rank in range(1, self.world):
             cmd = [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(self.world),
                    "--master", f"{endpoint.master_addr}:{port}", "--model", self.model_name,
-                   "--threads", str(self.threads), "--timeout", str(self.timeout), "--startup-timeout", str(startup)]
+                   "--threads", str(self.threads), "--timeout", str(self.timeout), "--startup-timeout", str(startup),
+                   "--device", str(self.device)]
             if endpoint.bind:
                 cmd += ["--bind", endpoint.bind]
             cmd += ["--overlap" if self.overlap else "--no-overlap"] + (["--count-flops"] if self.count_flops else [])
@@ -295,8 +312,10 @@ class Cluster:
             parts = [parts[0]] + [[t.new_zeros(int(sl.valid.sum()), t.shape[-1]) for t in parts[0]]
                                   for sl in plan.devices[1:]]
         full = protocol.assemble(parts, names, plan, "all", length)
-        with torch.inference_mode():
-            pooled = tally.run("head", 0, self.adapter.pool, full)  # rank 0's work, counted as in simulate
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():  # rank 0's work, counted as in simulate
+            pooled = tally.run("head", 0, self.adapter.pool, {k: v.to(device) for k, v in full.items()})
+        pooled = {k: v.cpu() for k, v in pooled.items()}
         return pooled if header.mode == "pooled" else {**full, **pooled}
 
     def _stats(self, tables: list[Tensor], layers: int, wall: float) -> Stats:
@@ -401,5 +420,5 @@ class Cluster:
         g = self.adapter.geometry
         return {"model": self.model_name, "class": type(self.model).__name__, "devices": self.world,
                 "layers": g.layers, "hidden": g.hidden, "config": dataclasses.asdict(self.cfg),
-                "threads": self.threads, "timeout_s": self.timeout, "overlap": self.overlap,
+                "threads": self.threads, "timeout_s": self.timeout, "overlap": self.overlap, "device": str(self.device),
                 "requests": self._requests, "alive": self.alive, "error": self._broken}

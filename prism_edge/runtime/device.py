@@ -171,7 +171,8 @@ class DeviceExecutor:
         g = self.geo
         keys, values = [], []
         for j, route in enumerate(self.in_routes):
-            rows = route.expand(incoming[route.src].to(like.dtype), like.shape[0])  # (B, m, width)
+            message = incoming[route.src].to(device=like.device, dtype=like.dtype)  # gloo delivers to host memory
+            rows = route.expand(message, like.shape[0])  # (B, m, width)
             if self.payload == "kv":
                 k, v = rows.split(g.kv_width, dim=-1)
                 k, v = self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)

@@ -23,7 +23,7 @@ from ..models.base import Batch
 from ..partition.plan import Plan
 from . import protocol
 from .device import DeviceExecutor
-from .simulator import plan_for
+from .simulator import _plan_on, _to as _batch_to, plan_for
 from .stats import FlopTally
 from .transport import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS, DeviceLost, DistCommunicator
 
@@ -70,8 +70,15 @@ def run_device(
     count_flops: bool = False,
     fault: tuple[str, int] | None = None,
 ) -> DeviceRun:
-    """This process's device for one request: embed, every layer with its exchange, the head."""
+    """This process's device for one request: embed, every layer with its exchange, the head.
+
+    plan, batch and local inputs arrive on the CPU; they move to the model's device here.
+    """
     rank = comm.rank
+    device = next(adapter.model.parameters()).device
+    if device.type != "cpu":
+        plan, batch = _plan_on(plan, device), _batch_to(batch, device)
+        local = {k: v.to(device) for k, v in local.items()}
     dev = DeviceExecutor(adapter, plan, rank, cfg, batch)
     tally = FlopTally(count_flops)
     run = DeviceRun(finals={}, tally=tally)

@@ -105,7 +105,7 @@ class DistCommunicator:
         for j, t in enumerate(tensors):
             if t.numel() == 0:
                 continue
-            t = t.contiguous()
+            t = t.detach().cpu().contiguous()  # gloo moves host memory: a GPU device stages through it
             if count:
                 self.ledger.record(stage, self.rank, dst, t)
             work = self._guard(lambda: self.group.send([t], dst, tag + j), dst, what)
