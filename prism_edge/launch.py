@@ -196,6 +196,12 @@ def cmd_worker(args) -> int:
         # the group is broken and may hold stuck operations: report and leave at once, never hang on exit
         print(f"prism-edge: error: {err}", file=sys.stderr, flush=True)
         os._exit(3)
+    except Exception:  # a bug or a resource error mid-request: the peers see a closed connection
+        import traceback
+
+        traceback.print_exc()
+        print(f"prism-edge: error: rank {rank} failed (traceback above); stopping", file=sys.stderr, flush=True)
+        os._exit(1)
     comm.close()
     return 0
 
