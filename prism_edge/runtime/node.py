@@ -33,6 +33,7 @@ FAULT_ENV = "PRISM_EDGE_FAULT"  # testing aid: "RANK:die@LAYER" or "RANK:hang@LA
 @dataclass
 class DeviceRun:
     finals: dict[str, Tensor]
+    cpu_s: float = 0.0  # this thread's CPU time for the request (time.thread_time)
     compute_s: list[float] = field(default_factory=list)  # per layer
     wait_s: list[float] = field(default_factory=list)
     tally: FlopTally | None = None
@@ -82,6 +83,7 @@ def run_device(
     dev = DeviceExecutor(adapter, plan, rank, cfg, batch)
     tally = FlopTally(count_flops)
     run = DeviceRun(finals={}, tally=tally)
+    cpu0 = time.thread_time()
     with torch.inference_mode():
         x = tally.run("embed", rank, dev.embed, local)
         for i in range(adapter.geometry.layers):
@@ -101,12 +103,23 @@ def run_device(
             run.compute_s.append((t1 - t0) + (time.perf_counter() - t2))
             run.wait_s.append(t2 - t1)
         run.finals = tally.run("head", rank, dev.final, x)
+    run.cpu_s = time.thread_time() - cpu0
     return run
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    except (ImportError, OSError):
+        return -1
 
 
 def stats_tensor(comm: DistCommunicator, run: DeviceRun, layers: int) -> Tensor:
     """A worker's own numbers for rank 0: per layer [sent, received, flops, compute ns, wait ns], then
-    a totals row [input bytes, output bytes, all flops, 0, 0]."""
+    a totals row [input bytes, output bytes, all flops, thread CPU ns, peak resident memory KiB]."""
     rank, ledger, tally = comm.rank, comm.ledger, run.tally
     t = torch.zeros(layers + 1, 5, dtype=torch.int64)
     for i in range(layers):
@@ -114,7 +127,8 @@ def stats_tensor(comm: DistCommunicator, run: DeviceRun, layers: int) -> Tensor:
         t[i] = torch.tensor([ledger.sent(i, rank), ledger.received(i, rank), flops,
                              int(run.compute_s[i] * 1e9), int(run.wait_s[i] * 1e9)])
     total = sum(v for (_, r), v in tally.counts.items() if r == rank) if tally and tally.enabled else -1
-    t[layers] = torch.tensor([ledger.received("input", rank), ledger.sent("output", rank), total, 0, 0])
+    t[layers] = torch.tensor([ledger.received("input", rank), ledger.sent("output", rank), total,
+                              int(run.cpu_s * 1e9), peak_rss_kib()])
     return t
 
 

@@ -72,6 +72,8 @@ class Stats:
     compute_s: tuple[tuple[float, ...], ...] | None = None
     wait_s: tuple[tuple[float, ...], ...] | None = None
     wall_s: float | None = None
+    cpu_s: tuple[float, ...] | None = None  # runtime: each device thread's CPU time for the request
+    peak_rss_mib: tuple[float, ...] | None = None  # runtime: each device process's peak resident memory
 
     @classmethod
     def collect(cls, world: int, layers: int, ledger: ByteLedger, tally: FlopTally) -> "Stats":
@@ -124,6 +126,8 @@ class Stats:
             "compute_s": None if self.compute_s is None else [list(x) for x in self.compute_s],
             "wait_s": None if self.wait_s is None else [list(x) for x in self.wait_s],
             "wall_s": self.wall_s,
+            "cpu_s": None if self.cpu_s is None else list(self.cpu_s),
+            "peak_rss_mib": None if self.peak_rss_mib is None else list(self.peak_rss_mib),
         }
 
     def table(self) -> str:

@@ -1,0 +1,328 @@
+"""Side by side: PRISM (several CR, fp16 wire), Voltage, one device and tensor parallelism, on one link.
+
+Every scheme serves the same request (the built-in texts, as `prism-edge worker` builds it) from
+real device processes: the runtime's workers for full / Voltage / PRISM, `prism_edge.bench.tp` for
+tensor parallelism.  With an emulated link (root) every device process runs in its own network
+namespace behind `tc tbf` (+ a user-space delay), and the interface counters cross-check the
+ledger; without one (or without root) the devices talk over loopback.
+
+Measured per scheme: bytes per request and device (ledger; TP: its all-reduces), busiest-device
+FLOPs against a perfect 1/P split (torch.utils.flop_counter; the simulator's count, which the
+runtime reproduces exactly), end-to-end latency (median), per-layer compute vs wait, thread CPU
+time and peak resident memory per device process.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm import tqdm
+
+from ..config import PrismConfig
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str  # label in tables and plots
+    kind: str  # full | voltage | prism | tp
+    cr: int = 1
+    wire: str = "float32"
+    plain: bool = False  # PRISM with sinks and halo off (pure Segment Means)
+
+    def config(self, devices: int) -> PrismConfig | None:
+        if self.kind == "tp":
+            return None
+        if self.kind == "full":
+            return PrismConfig(devices=1, scheme="full")
+        if self.kind == "voltage":
+            return PrismConfig(devices=devices, scheme="voltage", wire_dtype=self.wire)
+        extra = dict(sinks=False, halo=0) if self.plain else {}
+        return PrismConfig(devices=devices, cr=self.cr, wire_dtype=self.wire, **extra)
+
+
+def parse_scheme(text: str) -> Scheme:
+    """full | voltage | tp | prism:CR[:fp16|:bf16][:plain]  (e.g. prism:16, prism:128:plain, prism:16:fp16)."""
+    parts = text.lower().split(":")
+    if parts[0] in ("full", "voltage", "tp") and len(parts) == 1:
+        return Scheme(parts[0], parts[0])
+    if parts[0] == "prism" and len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) >= 1:
+        wire = {"fp16": "float16", "bf16": "bfloat16"}
+        flags = parts[2:]
+        if any(f not in (*wire, "plain") for f in flags):
+            raise ValueError(f"unknown option in scheme {text!r}; use prism:CR[:fp16|:bf16][:plain]")
+        w = next((wire[f] for f in flags if f in wire), "float32")
+        return Scheme(text.lower(), "prism", int(parts[1]), w, "plain" in flags)
+    raise ValueError(f"unknown scheme {text!r}; use full, voltage, tp or prism:CR[:fp16|:bf16][:plain]")
+
+
+DEFAULT_SCHEMES = ("full", "voltage", "tp", "prism:16", "prism:64", "prism:128", "prism:16:fp16", "prism:128:plain")
+
+
+def _cli_flags(cfg: PrismConfig) -> list[str]:
+    from ..runtime.cluster import config_args
+
+    return config_args(cfg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Placement:
+    """Where device processes run: loopback, or one network namespace each (an EmulatedNetwork)."""
+
+    def __init__(self, net=None) -> None:
+        self.net = net
+
+    def wrap(self, rank: int, argv: list[str]) -> list[str]:
+        return self.net.wrap(rank, argv) if self.net else argv
+
+    def address(self, rank: int) -> str:
+        return self.net.address(rank) if self.net else "127.0.0.1"
+
+    def iface(self, rank: int) -> str:
+        return self.net.interface(rank) if self.net else "lo"
+
+    def tx_bytes(self, ranks: int) -> int | None:
+        return sum(self.net.counters(p)[0] for p in range(ranks)) if self.net else None
+
+
+def _run_ranks(place: Placement, world: int, argv_for, env_for=None, timeout: float = 900) -> str:
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_for(rank) if env_for else {})}
+        procs.append(subprocess.Popen(place.wrap(rank, argv_for(rank)), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode != 0:
+            raise RuntimeError(f"a device process failed (exit {p.returncode}): {err.strip()[-1200:]}")
+    return outs[0][0].strip().splitlines()[-1]
+
+
+def run_runtime(place: Placement, model: str, cfg: PrismConfig, repeats: int, length: int) -> dict:
+    world = cfg.effective_devices
+    port = _free_port()
+
+    def argv(rank: int) -> list[str]:
+        return [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),
+                "--master", f"{place.address(0)}:{port}", "--bind", place.address(rank), "--model", model,
+                "--repeat", str(repeats + 1), "--json", "--max-length", str(length), *_cli_flags(cfg)]
+
+    before = place.tx_bytes(world)
+    report = json.loads(_run_ranks(place, world, argv))
+    after = place.tx_bytes(world)
+    st = report["stats"]
+    layers = len(st["wait_s"])
+    return {
+        "wall_s": statistics.median(report["wall_s"][1:]),
+        "bytes_sent": [sum(st["bytes_sent"][i][p] for i in range(layers)) + st["output_bytes"][p]
+                       + (sum(st["input_bytes"]) if p == 0 else 0) for p in range(world)],
+        "exchange_bytes": st["total_bytes"], "request_bytes": st["request_bytes"],
+        "compute_per_layer_s": statistics.mean(sum(l) / world for l in st["compute_s"]) if layers else 0.0,
+        "wait_per_layer_s": statistics.mean(sum(l) / world for l in st["wait_s"]) if layers else 0.0,
+        "cpu_s": max(st["cpu_s"]), "peak_rss_mib": max(st["peak_rss_mib"]),
+        "wire_tx_per_request": None if before is None else (after - before) / (repeats + 1),
+    }
+
+
+def run_tp(place: Placement, model: str, devices: int, repeats: int, length: int) -> dict:
+    port = _free_port()
+
+    def env(rank: int) -> dict:
+        return {"RANK": str(rank), "WORLD_SIZE": str(devices), "LOCAL_RANK": "0", "MASTER_ADDR": place.address(0),
+                "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": place.iface(rank)}
+
+    def argv(rank: int) -> list[str]:
+        return [sys.executable, "-m", "prism_edge.bench.tp", "--model", model, "--repeat", str(repeats),
+                "--max-length", str(length)]
+
+    before = place.tx_bytes(devices)
+    row = json.loads(_run_ranks(place, devices, argv, env))
+    after = place.tx_bytes(devices)
+    if "error" in row:
+        return {"error": row["error"]}
+    return {
+        "wall_s": row["wall_s"], "bytes_sent": [row["exchange_sent_per_device"]] * devices,
+        "exchange_bytes": row["exchange_sent_per_device"] * devices,
+        "request_bytes": row["exchange_sent_per_device"] * devices + row["input_bytes_per_device"] * (devices - 1),
+        "compute_per_layer_s": None, "wait_per_layer_s": None, "cpu_s": row["cpu_s"],
+        "peak_rss_mib": row["peak_rss_mib"], "tp_flops_per_device": row["flops_per_device"],
+        # the TP run includes an untimed FLOP-counting pass, a warm-up, and `repeats` timed requests
+        "wire_tx_per_request": None if before is None else (after - before) / (repeats + 2),
+    }
+
+
+def flops(model_name: str, schemes: list[Scheme], devices: int, length: int, cache) -> dict[str, dict]:
+    """Per-device FLOPs of each scheme on the same request, counted by the simulator."""
+    from ..cli import _inputs
+    from ..models.loading import load_model
+    from ..runtime.simulator import simulate
+
+    loaded = load_model(model_name, cache_dir=cache)
+    enc, _ = _inputs(loaded, SimpleNamespace(text=None, text_file=None, image=None, max_length=length))
+    out = {}
+    with torch.inference_mode():
+        full = simulate(loaded.model, PrismConfig(devices=1, scheme="full"), **enc).stats.max_flops
+        for s in schemes:
+            if s.kind == "tp":
+                continue
+            st = simulate(loaded.model, s.config(devices), **enc).stats
+            out[s.name] = {"max_flops": st.max_flops, "vs_perfect_split": st.max_flops / (full / s.config(devices).effective_devices)}
+    out["_full"] = {"max_flops": full}
+    return out
+
+
+def run(model: str, link: str | None, devices: int, schemes: list[Scheme], repeats: int, length: int,
+        cache=None) -> tuple[list[dict], str]:
+    from .links import EmulatedNetwork, available, parse_link
+
+    note = "loopback"
+    net = None
+    if link and link != "loopback":
+        ok, why = available()
+        if ok:
+            net = EmulatedNetwork(devices, parse_link(link), allow_no_delay=True).open()
+            lk = net.link
+            note = f"{link} ({lk.rate_mbit:g} Mbit/s, {lk.delay_ms if net.delay_emulated else 0:g} ms one-way)"
+        else:
+            print(f"link emulation unavailable ({why}); benching on loopback", file=sys.stderr)
+    counted = flops(model, schemes, devices, length, cache)
+    full_flops = counted["_full"]["max_flops"]
+    rows = []
+    try:
+        place = Placement(net)
+        for s in tqdm(schemes, desc=f"schemes on {note}"):
+            if s.kind == "tp":
+                r = run_tp(place, model, devices, repeats, length)
+            else:
+                r = run_runtime(place, model, s.config(devices), repeats, length)
+            row = {"scheme": s.name, "link": note, "devices": 1 if s.kind == "full" else devices, **r}
+            if s.kind == "tp" and "tp_flops_per_device" in r:
+                row["max_flops"] = r["tp_flops_per_device"]
+                row["flops_vs_perfect_split"] = r["tp_flops_per_device"] / (full_flops / devices)
+            elif s.name in counted:
+                row["max_flops"] = counted[s.name]["max_flops"]
+                row["flops_vs_perfect_split"] = counted[s.name]["vs_perfect_split"]
+            rows.append(row)
+    finally:
+        if net is not None:
+            net.close()
+    base = next((r["wall_s"] for r in rows if r["scheme"] == "full" and "wall_s" in r), None)
+    for r in rows:
+        if base and r.get("wall_s"):
+            r["speedup_vs_full"] = base / r["wall_s"]
+    return rows, note
+
+
+COLUMNS = ["scheme", "devices", "wall_s", "speedup_vs_full", "request_bytes", "bytes_sent", "wire_tx_per_request",
+           "compute_per_layer_s", "wait_per_layer_s", "cpu_s", "peak_rss_mib", "max_flops", "flops_vs_perfect_split"]
+
+
+def table(rows: list[dict], title: str) -> str:
+    def fmt(v, key):
+        if v is None:
+            return "n/a"
+        if key in ("wall_s", "compute_per_layer_s", "wait_per_layer_s", "cpu_s"):
+            return f"{v * 1e3:.1f}"
+        if key in ("speedup_vs_full", "flops_vs_perfect_split"):
+            return f"{v:.2f}"
+        if key == "max_flops":
+            return f"{v / 1e9:.2f}"
+        if key == "peak_rss_mib":
+            return f"{v:.0f}"
+        if key == "bytes_sent":
+            return " / ".join(f"{b:,}" for b in v)
+        if isinstance(v, float):
+            return f"{v:,.0f}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    head = ["scheme", "P", "latency (ms)", "speed-up vs one device", "bytes per request", "bytes sent per device",
+            "interface tx per request", "compute / layer (ms)", "wait / layer (ms)", "thread CPU (ms)",
+            "peak RSS (MiB)", "busiest device GFLOPs", "÷ perfect split"]
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['scheme']} | {r['devices']} | not run: {r['error']} |" + " |" * (len(head) - 3))
+            continue
+        lines.append("| " + " | ".join(fmt(r.get(k), k) for k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot(all_rows: list[dict], out: Path, model: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    links = list(dict.fromkeys(r["link"] for r in all_rows))
+    schemes = list(dict.fromkeys(r["scheme"] for r in all_rows))
+    fig, ax = plt.subplots(figsize=(1.2 * len(schemes) + 3, 4))
+    width = 0.8 / max(1, len(links))
+    for j, link in enumerate(links):
+        vals = [next((r.get("wall_s") or 0 for r in all_rows if r["link"] == link and r["scheme"] == s), 0) * 1e3
+                for s in schemes]
+        ax.bar([i + j * width for i in range(len(schemes))], vals, width, label=link)
+    ax.set_xticks([i + width * (len(links) - 1) / 2 for i in range(len(schemes))], schemes, rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("latency per request (ms, log scale)")
+    ax.set_title(f"{model}: end-to-end latency by scheme and link")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(out / f"latency-{model}.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(schemes) + 3, 4))
+    first = [next(r for r in all_rows if r["scheme"] == s) for s in schemes]
+    ax.bar(schemes, [max(r.get("request_bytes") or 0, 1) for r in first])
+    ax.set_yscale("log")
+    ax.set_ylabel("bytes on the wire per request")
+    ax.set_title(f"{model}: bytes per request (ledger)")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    files.append(out / f"bytes-{model}.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+    return files
+
+
+def main(model: str, out: Path, links: list[str], devices: int, scheme_specs: list[str], repeats: int,
+         length: int, cache=None) -> str:
+    schemes = [parse_scheme(s) for s in scheme_specs]
+    out.mkdir(parents=True, exist_ok=True)
+    all_rows, parts = [], []
+    for link in links or ["loopback"]:
+        rows, note = run(model, link, devices, schemes, repeats, length, cache)
+        all_rows += rows
+        parts.append(table(rows, f"### {model} on {note}, P={devices}, median of {repeats} requests"))
+    safe = model.replace("/", "_").replace(":", "-")
+    stem = f"schemes-{safe}"
+    (out / f"{stem}.json").write_text(json.dumps(all_rows, indent=1))
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["link", *COLUMNS, "exchange_bytes", "error"], extrasaction="ignore")
+        writer.writeheader()
+        for r in all_rows:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()})
+    pngs = plot(all_rows, out, safe)
+    text = "\n\n".join(parts) + "\n\nplots: " + ", ".join(str(p) for p in pngs) + "\n"
+    (out / f"{stem}.md").write_text(text)
+    return text
