@@ -4,6 +4,7 @@
   prism-edge launch --serve 127.0.0.1:8000    keep the devices up and serve JSON over HTTP
   prism-edge worker --rank R --world-size W --master HOST:PORT    one device of a multi-machine group
   prism-edge run                 the in-process simulator: full vs Voltage vs PRISM on the same input
+  prism-edge generate "prompt"   stream text from SmolLM2 split across devices (prefill + KV-cache decode)
   prism-edge run --model smollm2 --cr 4
   prism-edge bench schemes --link wifi slow   PRISM vs Voltage vs tensor parallelism vs one device
   prism-edge bench targets       bytes vs 1/CR, FLOPs vs a perfect split, accuracy at equal bytes (plot)
@@ -146,9 +147,59 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import torch
+
+    from .models.loading import load_model
+    from .runtime.generate import Sampling, generate
+
+    cfg = config_from(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sampling = Sampling(args.sample, args.temperature, args.top_k, args.top_p, args.seed)
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    loaded = load_model(args.model, cache_dir=cache_dir())
+    tok = loaded.tokenizer
+    if tok is None:
+        raise ValueError(f"model {args.model!r} ships no tokenizer; generation needs one")
+    prompt = args.prompt
+    if args.chat and getattr(tok, "chat_template", None):
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=not args.chat)["input_ids"]
+    stops = tuple(i for i in {getattr(tok, "eos_token_id", None), *args.stop_id} if isinstance(i, int))
+    shown = ""
+    new: list[int] = []
+
+    def stream(tid: int) -> None:  # print each token as it comes (decoding the whole tail keeps UTF-8 whole)
+        nonlocal shown
+        new.append(tid)
+        text = tok.decode(new, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    if not args.quiet_prompt:
+        print(prompt, end="", flush=True)
+    t0 = time.perf_counter()
+    gen = generate(loaded.model, cfg, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stops,
+                   on_token=stream)
+    wall = time.perf_counter() - t0
+    print()
+    st = gen.prefill_stats
+    print(f"\n{len(gen.new_ids)} new tokens ({gen.stopped_by}) in {wall:.2f} s, {len(gen.new_ids) / wall:.1f} tokens/s "
+          f"including prefill; prompt {ids.shape[1]} tokens over {cfg.effective_devices} devices, CR={cfg.effective_cr}; "
+          f"prefill exchanged {_fmt_bytes(st.total_bytes)}; decode: {gen.decode_bytes_per_token} B per token "
+          "(new tokens stay on the last device)", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args) -> int:
     out = Path(args.out)
-    if args.what == "targets":
+    if args.what == "generation":
+        from .bench.generation import main as generation
+
+        print(generation(out, cache_dir()))
+    elif args.what == "targets":
         from .bench.targets import main as targets
 
         print(targets(out, cache_dir()))
@@ -192,6 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .launch import add_request_flags, add_runtime_flags, cmd_launch, cmd_worker
 
+    gen = sub.add_parser("generate", help="generate text with a decoder split across devices (simulator), streaming")
+    gen.add_argument("prompt", nargs="?", default="The river burst its banks after three days of rain, and",
+                     help="the prompt (default: a built-in news sentence)")
+    gen.add_argument("--model", default="smollm2", help="a causal LM: alias (smollm2), hub name or local folder")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--stop-id", type=int, nargs="*", default=[], help="extra stop token ids (EOS always stops)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--quiet-prompt", action="store_true", help="print only the generated text")
+    gen.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_config_flags(gen)
+    gen.set_defaults(fn=cmd_generate)
+
     launch = sub.add_parser("launch", help="start one process per device on this machine and run requests")
     launch.add_argument("--model", default="minilm", help="alias (minilm, smollm2), hub name or local folder")
     add_request_flags(launch)
@@ -213,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(fn=cmd_worker, devices=None)
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write results")
-    bench.add_argument("what", choices=("schemes", "targets", "overhead", "ablation", "runtime"))
+    bench.add_argument("what", choices=("schemes", "targets", "generation", "overhead", "ablation", "runtime"))
     bench.add_argument("--out", default="results", help="folder for the JSON/markdown results")
     bench.add_argument("--model", default="minilm", help="overhead: model alias or path")
     bench.add_argument("--repeats", type=int, default=20, help="overhead: timed repeats per variant")

@@ -157,6 +157,7 @@ def make_plan(
     halo: int = 0,
     causal: bool = False,
     weights: tuple[float, ...] | None = None,
+    sizes: tuple[int, ...] | None = None,
 ) -> Plan:
     """Partition every sequence's real positions across devices and route Segment Means between them.
 
@@ -177,6 +178,12 @@ def make_plan(
                 f"sequence {b} has {len(positions)} real positions but devices={devices}: every device needs at "
                 f"least one position; use devices <= {len(positions)} or give that sequence more tokens"
             )
+        if sizes is not None:  # an explicit layout, e.g. a prompt's slices plus generated tokens on the last device
+            if len(sizes) != devices or sum(sizes) != len(positions) or min(sizes) < 1:
+                raise ValueError(f"sizes {sizes} must be {devices} positive slice sizes summing to sequence {b}'s "
+                                 f"{len(positions)} real positions")
+            bounds.append(slice_bounds(tuple(sizes)))
+            continue
         bounds.append(slice_bounds(split_sizes(len(positions), devices, weights)))
 
     slices = []

@@ -60,6 +60,19 @@ class Partial:
 
 
 @dataclass
+class KVCache:
+    """One layer's keys and values on a device after prefill: exact for its own positions (and every
+    position generated since), and the rows it received from earlier devices, with their mask."""
+
+    k: Tensor  # (B, Hkv, n, hd) own positions, rotated
+    v: Tensor
+    own_mask: Tensor  # (B, 1, 1, n) additive: 0 for real own positions
+    remote_k: Tensor  # (B, Hkv, M, hd) received rows (means, sinks, halo), rotated
+    remote_v: Tensor
+    remote_mask: Tensor  # (B, 1, 1, M) additive, count bias included
+
+
+@dataclass
 class LayerState:
     """One layer in flight on one device.  Q (and K, V for a hidden payload) are computed only after
     the message is out (see DeviceExecutor.project), so that work overlaps the exchange."""
@@ -87,6 +100,8 @@ class DeviceExecutor:
         ]  # (B, m) per incoming route; only exact rows' entries are meaningful
         self._mask: Tensor | None = None
         self._rope: tuple | None = None
+        self.keep_cache = False  # keep each layer's K/V after the forward, for decoding on this device
+        self.cache: list[KVCache] = []
 
     # ------------------------------------------------------------------ set-up per request
     def mask(self, dtype: torch.dtype) -> Tensor:
@@ -224,6 +239,8 @@ class DeviceExecutor:
         layer = self.adapter.layers()[index]
         self.project(state)
         keys, values = self._remote_kv(layer, incoming, state.x)
+        if self.keep_cache:
+            self._keep(state, keys, values)
         if own is not None:
             if keys:
                 n = self.slice.rows
@@ -247,3 +264,34 @@ class DeviceExecutor:
 
     def final(self, x: Tensor) -> dict[str, Tensor]:
         return self.adapter.final(x)
+
+    # ------------------------------------------------------------------ decoding (KV cache)
+    def _keep(self, state: LayerState, keys: list[Tensor], values: list[Tensor]) -> None:
+        n, dtype = self.slice.rows, state.q.dtype
+        mask = self.mask(dtype)  # (B, 1, n, n + M); in a decoder every own row sees the same received rows
+        empty = state.k[:, :, :0]
+        own = torch.zeros(mask.shape[0], 1, 1, n, dtype=dtype, device=mask.device)
+        own = own.masked_fill(~self.slice.valid.view(-1, 1, 1, n).to(mask.device), torch.finfo(dtype).min)
+        self.cache.append(KVCache(state.k, state.v, own, torch.cat(keys, 2) if keys else empty,
+                                  torch.cat(values, 2) if values else empty, mask[:, :, -1:, n:]))
+
+    def decode(self, index: int, x: Tensor, positions: Tensor) -> Tensor:
+        """One new position appended after this device's slice (B, 1, d): exact attention over its own
+        cached keys (prompt slice and earlier new positions) and the rows it received at prefill.
+
+        No traffic: in a decoder nothing earlier ever attends to a later position, so the other
+        devices need nothing of the new token, and the last device already holds what it sees.
+        """
+        g, layer, c = self.geo, self.adapter.layers()[index], self.cache[index]
+        h = self.adapter.attn_input(layer, x)
+        q, k, v = self.adapter.qkv(layer, h)
+        q, k, v = self._heads(q, g.heads), self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
+        if g.rotary:
+            cos, sin = self.adapter.rotary(x, positions)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        c.k, c.v = torch.cat([c.k, k], 2), torch.cat([c.v, v], 2)
+        c.own_mask = torch.cat([c.own_mask, c.own_mask.new_zeros(c.own_mask.shape[:-1] + (1,))], -1)
+        keys, values = self._expand_kv(torch.cat([c.remote_k, c.k], 2), torch.cat([c.remote_v, c.v], 2))
+        ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=torch.cat([c.remote_mask, c.own_mask], -1),
+                                             scale=self.adapter.scale(index))
+        return self.adapter.after_attention(layer, x, h, self._flat(ctx))

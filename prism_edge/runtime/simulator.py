@@ -36,7 +36,7 @@ class PrismOutput:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
 
-def plan_for(batch: Batch, cfg: PrismConfig, causal: bool) -> Plan:
+def plan_for(batch: Batch, cfg: PrismConfig, causal: bool, sizes: tuple[int, ...] | None = None) -> Plan:
     """The plan a config implies: Voltage and full are plain exact exchanges (CR=1, no extras)."""
     prism = cfg.scheme == "prism"
     sink = batch.sink if (prism and cfg.sinks) else torch.zeros_like(batch.sink)
@@ -48,6 +48,7 @@ def plan_for(batch: Batch, cfg: PrismConfig, causal: bool) -> Plan:
         halo=cfg.halo if prism else 0,
         causal=causal,
         weights=cfg.weights if cfg.scheme != "full" else None,
+        sizes=sizes,
     )
 
 
@@ -82,6 +83,8 @@ def simulate(
     count_flops: bool = True,
     adapter: Adapter | None = None,
     overlap: bool = False,
+    sizes: tuple[int, ...] | None = None,
+    executors: list | None = None,
 ) -> PrismOutput:
     """Run `model` as `cfg.devices` devices would under PRISM, all inside this process.
 
@@ -92,6 +95,10 @@ def simulate(
 
     The ledger also counts what a real coordinator would ship: each device's inputs from rank 0
     and its outputs back (stages "input" and "output", all positions returned).
+
+    sizes: explicit slice sizes (every sequence split the same way), e.g. to re-run a generated
+    sequence with the prompt's layout.  executors: a list that receives the per-device executors,
+    which then keep their per-layer K/V for decoding (see runtime.generate).
     """
     cfg = cfg if cfg is not None else PrismConfig()
     if not isinstance(cfg, PrismConfig):
@@ -105,13 +112,17 @@ def simulate(
         pixel_values=pixel_values,
         sink_token_ids=cfg.sink_token_ids,
     )
-    plan = plan_for(batch, cfg, adapter.geometry.causal)
+    plan = plan_for(batch, cfg, adapter.geometry.causal, sizes)
     device = next(model.parameters()).device
     local_batch = _to(batch, device)
     B, N = batch.valid.shape
     ledger, tally = ByteLedger(), FlopTally(count_flops)
     comm = LocalCommunicator(plan.world, ledger)
     devs = [DeviceExecutor(adapter, _plan_on(plan, device), p, cfg, local_batch) for p in range(plan.world)]
+    if executors is not None:
+        for d in devs:
+            d.keep_cache = True
+        executors.extend(devs)
     header = request_header(batch, 0, "all")
     for p in range(1, plan.world):
         for t in meta_tensors(batch, header) + input_tensors(batch, plan, p):

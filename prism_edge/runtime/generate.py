@@ -1,0 +1,126 @@
+"""Text generation under PRISM (simulator): distributed prefill, then KV-cache decode on the last device.
+
+Layout: the prompt is split across the P devices as in any forward pass (partition-aware causal
+mask, Segment Means from earlier to later devices).  Every new token is appended to the **last**
+device's slice.  In a decoder no position ever attends to a later one, so the earlier devices never
+need the new tokens, and the last device already holds everything a new token may see: its own
+exact K/V (prompt slice + generated tokens) and the rows it received from the earlier devices at
+prefill (means, sinks, halo).  Decoding therefore needs **no traffic after prefill** beyond handing
+each new token id to whoever prints it (8 bytes), and it is exact for this layout: the same as
+re-running the PRISM forward over the grown sequence with the prompt's slices and the new tokens on
+the last device (tested).  The cost: decode runs on one device, and the new tokens see the earlier
+devices only through the prefill's compressed rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import PrismConfig
+from ..models import adapter_for
+from .simulator import simulate
+from .stats import Stats
+
+TOKEN_ID_BYTES = 8  # an int64 token id from the last device to the coordinator
+
+
+@dataclass
+class Sampling:
+    """Greedy when do_sample is False; otherwise temperature, top-k (0 = off), top-p (1 = off), seed."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
+
+    def pick(self, logits: Tensor, generator: torch.Generator | None) -> Tensor:
+        """(B, V) -> (B,) next token ids."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+            drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.scatter(-1, order, logits.gather(-1, order).masked_fill(drop, float("-inf")))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Generation:
+    prompt_ids: Tensor  # (1, N)
+    new_ids: list[int] = field(default_factory=list)
+    prefill_stats: Stats | None = None
+    decode_bytes_per_token: int = TOKEN_ID_BYTES
+    stopped_by: str = "max_new_tokens"
+    logits: list[Tensor] = field(default_factory=list)  # (V,) per new token, when keep_logits
+
+    @property
+    def ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, torch.tensor([self.new_ids], dtype=self.prompt_ids.dtype)], dim=1)
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    cfg: PrismConfig,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int = 32,
+    sampling: Sampling | None = None,
+    stop_ids: tuple[int, ...] = (),
+    on_token: Callable[[int], None] | None = None,
+    keep_logits: bool = False,
+) -> Generation:
+    """Prefill `input_ids` (one prompt, shape (1, N)) across cfg.devices, then decode on the last device."""
+    adapter = adapter_for(model)
+    if not adapter.geometry.causal or adapter.head != "lm":
+        raise ValueError(f"generation needs a causal LM (GPT2LMHeadModel, LlamaForCausalLM), got {type(model).__name__}")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError("generate takes one prompt: input_ids of shape (1, length); loop over prompts for more")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    sampling = sampling or Sampling()
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                         f"{limit} positions; shorten one of them")
+    device = next(model.parameters()).device
+    devs: list = []
+    out = simulate(model, cfg, input_ids=input_ids.to(device), count_flops=False, executors=devs)
+    result = Generation(prompt_ids=input_ids.cpu(), prefill_stats=out.stats)
+    last = devs[-1]
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    logits = out.logits[:, -1]
+    position = input_ids.shape[1]
+    for _ in range(max_new_tokens):
+        if keep_logits:
+            result.logits.append(logits[0].float().cpu())
+        token = sampling.pick(logits, generator)  # (1,)
+        tid = int(token)
+        result.new_ids.append(tid)
+        if on_token is not None:
+            on_token(tid)
+        if tid in stop_ids:
+            result.stopped_by = "stop token"
+            break
+        pos = torch.tensor([[position]], device=device)
+        x = adapter.embed({"input_ids": token.view(1, 1), "positions": pos})
+        for i in range(adapter.geometry.layers):
+            x = last.decode(i, x, pos)
+        logits = adapter.final(x)["logits"][:, -1]
+        position += 1
+    return result
