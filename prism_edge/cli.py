@@ -181,8 +181,17 @@ def cmd_generate(args) -> int:
     if not args.quiet_prompt:
         print(prompt, end="", flush=True)
     t0 = time.perf_counter()
-    gen = generate(loaded.model, cfg, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stops,
-                   on_token=stream)
+    if args.launch:  # real device processes: prefill over gloo, the last process decodes and streams ids back
+        from .runtime.cluster import Cluster
+
+        with Cluster(args.model, cfg, threads=args.threads or 1, cache_dir=cache_dir(),
+                     log=lambda m: print(m, file=sys.stderr, flush=True)) as cluster:
+            t0 = time.perf_counter()
+            gen = cluster.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stops,
+                                   on_token=stream)
+    else:
+        gen = generate(loaded.model, cfg, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       stop_ids=stops, on_token=stream)
     wall = time.perf_counter() - t0
     print()
     st = gen.prefill_stats
@@ -243,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .launch import add_request_flags, add_runtime_flags, cmd_launch, cmd_worker
 
-    gen = sub.add_parser("generate", help="generate text with a decoder split across devices (simulator), streaming")
+    gen = sub.add_parser("generate", help="generate text with a decoder split across devices, streaming")
     gen.add_argument("prompt", nargs="?", default="The river burst its banks after three days of rain, and",
                      help="the prompt (default: a built-in news sentence)")
     gen.add_argument("--model", default="smollm2", help="a causal LM: alias (smollm2), hub name or local folder")
@@ -256,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop-id", type=int, nargs="*", default=[], help="extra stop token ids (EOS always stops)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--quiet-prompt", action="store_true", help="print only the generated text")
+    gen.add_argument("--launch", action="store_true",
+                     help="run on real local device processes (multi-process runtime) instead of the simulator")
     gen.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     add_config_flags(gen)
     gen.set_defaults(fn=cmd_generate)

@@ -84,3 +84,15 @@ def test_generate_cli_streams_and_stops(smollm2):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout
     assert "tokens/s" in proc.stderr and "8 B per token" in proc.stderr
+
+
+@pytest.mark.real
+def test_generate_cli_on_device_processes(smollm2):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "prism_edge", "generate", "What is the capital of France?", "--chat",
+                           "--cr", "4", "--devices", "2", "--max-new-tokens", "12", "--quiet-prompt", "--launch"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout

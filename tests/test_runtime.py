@@ -297,3 +297,51 @@ def test_bad_runtime_arguments_are_refused_clearly(saved):
     proc = subprocess.run([sys.executable, "-m", "prism_edge", "worker", "--rank", "3", "--world-size", "2",
                            "--model", saved["bert"]], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--rank" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm"])
+def test_runtime_generation_equals_simulator_token_for_token(saved, name):
+    from prism_edge.runtime.generate import Sampling, generate
+
+    model = tiny(name)
+    ids, _ = text_batch(batch=1, length=13)
+    cfg = PrismConfig(devices=3, cr=8, halo=1)
+    with Cluster(saved[name], cfg, timeout=20) as cluster:
+        for sampling in (Sampling(), Sampling(do_sample=True, temperature=0.9, top_k=7, seed=5)):
+            want = generate(model, cfg, ids, max_new_tokens=12, sampling=sampling)
+            streamed = []
+            got = cluster.generate(ids, max_new_tokens=12, sampling=sampling, on_token=streamed.append)
+            assert got.new_ids == want.new_ids == streamed
+            assert got.prefill_stats.sent == want.prefill_stats.sent
+        stop = want.new_ids[3]
+        cut = cluster.generate(ids, max_new_tokens=12, sampling=sampling, stop_ids=(stop,))
+        assert cut.new_ids[-1] == stop and cut.stopped_by == "stop token"
+        # the cluster still serves forward requests after generating
+        ids2, mask2 = text_batch(batch=2, length=9)
+        _assert_same(cluster(input_ids=ids2, attention_mask=mask2),
+                     simulate(model, cfg, input_ids=ids2, attention_mask=mask2, count_flops=False))
+
+
+def test_http_generate(saved):
+    from prism_edge.runtime.generate import generate
+    from prism_edge.runtime.http import make_server
+
+    model = tiny("llama-lm")
+    cfg = PrismConfig(devices=2, cr=4)
+    ids, _ = text_batch(batch=1, length=10)
+    with Cluster(saved["llama-lm"], cfg, timeout=20) as cluster:
+        server = make_server(cluster, "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/generate"
+        try:
+            req = urllib.request.Request(url, json.dumps({"input_ids": ids.tolist(), "max_new_tokens": 6}).encode())
+            reply = json.load(urllib.request.urlopen(req, timeout=30))
+            assert reply["token_ids"] == generate(model, cfg, ids, max_new_tokens=6).new_ids
+            assert reply["decode_bytes_per_token"] == 8 and reply["prefill_stats"]["total_bytes"] > 0
+            bad = urllib.request.Request(url, json.dumps({"prompt": 5}).encode())
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(bad, timeout=30)
+            assert err.value.code == 400
+        finally:
+            server.shutdown()
+            server.server_close()

@@ -278,14 +278,91 @@ class Cluster:
         self._requests += 1
         return batch, plan, protocol.request_header(batch, self._requests, outputs)
 
+    def _dispatch(self, batch, plan, header) -> None:
+        self.comm.reset()
+        for p in range(1, self.world):
+            self.comm.isend("control", p, [header.encode()], TAG_HEADER, "request header", count=False)
+            self.comm.isend("input", p, protocol.meta_tensors(batch, header), TAG_META, "request plan data")
+            self.comm.isend("input", p, protocol.input_tensors(batch, plan, p), TAG_INPUT, "request inputs")
+
+    def _worker_stats(self, layers: int) -> list[Tensor]:
+        return [self.comm.recv("control", p, [torch.zeros(layers + 1, 5, dtype=torch.int64)], TAG_STATS, "statistics",
+                               count=False)[0] for p in range(1, self.world)]
+
+    def generate(self, input_ids: Tensor, *, max_new_tokens: int = 32, sampling=None, stop_ids: tuple[int, ...] = (),
+                 on_token=None):
+        """Prefill one prompt (1, N) across the devices, then decode on the last device, which streams each
+        new token id back (8 bytes per token); on_token(id) is called as each arrives.  Returns a Generation."""
+        import dataclasses as dc
+
+        from .generate import Generation, Sampling, decode_loop, encode_request
+
+        sampling = sampling or Sampling()
+        if not self.adapter.geometry.causal or self.adapter.head != "lm":
+            raise ValueError(f"generation needs a causal LM, this cluster serves {type(self.model).__name__}")
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError("generate takes one prompt: input_ids of shape (1, length)")
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        if max_new_tokens < 0 or (limit and input_ids.shape[1] + max_new_tokens > limit):
+            raise ValueError(f"need 0 <= max_new_tokens and prompt + max_new_tokens <= {limit} positions")
+        params = encode_request(max_new_tokens, sampling, tuple(stop_ids))
+        with self._lock:
+            self._check_usable()
+            batch, plan, header = self._prepare(input_ids, None, None, None, None, "last")
+            header = dc.replace(header, op=protocol.GENERATE)
+            try:
+                return self._generate(batch, plan, header, params, input_ids, Generation, decode_loop, on_token)
+            except DeviceLost as err:
+                self._fail(str(err))
+                raise ClusterError(self._broken) from None
+            except BaseException as err:
+                self._fail(f"rank 0 failed mid-generation: {type(err).__name__}: {err}")
+                raise
+
+    def _generate(self, batch, plan, header, params, input_ids, Generation, decode_loop, on_token):
+        from .generate import decode_request
+        from .transport import TAG_GENERATE
+
+        t0 = time.perf_counter()
+        world, layers, last = self.world, self.adapter.geometry.layers, self.world - 1
+        self._dispatch(batch, plan, header)
+        local = batch.gather(plan.devices[0].index)
+        run = run_device(self.adapter, self.cfg, plan, batch, local, self.comm, overlap=self.overlap,
+                         count_flops=self.count_flops, keep_cache=world == 1)
+        if world > 1:  # after the prefill: the layer loop flushes pending sends, and the last device reads this later
+            self.comm.isend("control", last, [params], TAG_GENERATE, "decode parameters", count=False)
+        stats = self._stats([stats_tensor(self.comm, run, layers)] + self._worker_stats(layers), layers,
+                            time.perf_counter() - t0)
+        result = Generation(prompt_ids=input_ids.cpu(), prefill_stats=stats)
+        max_new, sampling, stops = decode_request(params)
+        if world == 1:
+            with torch.inference_mode():
+                decode_loop(self.adapter, run.executor, run.finals["logits"][:, -1], batch.valid.shape[1], max_new,
+                            sampling, stops, result, on_token)
+            return result
+        pinged = time.monotonic()
+        for t in range(max_new + 1):
+            tid = int(self.comm.recv("decode", last, [torch.zeros(1, dtype=torch.int64)], TAG_GENERATE + 1 + t,
+                                     "new token")[0])
+            if tid < 0:
+                break
+            result.new_ids.append(tid)
+            if on_token is not None:
+                on_token(tid)
+            if tid in stops:
+                result.stopped_by = "stop token"
+            if time.monotonic() - pinged > self.timeout / 3:  # the idle devices wait for their next header
+                for p in range(1, last):
+                    self.comm.isend("control", p, [protocol.Header(protocol.PING).encode()], TAG_HEADER, "heartbeat",
+                                    count=False)
+                pinged = time.monotonic()
+        self.comm.flush()
+        return result
+
     def _run(self, batch, plan, header) -> PrismOutput:
         t0 = time.perf_counter()
         comm, world, layers = self.comm, self.world, self.adapter.geometry.layers
-        comm.reset()
-        for p in range(1, world):
-            comm.isend("control", p, [header.encode()], TAG_HEADER, "request header", count=False)
-            comm.isend("input", p, protocol.meta_tensors(batch, header), TAG_META, "request plan data")
-            comm.isend("input", p, protocol.input_tensors(batch, plan, p), TAG_INPUT, "request inputs")
+        self._dispatch(batch, plan, header)
         local = batch.gather(plan.devices[0].index)
         run = run_device(self.adapter, self.cfg, plan, batch, local, comm, overlap=self.overlap,
                          count_flops=self.count_flops)
@@ -294,12 +371,10 @@ class Cluster:
         dtype = run.finals[names[0]].dtype
         own_mode = "all" if header.mode == "pooled" else header.mode  # the pooler reads rank 0's rows
         parts = [protocol.output_tensors(run.finals, plan, 0, own_mode)]
-        worker_stats = []
         for p in range(1, world):
             bufs = protocol.output_buffers(widths, plan, p, header.mode, dtype)
             parts.append(comm.recv("output", p, bufs, TAG_OUTPUT, "outputs"))
-            worker_stats.append(comm.recv("control", p, [torch.zeros(layers + 1, 5, dtype=torch.int64)], TAG_STATS,
-                                          "statistics", count=False)[0])
+        worker_stats = self._worker_stats(layers)
         comm.flush()
         result = self._outputs(parts, names, plan, header, batch.valid.shape[1], run.tally)
         stats = self._stats([stats_tensor(comm, run, layers)] + worker_stats, layers, time.perf_counter() - t0)

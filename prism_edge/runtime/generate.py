@@ -59,6 +59,27 @@ class Sampling:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+MAX_STOPS = 8
+
+
+def encode_request(max_new_tokens: int, sampling: Sampling, stop_ids: tuple[int, ...]) -> Tensor:
+    """The decode parameters as one float64 tensor (what rank 0 sends the last device)."""
+    if len(stop_ids) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop token ids, got {len(stop_ids)}")
+    t = torch.zeros(8 + MAX_STOPS, dtype=torch.float64)
+    t[:7] = torch.tensor([max_new_tokens, float(sampling.do_sample), sampling.temperature, sampling.top_k,
+                          sampling.top_p, -1 if sampling.seed is None else sampling.seed, len(stop_ids)],
+                         dtype=torch.float64)
+    t[8 : 8 + len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.float64)
+    return t
+
+
+def decode_request(t: Tensor) -> tuple[int, Sampling, tuple[int, ...]]:
+    v = t.tolist()
+    seed = None if v[5] < 0 else int(v[5])
+    return int(v[0]), Sampling(bool(v[1]), v[2], int(v[3]), v[4], seed), tuple(int(x) for x in v[8 : 8 + int(v[6])])
+
+
 @dataclass
 class Generation:
     prompt_ids: Tensor  # (1, N)
@@ -102,10 +123,16 @@ def generate(
     devs: list = []
     out = simulate(model, cfg, input_ids=input_ids.to(device), count_flops=False, executors=devs)
     result = Generation(prompt_ids=input_ids.cpu(), prefill_stats=out.stats)
-    last = devs[-1]
+    decode_loop(adapter, devs[-1], out.logits[:, -1], input_ids.shape[1], max_new_tokens, sampling, stop_ids,
+                result, on_token, keep_logits)
+    return result
+
+
+def decode_loop(adapter, last, logits: Tensor, position: int, max_new_tokens: int, sampling: Sampling,
+                stop_ids: tuple[int, ...], result: Generation, on_token=None, keep_logits: bool = False) -> None:
+    """Sample, append to the last device's cache, repeat: the same loop in the simulator and the runtime."""
+    device = logits.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    logits = out.logits[:, -1]
-    position = input_ids.shape[1]
     for _ in range(max_new_tokens):
         if keep_logits:
             result.logits.append(logits[0].float().cpu())
@@ -123,4 +150,3 @@ def generate(
             x = last.decode(i, x, pos)
         logits = adapter.final(x)["logits"][:, -1]
         position += 1
-    return result

@@ -1,6 +1,9 @@
 """A minimal JSON-over-HTTP endpoint on rank 0, so non-Python clients can use a running cluster.
 
   GET  /health       {"alive": true, "devices": 4, "model": ..., "config": {...}, "requests": 12}
+  POST /v1/generate  {"prompt": "...", "max_new_tokens": 32, "do_sample": false, "temperature": 1.0,
+                     "top_k": 0, "top_p": 1.0, "seed": null, "chat": false}  or  {"input_ids": [[...]], ...}
+                     -> {"text": "...", "token_ids": [...], "stopped_by": "...", "prefill_stats": {...}}
   POST /v1/forward   {"texts": ["...", ...]}  or  {"input_ids": [[...]], "attention_mask": [[...]]}
                      or {"pixel_values": [[[[...]]]]};  optional "outputs": all | last | mean | pooled,
                      "max_length": 512, "top_k": 5
@@ -94,6 +97,35 @@ def handle_forward(cluster: Cluster, body: dict) -> dict:
     return reply
 
 
+def handle_generate(cluster: Cluster, body: dict) -> dict:
+    from .generate import Sampling
+
+    if not isinstance(body, dict):
+        raise ValueError("the request body must be a JSON object")
+    tok = cluster.tokenizer
+    if "prompt" in body:
+        if tok is None or not isinstance(body["prompt"], str) or not body["prompt"]:
+            raise ValueError('"prompt" must be a non-empty string (and the model needs a tokenizer)')
+        prompt = body["prompt"]
+        if body.get("chat") and getattr(tok, "chat_template", None):
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=not body.get("chat"))["input_ids"]
+    elif "input_ids" in body:
+        ids = _tensor(body["input_ids"], "input_ids", torch.long, 2)
+    else:
+        raise ValueError('send "prompt" (text) or "input_ids" ([[...]]) to /v1/generate')
+    sampling = Sampling(bool(body.get("do_sample", False)), float(body.get("temperature", 1.0)),
+                        int(body.get("top_k", 0)), float(body.get("top_p", 1.0)), body.get("seed"))
+    eos = getattr(tok, "eos_token_id", None) if tok is not None else None
+    stops = tuple(int(i) for i in body.get("stop_ids", [])) + ((eos,) if isinstance(eos, int) else ())
+    gen = cluster.generate(ids, max_new_tokens=int(body.get("max_new_tokens", 32)), sampling=sampling,
+                           stop_ids=stops)
+    text = tok.decode(gen.new_ids, skip_special_tokens=True) if tok is not None else None
+    return {"text": text, "token_ids": gen.new_ids, "stopped_by": gen.stopped_by,
+            "prefill_stats": gen.prefill_stats.to_dict(), "decode_bytes_per_token": gen.decode_bytes_per_token}
+
+
 class _Handler(BaseHTTPRequestHandler):
     cluster: Cluster
     server_version = "prism-edge"
@@ -116,8 +148,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no such endpoint {self.path}; use GET /health or POST /v1/forward"})
 
     def do_POST(self):
-        if self.path.rstrip("/") != "/v1/forward":
-            self._send(404, {"error": f"no such endpoint {self.path}; use POST /v1/forward"})
+        routes = {"/v1/forward": handle_forward, "/v1/generate": handle_generate}
+        handler = routes.get(self.path.rstrip("/"))
+        if handler is None:
+            self._send(404, {"error": f"no such endpoint {self.path}; use POST /v1/forward or /v1/generate"})
             return
         length = int(self.headers.get("Content-Length") or 0)
         if length <= 0 or length > MAX_BODY:
@@ -125,7 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             body = json.loads(self.rfile.read(length))
-            self._send(200, handle_forward(self.cluster, body))
+            self._send(200, handler(self.cluster, body))
         except json.JSONDecodeError as err:
             self._send(400, {"error": f"the body is not valid JSON: {err}"})
         except ValueError as err:

@@ -37,6 +37,7 @@ class DeviceRun:
     compute_s: list[float] = field(default_factory=list)  # per layer
     wait_s: list[float] = field(default_factory=list)
     tally: FlopTally | None = None
+    executor: DeviceExecutor | None = None  # kept for decoding (GENERATE)
 
 
 def _fault(rank: int) -> tuple[str, int] | None:
@@ -70,6 +71,7 @@ def run_device(
     overlap: bool = True,
     count_flops: bool = False,
     fault: tuple[str, int] | None = None,
+    keep_cache: bool = False,
 ) -> DeviceRun:
     """This process's device for one request: embed, every layer with its exchange, the head.
 
@@ -81,8 +83,9 @@ def run_device(
         plan, batch = _plan_on(plan, device), _batch_to(batch, device)
         local = {k: v.to(device) for k, v in local.items()}
     dev = DeviceExecutor(adapter, plan, rank, cfg, batch)
+    dev.keep_cache = keep_cache
     tally = FlopTally(count_flops)
-    run = DeviceRun(finals={}, tally=tally)
+    run = DeviceRun(finals={}, tally=tally, executor=dev)
     cpu0 = time.thread_time()
     with torch.inference_mode():
         x = tally.run("embed", rank, dev.embed, local)
@@ -132,6 +135,28 @@ def stats_tensor(comm: DistCommunicator, run: DeviceRun, layers: int) -> Tensor:
     return t
 
 
+def decode_on_last_device(adapter: Adapter, comm: DistCommunicator, run: DeviceRun, length: int) -> None:
+    """GENERATE on the last rank: take the decode parameters, then stream each new token id to rank 0."""
+    from .generate import Generation, decode_loop, decode_request
+    from .transport import TAG_GENERATE
+
+    params = comm.recv("control", 0, [torch.zeros(16, dtype=torch.float64)], TAG_GENERATE, "decode parameters",
+                       count=False)[0]
+    max_new, sampling, stops = decode_request(params)
+    sent = [0]
+
+    def stream(tid: int) -> None:
+        comm.isend("decode", 0, [torch.tensor([tid], dtype=torch.int64)], TAG_GENERATE + 1 + sent[0], "new token")
+        sent[0] += 1
+
+    with torch.inference_mode():
+        logits = run.finals["logits"][:, -1]
+        decode_loop(adapter, run.executor, logits, length, max_new, sampling, stops,
+                    Generation(prompt_ids=torch.zeros(1, 0, dtype=torch.long)), stream)
+    comm.isend("decode", 0, [torch.tensor([-1], dtype=torch.int64)], TAG_GENERATE + 1 + sent[0], "end of generation")
+    comm.flush()
+
+
 def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, overlap: bool = True,
                  count_flops: bool = False, log=None) -> None:
     """Rank > 0: wait for requests from rank 0 until it says stop.
@@ -157,11 +182,16 @@ def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, 
         plan = plan_for(batch, cfg, causal)
         rows = comm.recv("input", 0, protocol.input_buffers(header, plan, rank), TAG_INPUT, "request inputs")
         local = protocol.local_inputs(header, batch, plan, rank, rows)
+        generating = header.op == protocol.GENERATE
         run = run_device(adapter, cfg, plan, batch, local, comm, overlap=overlap, count_flops=count_flops,
-                         fault=fault if served == 0 else None)
-        comm.isend("output", 0, protocol.output_tensors(run.finals, plan, rank, header.mode), TAG_OUTPUT, "outputs")
+                         fault=fault if served == 0 else None, keep_cache=generating and rank == comm.world - 1)
+        if not generating:
+            comm.isend("output", 0, protocol.output_tensors(run.finals, plan, rank, header.mode), TAG_OUTPUT,
+                       "outputs")
         comm.isend("control", 0, [stats_tensor(comm, run, layers)], TAG_STATS, "statistics", count=False)
         comm.flush()
+        if generating and rank == comm.world - 1:
+            decode_on_last_device(adapter, comm, run, header.length)
         served += 1
 
 

@@ -24,7 +24,7 @@ from ..partition.plan import Plan
 
 HEADER_LEN = 16
 MAGIC = 0x5052534D  # "PRSM": a desynchronised or foreign peer fails loudly, not silently
-PING, FORWARD, SHUTDOWN = 1, 2, 3
+PING, FORWARD, SHUTDOWN, GENERATE = 1, 2, 3, 4  # GENERATE: a FORWARD (prefill), then the last device decodes
 OUTPUT_MODES = ("all", "pooled", "last", "mean")
 INPUT_KEYS = ("input_ids", "token_type_ids", "patches")  # position in this tuple is the wire code
 MAX_KEYS = 3

@@ -23,6 +23,7 @@ from .comm import ByteLedger
 # the j-th tensor of a message travels with tag + j, so a message of several tensors never mixes up
 TAG_HEADER, TAG_META, TAG_INPUT, TAG_OUTPUT, TAG_STATS = 32, 64, 96, 128, 160
 TAG_LAYER = 256  # layer i travels with tag TAG_LAYER + i
+TAG_GENERATE = 1 << 20  # decode parameters to the last device; new token t comes back with tag + 1 + t
 
 
 class DeviceLost(RuntimeError):
