@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -186,38 +187,44 @@ def test_handshake_refuses_mismatched_ranks(saved, mismatch):
         assert "handshake refused" in err and expected in err and "rank 1 has" in err, err[-2000:]
 
 
-def test_http_endpoint(saved):
+@contextlib.contextmanager
+def _serving(path: str, cfg: PrismConfig):
+    """A cluster with its HTTP endpoint on a free port; yields the base URL."""
     from prism_edge.runtime.http import make_server
 
-    model = tiny("bert")
-    cfg = PrismConfig(devices=2, cr=4)
-    ids, mask = text_batch(batch=2, length=9)
-    with Cluster(saved["bert"], cfg, timeout=20) as cluster:
+    with Cluster(path, cfg, timeout=20) as cluster:
         server = make_server(cluster, "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}"
         try:
-            health = json.load(urllib.request.urlopen(url + "/health", timeout=10))
-            assert health["alive"] and health["devices"] == 2
-
-            def post(body):
-                req = urllib.request.Request(url + "/v1/forward", json.dumps(body).encode(),
-                                             {"Content-Type": "application/json"})
-                return json.load(urllib.request.urlopen(req, timeout=30))
-
-            reply = post({"input_ids": ids.tolist(), "attention_mask": mask.tolist()})
-            assert reply["mode"] == "mean"
-            ref = simulate(model, cfg, input_ids=ids, attention_mask=mask, count_flops=False).last_hidden_state.mean(1)
-            torch.testing.assert_close(torch.tensor(reply["outputs"]["last_hidden_state"])[:, 0], ref,
-                                       atol=1e-5, rtol=1e-5)
-            assert reply["stats"]["total_bytes"] > 0
-            with pytest.raises(urllib.error.HTTPError) as bad:
-                post({"input_ids": [[1, 2, 99999]]})
-            assert bad.value.code == 400 and "token ids" in json.load(bad.value)["error"]
-            assert post({"input_ids": ids.tolist()})["outputs"]  # still serving after the bad request
+            yield f"http://127.0.0.1:{server.server_address[1]}"
         finally:
             server.shutdown()
             server.server_close()
+
+
+def test_http_endpoint(saved):
+    model = tiny("bert")
+    cfg = PrismConfig(devices=2, cr=4)
+    ids, mask = text_batch(batch=2, length=9)
+    with _serving(saved["bert"], cfg) as url:
+        health = json.load(urllib.request.urlopen(url + "/health", timeout=10))
+        assert health["alive"] and health["devices"] == 2
+
+        def post(body):
+            req = urllib.request.Request(url + "/v1/forward", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            return json.load(urllib.request.urlopen(req, timeout=30))
+
+        reply = post({"input_ids": ids.tolist(), "attention_mask": mask.tolist()})
+        assert reply["mode"] == "mean"
+        ref = simulate(model, cfg, input_ids=ids, attention_mask=mask, count_flops=False).last_hidden_state.mean(1)
+        torch.testing.assert_close(torch.tensor(reply["outputs"]["last_hidden_state"])[:, 0], ref,
+                                   atol=1e-5, rtol=1e-5)
+        assert reply["stats"]["total_bytes"] > 0
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post({"input_ids": [[1, 2, 99999]]})
+        assert bad.value.code == 400 and "token ids" in json.load(bad.value)["error"]
+        assert post({"input_ids": ids.tolist()})["outputs"]  # still serving after the bad request
 
 
 def test_ctrl_c_on_the_launcher_tears_everything_down(saved):
@@ -324,24 +331,17 @@ def test_runtime_generation_equals_simulator_token_for_token(saved, name):
 
 def test_http_generate(saved):
     from prism_edge.runtime.generate import generate
-    from prism_edge.runtime.http import make_server
 
     model = tiny("llama-lm")
     cfg = PrismConfig(devices=2, cr=4)
     ids, _ = text_batch(batch=1, length=10)
-    with Cluster(saved["llama-lm"], cfg, timeout=20) as cluster:
-        server = make_server(cluster, "127.0.0.1", 0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1/generate"
-        try:
-            req = urllib.request.Request(url, json.dumps({"input_ids": ids.tolist(), "max_new_tokens": 6}).encode())
-            reply = json.load(urllib.request.urlopen(req, timeout=30))
-            assert reply["token_ids"] == generate(model, cfg, ids, max_new_tokens=6).new_ids
-            assert reply["decode_bytes_per_token"] == 8 and reply["prefill_stats"]["total_bytes"] > 0
-            bad = urllib.request.Request(url, json.dumps({"prompt": 5}).encode())
-            with pytest.raises(urllib.error.HTTPError) as err:
-                urllib.request.urlopen(bad, timeout=30)
-            assert err.value.code == 400
-        finally:
-            server.shutdown()
-            server.server_close()
+    with _serving(saved["llama-lm"], cfg) as base:
+        url = base + "/v1/generate"
+        req = urllib.request.Request(url, json.dumps({"input_ids": ids.tolist(), "max_new_tokens": 6}).encode())
+        reply = json.load(urllib.request.urlopen(req, timeout=30))
+        assert reply["token_ids"] == generate(model, cfg, ids, max_new_tokens=6).new_ids
+        assert reply["decode_bytes_per_token"] == 8 and reply["prefill_stats"]["total_bytes"] > 0
+        bad = urllib.request.Request(url, json.dumps({"prompt": 5}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(bad, timeout=30)
+        assert err.value.code == 400
