@@ -104,6 +104,14 @@ def _inputs(loaded, args):
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}, texts
 
 
+def builtin_request(loaded, max_length: int) -> dict:
+    """The request `prism-edge launch` / `worker` build by default (the built-in texts), for benches to reuse."""
+    from types import SimpleNamespace
+
+    inputs, _ = _inputs(loaded, SimpleNamespace(text=None, text_file=None, image=None, max_length=max_length))
+    return inputs
+
+
 def cmd_run(args) -> int:
     import torch
 

@@ -26,10 +26,8 @@ def test_parse_scheme():
 
 @pytest.mark.real
 def test_short_bench_on_loopback(minilm, tmp_path):
-    from types import SimpleNamespace
-
     from prism_edge.bench.schemes import main
-    from prism_edge.cli import _inputs
+    from prism_edge.cli import builtin_request
 
     length, layers, hidden = 32, 6, 384
     text = main("minilm", tmp_path, ["loopback"], 2, ["full", "voltage", "tp", "prism:4:plain"], repeats=1,
@@ -43,7 +41,7 @@ def test_short_bench_on_loopback(minilm, tmp_path):
 
     # ledger against analytic bytes: every real row of a device goes to the other device every layer (Voltage);
     # plain Segment Means send ceil(rows / CR) means per sequence instead
-    enc, _ = _inputs(minilm, SimpleNamespace(text=None, text_file=None, image=None, max_length=length))
+    enc = builtin_request(minilm, length)
     lengths = enc["attention_mask"].sum(1).tolist()
     halves = [((n + 1) // 2, n // 2) for n in lengths]
     assert rows["voltage"]["exchange_bytes"] == layers * sum(lengths) * hidden * 4

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -95,16 +94,12 @@ def wire_precision(model: str, devices: int, cr: int, length: int, cache: Path |
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _emulated_run(net, model: str, devices: int, cfg_args: list[str], overlap: bool, repeats: int,
                   length: int) -> dict:
     """One cluster, every rank in its own namespace, rank 0 prints its JSON report."""
-    port = 29000 + _free_port() % 1000
+    from .schemes import free_port
+
+    port = free_port()
     procs = []
     for rank in range(devices):
         cmd = net.wrap(rank, [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size",

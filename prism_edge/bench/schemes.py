@@ -23,7 +23,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -74,7 +73,8 @@ def _cli_flags(cfg: PrismConfig) -> list[str]:
     return config_args(cfg)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine right now (for a rendezvous master)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -119,7 +119,7 @@ def _run_ranks(place: Placement, world: int, argv_for, env_for=None, timeout: fl
 
 def run_runtime(place: Placement, model: str, cfg: PrismConfig, repeats: int, length: int) -> dict:
     world = cfg.effective_devices
-    port = _free_port()
+    port = free_port()
 
     def argv(rank: int) -> list[str]:
         return [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),
@@ -144,7 +144,7 @@ def run_runtime(place: Placement, model: str, cfg: PrismConfig, repeats: int, le
 
 
 def run_tp(place: Placement, model: str, devices: int, repeats: int, length: int) -> dict:
-    port = _free_port()
+    port = free_port()
 
     def env(rank: int) -> dict:
         return {"RANK": str(rank), "WORLD_SIZE": str(devices), "LOCAL_RANK": "0", "MASTER_ADDR": place.address(0),
@@ -172,12 +172,12 @@ def run_tp(place: Placement, model: str, devices: int, repeats: int, length: int
 
 def flops(model_name: str, schemes: list[Scheme], devices: int, length: int, cache) -> dict[str, dict]:
     """Per-device FLOPs of each scheme on the same request, counted by the simulator."""
-    from ..cli import _inputs
+    from ..cli import builtin_request
     from ..models.loading import load_model
     from ..runtime.simulator import simulate
 
     loaded = load_model(model_name, cache_dir=cache)
-    enc, _ = _inputs(loaded, SimpleNamespace(text=None, text_file=None, image=None, max_length=length))
+    enc = builtin_request(loaded, length)
     out = {}
     with torch.inference_mode():
         full = simulate(loaded.model, PrismConfig(devices=1, scheme="full"), **enc).stats.max_flops

@@ -114,12 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
     hooks = [model.get_submodule(name).register_forward_hook(count) for name in plan]
     parallelize_module(model, init_device_mesh("cpu", (world,)), plan)
-    from types import SimpleNamespace
-
-    from ..cli import _inputs
+    from ..cli import builtin_request
 
     # the very request `prism-edge worker` builds for the same flags (decoders read the texts as one document)
-    enc, _ = _inputs(loaded, SimpleNamespace(text=None, text_file=None, image=None, max_length=args.max_length))
+    enc = builtin_request(loaded, args.max_length)
     ids = enc["input_ids"]
     mask = enc.get("attention_mask", torch.ones_like(ids))
     walls, cpus = [], []

@@ -28,6 +28,7 @@ from torch import Tensor
 from ..config import PrismConfig
 from ..models import adapter_for
 from . import protocol
+from .generate import Generation, Sampling, check_prompt, decode_loop, decode_request, encode_request
 from .handshake import check, identity
 from .node import run_device, stats_tensor
 from .simulator import PrismOutput, plan_for
@@ -36,6 +37,7 @@ from .transport import (
     TAG_HEADER,
     TAG_INPUT,
     TAG_META,
+    TAG_GENERATE,
     TAG_OUTPUT,
     TAG_STATS,
     DeviceLost,
@@ -293,25 +295,15 @@ class Cluster:
                  on_token=None):
         """Prefill one prompt (1, N) across the devices, then decode on the last device, which streams each
         new token id back (8 bytes per token); on_token(id) is called as each arrives.  Returns a Generation."""
-        import dataclasses as dc
-
-        from .generate import Generation, Sampling, decode_loop, encode_request
-
         sampling = sampling or Sampling()
-        if not self.adapter.geometry.causal or self.adapter.head != "lm":
-            raise ValueError(f"generation needs a causal LM, this cluster serves {type(self.model).__name__}")
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError("generate takes one prompt: input_ids of shape (1, length)")
-        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
-        if max_new_tokens < 0 or (limit and input_ids.shape[1] + max_new_tokens > limit):
-            raise ValueError(f"need 0 <= max_new_tokens and prompt + max_new_tokens <= {limit} positions")
+        check_prompt(self.adapter, input_ids, max_new_tokens)
         params = encode_request(max_new_tokens, sampling, tuple(stop_ids))
         with self._lock:
             self._check_usable()
             batch, plan, header = self._prepare(input_ids, None, None, None, None, "last")
-            header = dc.replace(header, op=protocol.GENERATE)
+            header = dataclasses.replace(header, op=protocol.GENERATE)
             try:
-                return self._generate(batch, plan, header, params, input_ids, Generation, decode_loop, on_token)
+                return self._generate(batch, plan, header, params, input_ids, on_token)
             except DeviceLost as err:
                 self._fail(str(err))
                 raise ClusterError(self._broken) from None
@@ -319,10 +311,7 @@ class Cluster:
                 self._fail(f"rank 0 failed mid-generation: {type(err).__name__}: {err}")
                 raise
 
-    def _generate(self, batch, plan, header, params, input_ids, Generation, decode_loop, on_token):
-        from .generate import decode_request
-        from .transport import TAG_GENERATE
-
+    def _generate(self, batch, plan, header, params, input_ids, on_token) -> Generation:
         t0 = time.perf_counter()
         world, layers, last = self.world, self.adapter.geometry.layers, self.world - 1
         self._dispatch(batch, plan, header)
@@ -352,9 +341,7 @@ class Cluster:
             if tid in stops:
                 result.stopped_by = "stop token"
             if time.monotonic() - pinged > self.timeout / 3:  # the idle devices wait for their next header
-                for p in range(1, last):
-                    self.comm.isend("control", p, [protocol.Header(protocol.PING).encode()], TAG_HEADER, "heartbeat",
-                                    count=False)
+                self._tell(protocol.PING, range(1, last), "heartbeat")
                 pinged = time.monotonic()
         self.comm.flush()
         return result
@@ -412,6 +399,12 @@ class Cluster:
         )
 
     # ------------------------------------------------------------------ liveness and teardown
+    def _tell(self, op: int, ranks, what: str) -> None:
+        """Send a bare control header (heartbeat, shutdown) to `ranks` and wait until it has gone out."""
+        for p in ranks:
+            self.comm.isend("control", p, [protocol.Header(op).encode()], TAG_HEADER, what, count=False)
+        self.comm.flush()
+
     def _beat(self) -> None:
         """While idle, tell every worker rank 0 is alive (they give up after `timeout` s of silence)."""
         interval = self.timeout / 3
@@ -421,10 +414,7 @@ class Cluster:
             try:
                 if self._broken or self._closed or self.world == 1:
                     continue
-                for p in range(1, self.world):
-                    self.comm.isend("control", p, [protocol.Header(protocol.PING).encode()], TAG_HEADER, "heartbeat",
-                                    count=False)
-                self.comm.flush()
+                self._tell(protocol.PING, range(1, self.world), "heartbeat")
             except DeviceLost as err:
                 self._fail(str(err))
             finally:
@@ -465,10 +455,7 @@ class Cluster:
             self._closed = True
             if not self._broken and self.world > 1:
                 try:
-                    for p in range(1, self.world):
-                        self.comm.isend("control", p, [protocol.Header(protocol.SHUTDOWN).encode()], TAG_HEADER,
-                                        "shutdown", count=False)
-                    self.comm.flush()
+                    self._tell(protocol.SHUTDOWN, range(1, self.world), "shutdown")
                 except DeviceLost:
                     pass
             self._teardown()

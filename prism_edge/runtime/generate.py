@@ -94,6 +94,21 @@ class Generation:
         return torch.cat([self.prompt_ids, torch.tensor([self.new_ids], dtype=self.prompt_ids.dtype)], dim=1)
 
 
+def check_prompt(adapter, input_ids: Tensor, max_new_tokens: int) -> None:
+    """What both the simulator's and the cluster's generate refuse, with what to do instead."""
+    model = adapter.model
+    if not adapter.geometry.causal or adapter.head != "lm":
+        raise ValueError(f"generation needs a causal LM (GPT2LMHeadModel, LlamaForCausalLM), got {type(model).__name__}")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError("generate takes one prompt: input_ids of shape (1, length); loop over prompts for more")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                         f"{limit} positions; shorten one of them")
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -108,17 +123,8 @@ def generate(
 ) -> Generation:
     """Prefill `input_ids` (one prompt, shape (1, N)) across cfg.devices, then decode on the last device."""
     adapter = adapter_for(model)
-    if not adapter.geometry.causal or adapter.head != "lm":
-        raise ValueError(f"generation needs a causal LM (GPT2LMHeadModel, LlamaForCausalLM), got {type(model).__name__}")
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError("generate takes one prompt: input_ids of shape (1, length); loop over prompts for more")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_prompt(adapter, input_ids, max_new_tokens)
     sampling = sampling or Sampling()
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit and input_ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceed the model's "
-                         f"{limit} positions; shorten one of them")
     device = next(model.parameters()).device
     devs: list = []
     out = simulate(model, cfg, input_ids=input_ids.to(device), count_flops=False, executors=devs)
