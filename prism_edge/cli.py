@@ -6,6 +6,8 @@
   prism-edge run                 the in-process simulator: full vs Voltage vs PRISM on the same input
   prism-edge generate "prompt"   stream text from SmolLM2 split across devices (prefill + KV-cache decode)
   prism-edge run --model smollm2 --cr 4
+  prism-edge eval --task lee      accuracy against compression on real data (grid of P, CR, fidelity options)
+  prism-edge finetune --task fashion --out DIR   PRISM-aware fine-tuning through the partitioned forward
   prism-edge bench schemes --link wifi slow   PRISM vs Voltage vs tensor parallelism vs one device
   prism-edge bench targets       bytes vs 1/CR, FLOPs vs a perfect split, accuracy at equal bytes (plot)
   prism-edge bench overhead      simulator overhead against a plain HF forward
@@ -81,12 +83,19 @@ def _inputs(loaded, args):
     if family == "vit":
         from PIL import Image
 
+        from .eval.tasks import image_pixels
+
+        cfg = loaded.model.config
+        if not args.image and getattr(cfg, "num_channels", 3) == 1 and getattr(cfg, "image_size", 0) == 28:
+            from .eval.data import FASHION_MNIST_CLASSES, fashion_mnist, fashion_pixels
+
+            images, labels = fashion_mnist("test")  # the bundled ViT's default request: 8 test images
+            return {"pixel_values": fashion_pixels(images[:8])}, [
+                f"test image {i} ({FASHION_MNIST_CLASSES[int(y)]})" for i, y in enumerate(labels[:8])]
         if not args.image:
             raise ValueError("vit models need an image: pass --image PATH")
-        if loaded.tokenizer is None:
-            raise ValueError("this ViT checkpoint ships no image processor; cannot prepare --image")
-        images = [Image.open(p).convert("RGB") for p in args.image]
-        return loaded.tokenizer(images, return_tensors="pt").data, [Path(p).name for p in args.image]
+        images = [Image.open(p) for p in args.image]
+        return {"pixel_values": image_pixels(loaded, images)}, [Path(p).name for p in args.image]
     texts = list(args.text or [])
     if args.text_file:
         lines = Path(args.text_file).read_text(encoding="utf-8").splitlines()
@@ -243,6 +252,79 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _task_options(args) -> dict:
+    return {"length": args.length, "source": args.source, "data_dir": args.data_dir, "split": args.split,
+            "config": args.cbt_config, "dataset": args.dataset, "batch_size": args.batch_size}
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .eval.harness import grid, make_task, markdown, write
+    from .eval.tasks import TASKS
+    from .models.loading import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task_cls = TASKS[args.task]
+    model_name = args.model or task_cls.model
+    if not model_name:
+        raise ValueError(f"task {args.task} has no bundled model; pass --model (a classifier for that data set)")
+    options = _task_options(args)
+    print(f"loading {model_name} ...", file=sys.stderr, flush=True)
+    loaded = load_model(model_name, cache_dir=cache_dir())
+    task = make_task(args.task, loaded, limit=args.limit, **options)
+    print(task.describe(), file=sys.stderr, flush=True)
+    rows = grid(task, Path(model_name).name, args.devices, args.cr, args.variants, voltage=args.voltage)
+    for folder in args.finetuned or []:
+        import json as _json
+
+        from .train import RECORD
+
+        ft = load_model(folder, cache_dir=cache_dir())
+        record_path = Path(folder) / RECORD
+        trained = _json.loads(record_path.read_text())["prism"] if record_path.exists() else {}
+        ft_task = make_task(args.task, ft, limit=args.limit, **options)
+        # evaluate at the fidelity options it was trained with, over the same grid of P and CR
+        from .eval.harness import VARIANTS
+
+        variant = next((v for v, o in VARIANTS.items() if o and all(trained.get(k) == x for k, x in o.items())),
+                       "defaults")
+        rows += grid(ft_task, Path(folder).name, args.devices, args.cr, [variant], voltage=False,
+                     label_suffix="+finetune")
+    stem = f"eval-{args.task}" + (f"-{args.name}" if args.name else "")
+    meta = {"task": args.task, "model": model_name, "data": task.describe(), "limit": args.limit,
+            "command": "prism-edge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None,
+            "title": f"{args.task} ({task.data}), {Path(model_name).name}"}
+    paths = write(rows, task.metric, Path(args.out), stem, meta)
+    print(markdown(rows, task.metric))
+    print("written: " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import torch
+
+    from .finetune import RECIPES, finetune
+    from .models.loading import load_model
+    from .train import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config_from(args)
+    recipe = RECIPES[args.task]
+    base = recipe.train
+    tcfg = TrainConfig(steps=args.steps or base.steps, lr=args.lr or base.lr, warmup=min(base.warmup,
+                       (args.steps or base.steps) - 1), trainable=args.trainable or base.trainable,
+                       lora_rank=args.lora_rank, seed=args.seed)
+    model_name = args.model or recipe.model
+    print(f"loading {model_name} ...", file=sys.stderr, flush=True)
+    loaded = load_model(model_name, cache_dir=cache_dir())
+    finetune(args.task, loaded, cfg, tcfg, out=args.out, batch_size=args.batch_size, train_limit=args.train_limit,
+             eval_limit=args.eval_limit, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="prism-edge", description="Run one Transformer across several devices with PRISM.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -298,6 +380,52 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(worker)
     add_config_flags(worker)
     worker.set_defaults(fn=cmd_worker, devices=None)
+
+    from .eval.harness import VARIANTS
+    from .eval.tasks import TASKS
+    from .finetune import RECIPES
+    from .train import TRAINABLE
+
+    ev = sub.add_parser("eval", help="accuracy against compression: a task over a grid of P, CR and fidelity options")
+    ev.add_argument("--task", required=True, choices=list(TASKS), help="what to score (see docs/RESULTS.md)")
+    ev.add_argument("--model", help="alias, hub name or folder (default: the task's bundled model)")
+    ev.add_argument("--devices", type=int, nargs="+", default=[2, 4], help="device counts of the grid")
+    ev.add_argument("--cr", type=int, nargs="+", default=[4, 16, 64, 128], help="compression rates of the grid")
+    ev.add_argument("--variants", nargs="+", default=["plain", "sinks", "sinks+halo8", "sinks+halo32",
+                                                       "sinks+halo8+bias"], choices=list(VARIANTS),
+                    help="fidelity options (defaults = PrismConfig's defaults)")
+    ev.add_argument("--finetuned", action="append", help="a folder from `prism-edge finetune` to score on the same "
+                    "grid (repeatable)")
+    ev.add_argument("--limit", type=int, help="items to score (documents, chunks, images, questions)")
+    ev.add_argument("--length", type=int, help="perplexity: tokens per chunk (default 512)")
+    ev.add_argument("--source", choices=["lee", "wiki"], help="perplexity: which prose (default lee)")
+    ev.add_argument("--data-dir", help="local copy of the data set (see eval/datasets.py for the layout)")
+    ev.add_argument("--split", help="data set split (default: validation / test)")
+    ev.add_argument("--cbt-config", help="cbt: CN, NE, P or V (default CN)")
+    ev.add_argument("--dataset", help="samples: which sample set (imagenet, cifar10, cifar100, fashionMNIST, mnist)")
+    ev.add_argument("--batch-size", type=int, help="items per forward")
+    ev.add_argument("--voltage", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run Voltage per device count (exact; the bytes baseline)")
+    ev.add_argument("--name", help="suffix for the output files")
+    ev.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ev.add_argument("--out", default="results", help="folder for CSV / JSON / Markdown / PNG")
+    ev.set_defaults(fn=cmd_eval)
+
+    ft = sub.add_parser("finetune", help="PRISM-aware fine-tuning: train through the partitioned forward")
+    ft.add_argument("--task", required=True, choices=list(RECIPES), help="recipe (data, loss, held-out score)")
+    ft.add_argument("--model", help="starting model (default: the recipe's)")
+    ft.add_argument("--out", required=True, help="folder to save the fine-tuned checkpoint (safetensors)")
+    ft.add_argument("--steps", type=int, help="optimiser steps (default: the recipe's)")
+    ft.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    ft.add_argument("--batch-size", type=int, help="items per step (default: the recipe's)")
+    ft.add_argument("--trainable", choices=TRAINABLE, help="which weights move (default: the recipe's)")
+    ft.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA updates (--trainable lora)")
+    ft.add_argument("--train-limit", type=int, help="use only this many training items")
+    ft.add_argument("--eval-limit", type=int, help="held-out items scored before and after")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_config_flags(ft)
+    ft.set_defaults(fn=cmd_finetune)
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write results")
     bench.add_argument("what", choices=("schemes", "targets", "generation", "overhead", "ablation", "runtime"))

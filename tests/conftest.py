@@ -120,3 +120,21 @@ def lee_background():
     from prism_edge.eval.data import lee_background
 
     return lee_background()
+
+
+def _fashion_data():
+    """Skip where Debian's dataset-fashion-mnist is missing, unless CI demands it."""
+    from prism_edge.eval.data import FASHION_MNIST_DIR
+
+    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        if os.environ.get("PRISM_EDGE_REQUIRE_REAL") == "1":
+            pytest.fail("dataset-fashion-mnist is required (PRISM_EDGE_REQUIRE_REAL=1): apt-get install dataset-fashion-mnist")
+        pytest.skip("dataset-fashion-mnist not installed")
+
+
+@pytest.fixture(scope="session")
+def fashion_vit():
+    _fashion_data()
+    from prism_edge.models.loading import load_model
+
+    return load_model("vit-fmnist")

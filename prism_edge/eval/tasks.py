@@ -1,0 +1,490 @@
+"""Evaluation tasks on real data.  Each scores one model unpartitioned (cfg=None: the plain Hugging Face
+forward) or split under a PrismConfig (the simulator), and reports the exchange bytes per item that
+the simulator's ledger counted.
+
+Tasks on data that ships here (see docs/RESULTS.md for the sources):
+  lee        MiniLM: Pearson of embedding cosine similarities against the human scores (50 news docs),
+             plus embedding cosine to the unpartitioned model
+  polarity   MiniLM: movie-review polarity (200 sentences) — a logistic regression on the unpartitioned
+             model's embeddings, 5-fold cross-validated, applied to the partitioned model's; a
+             fine-tuned classifier is scored on the held-out quarter
+  perplexity SmolLM2: perplexity, KL and next-token agreement to the unpartitioned model on chunks of
+             held-out prose (Lee background news or Wikipedia)
+  cloze      SmolLM2: CBT-style cloze built from Wikipedia articles (10 candidates, chance = 0.10)
+  fashion    the bundled ViT: accuracy on the Fashion-MNIST test set (10 000 images)
+  samples    a ViT classifier on the 20 real sample images of its data set (smoke test of the image path)
+Tasks on the paper's data sets (need `--data-dir` or internet, see eval/datasets.py):
+  sst2, mrpc (sequence classifiers), stsb (embedding model), cifar10, cifar100, imagenet (image
+  classifiers), cbt (language models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import PrismConfig
+from ..runtime.simulator import simulate
+from . import data
+from .fidelity import mean_pool
+
+
+@dataclass
+class Score:
+    metrics: dict[str, float]
+    bytes_per_item: float  # exchange bytes per item (sequence / image), from the simulator's ledger
+    items: int
+
+
+def run(model, cfg: PrismConfig | None, inputs: dict[str, Tensor]):
+    """(outputs, exchange bytes): the plain HF forward for cfg=None, the simulator otherwise."""
+    if cfg is None:
+        return model(**inputs), 0
+    out = simulate(model, cfg, count_flops=False, **inputs)
+    return out, out.stats.total_bytes
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+
+def logistic_regression(x: Tensor, y: Tensor, classes: int, l2: float = 1e-3, steps: int = 200) -> Tensor:
+    """Weights (d+1, classes) of an L2-regularised multinomial logistic regression, fitted by L-BFGS."""
+    x1 = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1)
+    w = torch.zeros(x1.shape[1], classes, dtype=torch.double, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x1 @ w, y) + l2 * w[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach()
+
+
+def predict(w: Tensor, x: Tensor) -> Tensor:
+    return (torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1) @ w).argmax(-1)
+
+
+class Task:
+    name: ClassVar[str]
+    model: ClassVar[str]  # the default model alias
+    metric: ClassVar[str]  # the headline metric
+    higher_is_better: ClassVar[bool] = True
+    data: ClassVar[str]  # what data, in words
+
+    def __init__(self, loaded, limit: int | None = None, batch_size: int = 16, **options) -> None:
+        self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
+        self.limit, self.batch_size, self.options = limit, batch_size, options
+        self._reference: dict | None = None
+
+    def evaluate(self, cfg: PrismConfig | None) -> Score:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.data}"
+
+
+# --- encoders ------------------------------------------------------------------------------------
+
+class _Embeddings(Task):
+    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2's pooling) of `self.texts`."""
+
+    texts: list[str]
+    max_length = 256
+
+    def batches(self):
+        for i in range(0, len(self.texts), self.batch_size):
+            enc = self.tokenizer(self.texts[i : i + self.batch_size], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            yield {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    @torch.no_grad()
+    def embed(self, cfg: PrismConfig | None) -> tuple[Tensor, int]:
+        out, total = [], 0
+        for enc in self.batches():
+            res, nbytes = run(self.model, cfg, enc)
+            out.append(mean_pool(res.last_hidden_state, enc["attention_mask"]))
+            total += nbytes
+        return torch.cat(out), total
+
+    def reference(self) -> Tensor:
+        if self._reference is None:
+            self._reference = {"emb": self.embed(None)[0]}
+        return self._reference["emb"]
+
+
+class LeeTask(_Embeddings):
+    name, model, metric = "lee", "minilm", "pearson"
+    data = "Lee corpus: 50 news documents, Pearson of pairwise embedding cosines against mean human similarity"
+
+    def __init__(self, loaded, limit=None, **kw):
+        super().__init__(loaded, limit, **kw)
+        docs, human = data.lee_documents(), torch.tensor(data.lee_similarities())
+        n = min(limit or len(docs), len(docs))
+        self.texts, self.human = docs[:n], human[:n, :n]
+
+    def evaluate(self, cfg):
+        emb, nbytes = self.embed(cfg)
+        iu = torch.triu_indices(len(emb), len(emb), 1)
+        sims = emb @ emb.T
+        cos = float((emb * self.reference()).sum(-1).mean())
+        return Score({"pearson": pearson(sims[iu[0], iu[1]], self.human[iu[0], iu[1]]), "cosine": cos},
+                     nbytes / len(emb), len(emb))
+
+
+def polarity_split(n: int) -> tuple[list[int], list[int]]:
+    """Every 4th sentence is held out (balanced: negatives come first, then positives)."""
+    test = [i for i in range(n) if i % 4 == 3]
+    return [i for i in range(n) if i % 4 != 3], test
+
+
+class PolarityTask(_Embeddings):
+    name, model, metric = "polarity", "minilm", "accuracy"
+    data = "Pang & Lee movie-review polarity: 200 sentences (100 pos / 100 neg)"
+    max_length = 128
+
+    def __init__(self, loaded, limit=None, folds: int = 5, **kw):
+        super().__init__(loaded, limit, **kw)
+        texts, labels = data.polarity()
+        if limit is not None and limit < len(texts):  # keep both classes: take from each end
+            keep = list(range(limit // 2)) + list(range(len(texts) - (limit - limit // 2), len(texts)))
+            texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+        self.texts, self.labels, self.folds = texts, torch.tensor(labels), folds
+        self.classifier = type(self.model).__name__.endswith("ForSequenceClassification")
+
+    def evaluate(self, cfg):
+        if self.classifier:  # a fine-tuned head: score the held-out quarter
+            _, test = polarity_split(len(self.texts))
+            correct, total = 0, 0
+            for i in range(0, len(test), self.batch_size):
+                idx = test[i : i + self.batch_size]
+                enc = self.tokenizer([self.texts[j] for j in idx], padding=True, return_tensors="pt")
+                with torch.no_grad():
+                    res, nbytes = run(self.model, cfg, {k: v for k, v in enc.items() if k != "token_type_ids"})
+                correct += int((res.logits.argmax(-1) == self.labels[idx]).sum())
+                total += nbytes
+            return Score({"accuracy": correct / len(test)}, total / len(test), len(test))
+        emb, nbytes = self.embed(cfg)
+        ref = self.reference()
+        g = torch.Generator().manual_seed(0)
+        order = torch.randperm(len(emb), generator=g)
+        correct = 0
+        for k in range(self.folds):
+            test = order[k :: self.folds]
+            train = torch.tensor(sorted(set(order.tolist()) - set(test.tolist())))
+            w = logistic_regression(ref[train], self.labels[train], 2)  # fitted on the unpartitioned model
+            correct += int((predict(w, emb[test]) == self.labels[test]).sum())
+        cos = float((emb * ref).sum(-1).mean())
+        return Score({"accuracy": correct / len(emb), "cosine": cos}, nbytes / len(emb), len(emb))
+
+
+# --- decoders ------------------------------------------------------------------------------------
+
+def heldout_prose(source: str) -> list[str]:
+    """The last third of a prose source: never used for fine-tuning (see `training_prose`)."""
+    docs = data.prose(source)
+    return docs[2 * len(docs) // 3 :]
+
+
+def training_prose(source: str) -> list[str]:
+    docs = data.prose(source)
+    return docs[: 2 * len(docs) // 3]
+
+
+class PerplexityTask(Task):
+    name, model, metric, higher_is_better = "perplexity", "smollm2", "perplexity", False
+    data = "held-out prose (last third of Lee background news, or of the Wikipedia sample) in fixed-length chunks"
+
+    def __init__(self, loaded, limit=None, length: int = 512, source: str = "lee", batch_size: int = 2, **kw):
+        super().__init__(loaded, limit, batch_size=batch_size, **kw)
+        from .fidelity import token_chunks
+
+        self.length, self.source = length, source
+        self.chunks = token_chunks(self.tokenizer, heldout_prose(source), length, limit or 8)
+        self.data = f"{source} prose, {len(self.chunks)} held-out chunks of {length} tokens"
+
+    @torch.no_grad()
+    def logprobs(self, cfg) -> tuple[list[Tensor], int]:
+        out, total = [], 0
+        for i in range(0, len(self.chunks), self.batch_size):
+            res, nbytes = run(self.model, cfg, {"input_ids": self.chunks[i : i + self.batch_size]})
+            out.append(res.logits[:, :-1].float().log_softmax(-1))
+            total += nbytes
+        return out, total
+
+    def evaluate(self, cfg):
+        if self._reference is None:
+            self._reference = {"logp": self.logprobs(None)[0]}
+        got, nbytes = self.logprobs(cfg) if cfg is not None else (self._reference["logp"], 0)
+        nll = kl = agree = 0.0
+        count = 0
+        for j, (lp, ref) in enumerate(zip(got, self._reference["logp"])):
+            target = self.chunks[j * self.batch_size : (j + 1) * self.batch_size, 1:]
+            nll += float(-lp.gather(-1, target.unsqueeze(-1)).sum())
+            kl += float((ref.exp() * (ref - lp)).sum())
+            agree += float((ref.argmax(-1) == lp.argmax(-1)).sum())
+            count += target.numel()
+        import math
+
+        return Score({"perplexity": math.exp(nll / count), "kl": kl / count, "agreement": agree / count},
+                     nbytes / len(self.chunks), len(self.chunks))
+
+
+class ClozeTask(Task):
+    name, model, metric = "cloze", "smollm2", "accuracy"
+    data = "CBT-style cloze built from held-out Wikipedia articles: 20 sentences of context, 10 candidates"
+
+    def __init__(self, loaded, limit=None, items: list[dict] | None = None, **kw):
+        super().__init__(loaded, limit, **kw)
+        from .cloze import build_items
+
+        self.items = items if items is not None else build_items(heldout_prose("wiki"), limit or 40)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def evaluate(self, cfg):
+        from .cloze import score_item
+
+        correct, total = 0, 0
+        for item in self.items:
+            choice, nbytes = score_item(self.model, self.tokenizer, item, cfg)
+            correct += item["options"][choice] == item["answer"]
+            total += nbytes
+        return Score({"accuracy": correct / len(self.items)}, total / len(self.items), len(self.items))
+
+
+# --- images --------------------------------------------------------------------------------------
+
+class _Images(Task):
+    """Accuracy (and agreement with the unpartitioned model's predictions) of an image classifier."""
+
+    pixels: Tensor | None = None  # (N, C, H, W) ready for the model, or produced batch by batch
+    labels: Tensor
+
+    def pixel_batches(self):
+        for i in range(0, len(self.labels), self.batch_size):
+            yield self.pixels[i : i + self.batch_size]
+
+    @torch.no_grad()
+    def predict(self, cfg) -> tuple[Tensor, int]:
+        preds, total = [], 0
+        for px in self.pixel_batches():
+            res, nbytes = run(self.model, cfg, {"pixel_values": px})
+            preds.append(res.logits.argmax(-1))
+            total += nbytes
+        return torch.cat(preds), total
+
+    def evaluate(self, cfg):
+        if self._reference is None:
+            self._reference = {"pred": self.predict(None)[0]}
+        pred, nbytes = self.predict(cfg) if cfg is not None else (self._reference["pred"], 0)
+        n = len(self.labels)
+        return Score({"accuracy": float((pred == self.labels).float().mean()),
+                      "agreement": float((pred == self._reference["pred"]).float().mean())}, nbytes / n, n)
+
+
+class FashionTask(_Images):
+    name, model, metric = "fashion", "vit-fmnist", "accuracy"
+    data = "Fashion-MNIST test set (Debian dataset-fashion-mnist), 10 000 real 28x28 images"
+
+    def __init__(self, loaded, limit=None, batch_size: int = 250, **kw):
+        super().__init__(loaded, limit, batch_size=batch_size, **kw)
+        images, labels = data.fashion_mnist("test", self.options.get("data_dir"))
+        n = min(limit or len(labels), len(labels))
+        self.pixels, self.labels = data.fashion_pixels(images[:n]), labels[:n]
+        self.data = f"Fashion-MNIST test set, {n} real images"
+
+
+def image_pixels(loaded, images) -> Tensor:
+    """PIL images -> the model's pixel_values: its image processor, or the Fashion-MNIST normalisation
+    for the bundled 1-channel 28x28 ViT."""
+    cfg = loaded.model.config
+    if getattr(cfg, "num_channels", 3) == 1 and getattr(cfg, "image_size", 0) == 28:
+        import numpy as np
+
+        arr = torch.from_numpy(np.stack([np.asarray(im.convert("L").resize((28, 28))) for im in images]))
+        return data.fashion_pixels(arr)
+    if loaded.tokenizer is None:
+        raise ValueError(f"model {loaded.name!r} ships no image processor; cannot prepare images for it")
+    return loaded.tokenizer([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+
+
+class SamplesTask(_Images):
+    name, model, metric = "samples", "vit-fmnist", "accuracy"
+    data = "the 20 real sample images foolbox ships for the model's data set"
+
+    def __init__(self, loaded, limit=None, dataset: str | None = None, **kw):
+        super().__init__(loaded, limit, **kw)
+        from PIL import Image
+
+        cfg = loaded.model.config
+        dataset = dataset or ("fashionMNIST" if getattr(cfg, "num_channels", 3) == 1 else "imagenet")
+        found = data.sample_images(dataset)[:limit]
+        self.pixels = image_pixels(loaded, [Image.open(p) for p, _ in found])
+        self.labels = torch.tensor([label for _, label in found])
+        self.data = f"{len(found)} real {dataset} sample images (foolbox)"
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (LeeTask, PolarityTask, PerplexityTask, ClozeTask, FashionTask,
+                                                    SamplesTask)}
+
+
+# --- the paper's data sets (eval/datasets.py: HF datasets from the hub, or a local copy) ----------
+
+class _DataDirTask(Task):
+    split = "validation"
+
+    def __init__(self, loaded, limit=None, data_dir=None, split: str | None = None, **kw):
+        super().__init__(loaded, limit, **kw)
+        self.data_dir, self.split = data_dir, split or self.split
+
+
+class GlueTask(_DataDirTask):
+    """SST-2 / MRPC: a sequence classifier's accuracy on the validation split (labels as in GLUE)."""
+
+    metric, model = "accuracy", "minilm"
+    glue: ClassVar[str]
+
+    def __init__(self, loaded, limit=None, **kw):
+        super().__init__(loaded, limit, **kw)
+        from .datasets import load_glue
+
+        if not type(self.model).__name__.endswith("ForSequenceClassification"):
+            raise ValueError(f"task {self.name} needs a sequence classifier fine-tuned on it (e.g. a "
+                             f"BertForSequenceClassification checkpoint); {self.loaded.name!r} is "
+                             f"{type(self.model).__name__}")
+        self.rows = load_glue(self.glue, self.split, self.data_dir, limit)
+        self.data = f"GLUE {self.glue.upper()} {self.split}, {len(self.rows)} examples"
+
+    def encode(self, rows):
+        if "text" in rows[0]:
+            return self.tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=256,
+                                  return_tensors="pt")
+        return self.tokenizer([r["text_a"] for r in rows], [r["text_b"] for r in rows], padding=True,
+                              truncation=True, max_length=256, return_tensors="pt")
+
+    @torch.no_grad()
+    def evaluate(self, cfg):
+        correct, total = 0, 0
+        for i in range(0, len(self.rows), self.batch_size):
+            rows = self.rows[i : i + self.batch_size]
+            enc = self.encode(rows)
+            res, nbytes = run(self.model, cfg, {k: v for k, v in enc.items()
+                                                if k in ("input_ids", "attention_mask", "token_type_ids")})
+            correct += int((res.logits.argmax(-1) == torch.tensor([r["label"] for r in rows])).sum())
+            total += nbytes
+        return Score({"accuracy": correct / len(self.rows)}, total / len(self.rows), len(self.rows))
+
+
+class SST2Task(GlueTask):
+    name, glue = "sst2", "sst2"
+    data = "GLUE SST-2 validation"
+
+
+class MRPCTask(GlueTask):
+    name, glue = "mrpc", "mrpc"
+    data = "GLUE MRPC validation"
+
+
+class STSBTask(_DataDirTask, _Embeddings):
+    """STS-B with a sentence-embedding model: Pearson of embedding cosine against the gold scores."""
+
+    name, model, metric = "stsb", "minilm", "pearson"
+    data = "GLUE STS-B validation"
+
+    def __init__(self, loaded, limit=None, **kw):
+        super().__init__(loaded, limit, **kw)
+        from .datasets import load_glue
+
+        rows = load_glue("stsb", self.split, self.data_dir, limit)
+        self.texts = [r["text_a"] for r in rows] + [r["text_b"] for r in rows]
+        self.gold = torch.tensor([r["score"] for r in rows])
+        self.data = f"GLUE STS-B {self.split}, {len(rows)} pairs"
+
+    def evaluate(self, cfg):
+        emb, nbytes = self.embed(cfg)
+        n = len(self.gold)
+        cos = (emb[:n] * emb[n:]).sum(-1)
+        return Score({"pearson": pearson(cos, self.gold),
+                      "cosine": float((emb * self.reference()).sum(-1).mean())}, nbytes / n, n)
+
+
+class _ImageSetTask(_DataDirTask, _Images):
+    """An image classifier's accuracy on a labelled image set, preprocessed batch by batch."""
+
+    split = "test"
+
+    def __init__(self, loaded, limit=None, batch_size: int = 32, **kw):
+        super().__init__(loaded, limit, batch_size=batch_size, **kw)
+        self.images, self.labels = self.load()
+
+    def pixel_batches(self):
+        from PIL import Image
+
+        for i in range(0, len(self.labels), self.batch_size):
+            arrs = self.images[i : i + self.batch_size].numpy()
+            yield image_pixels(self.loaded, [Image.fromarray(a) for a in arrs])
+
+
+class Cifar10Task(_ImageSetTask):
+    name, model, metric = "cifar10", "", "accuracy"
+    data = "CIFAR-10 test set"
+
+    def load(self):
+        from .datasets import load_cifar
+
+        images, labels, _ = load_cifar(10, self.split, self.data_dir, self.limit)
+        self.data = f"CIFAR-10 {self.split}, {len(labels)} images"
+        return images, labels
+
+
+class Cifar100Task(_ImageSetTask):
+    name, model, metric = "cifar100", "", "accuracy"
+    data = "CIFAR-100 test set (fine labels)"
+
+    def load(self):
+        from .datasets import load_cifar
+
+        images, labels, _ = load_cifar(100, self.split, self.data_dir, self.limit)
+        self.data = f"CIFAR-100 {self.split}, {len(labels)} images"
+        return images, labels
+
+
+class ImageNetTask(_ImageSetTask):
+    name, model, metric = "imagenet", "", "accuracy"
+    data = "ImageNet-1k validation set"
+    split = "validation"
+
+    def load(self):
+        from .datasets import load_imagenet
+
+        images, labels, _ = load_imagenet(self.split, self.data_dir, self.limit)
+        self.data = f"ImageNet-1k {self.split}, {len(labels)} images"
+        return images, labels
+
+
+class CBTTask(_DataDirTask, ClozeTask):
+    """The Children's Book Test (CN by default): the cloze scorer on the real CBT rows."""
+
+    name, model, metric = "cbt", "smollm2", "accuracy"
+    data = "Children's Book Test"
+    split = "test"
+
+    def __init__(self, loaded, limit=None, config: str = "CN", data_dir=None, split=None, **kw):
+        from .datasets import load_cbt
+
+        rows = load_cbt(config, split or self.split, data_dir, limit or 100)
+        super().__init__(loaded, limit, items=rows, data_dir=data_dir, split=split, **kw)
+        self.data = f"CBT-{config} {self.split}, {len(rows)} questions"
+
+
+for _task in (SST2Task, MRPCTask, STSBTask, Cifar10Task, Cifar100Task, ImageNetTask, CBTTask):
+    TASKS[_task.name] = _task
