@@ -11,7 +11,6 @@
   prism-edge bench schemes --link wifi slow   PRISM vs Voltage vs tensor parallelism vs one device
   prism-edge bench targets       bytes vs 1/CR, FLOPs vs a perfect split, accuracy at equal bytes (plot)
   prism-edge bench overhead      simulator overhead against a plain HF forward
-  prism-edge bench ablation      fidelity of plain means vs sinks / halo / count bias on real weights
   prism-edge bench runtime --link wifi   multi-process wall time and bytes; overlap on an emulated link
 """
 
@@ -244,17 +243,15 @@ def cmd_bench(args) -> int:
 
         print(overhead(args.model, out, repeats=args.repeats, length=args.length, cache=cache_dir()))
     else:
-        from .bench.ablation import VARIANTS, main as ablation
-
-        print(ablation(args.models, args.devices or 4, args.crs, list(VARIANTS), out, cache_dir=cache_dir(),
-                       length=args.length, chunks=args.chunks))
+        raise ValueError(f"unknown bench {args.what!r}")
     print(f"results written to {out}/", file=sys.stderr)
     return 0
 
 
 def _task_options(args) -> dict:
     return {"length": args.length, "source": args.source, "data_dir": args.data_dir, "split": args.split,
-            "config": args.cbt_config, "dataset": args.dataset, "batch_size": args.batch_size}
+            "config": args.cbt_config, "dataset": args.dataset, "batch_size": args.batch_size,
+            "context_chars": args.context_chars}
 
 
 def cmd_eval(args) -> int:
@@ -290,8 +287,9 @@ def cmd_eval(args) -> int:
 
         variant = next((v for v, o in VARIANTS.items() if o and all(trained.get(k) == x for k, x in o.items())),
                        "defaults")
+        volt = {r.devices: r.bytes_per_item for r in rows if r.scheme == "voltage"}
         rows += grid(ft_task, Path(folder).name, args.devices, args.cr, [variant], voltage=False,
-                     label_suffix="+finetune")
+                     label_suffix="+finetune", voltage_bytes=volt)
     stem = f"eval-{args.task}" + (f"-{args.name}" if args.name else "")
     meta = {"task": args.task, "model": model_name, "data": task.describe(), "limit": args.limit,
             "command": "prism-edge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None,
@@ -402,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", help="local copy of the data set (see eval/datasets.py for the layout)")
     ev.add_argument("--split", help="data set split (default: validation / test)")
     ev.add_argument("--cbt-config", help="cbt: CN, NE, P or V (default CN)")
+    ev.add_argument("--context-chars", type=int, help="cloze: longest context, in characters (default 1500)")
     ev.add_argument("--dataset", help="samples: which sample set (imagenet, cifar10, cifar100, fashionMNIST, mnist)")
     ev.add_argument("--batch-size", type=int, help="items per forward")
     ev.add_argument("--voltage", action=argparse.BooleanOptionalAction, default=True,
@@ -428,17 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(fn=cmd_finetune)
 
     bench = sub.add_parser("bench", help="benchmarks that print a table and write results")
-    bench.add_argument("what", choices=("schemes", "targets", "generation", "overhead", "ablation", "runtime"))
+    bench.add_argument("what", choices=("schemes", "targets", "generation", "overhead", "runtime"))
     bench.add_argument("--out", default="results", help="folder for the JSON/markdown results")
     bench.add_argument("--model", default="minilm", help="overhead: model alias or path")
     bench.add_argument("--repeats", type=int, default=20, help="overhead: timed repeats per variant")
-    bench.add_argument("--length", type=int, default=128, help="tokens per sequence (ablation: per LM chunk)")
-    bench.add_argument("--models", nargs="+", default=["minilm", "smollm2"], help="ablation: models")
-    bench.add_argument("--devices", type=int, default=None, help="devices (ablation: 4, schemes: 2)")
+    bench.add_argument("--length", type=int, default=128, help="tokens per sequence")
+    bench.add_argument("--devices", type=int, default=None, help="devices (schemes: 2)")
     bench.add_argument("--schemes", nargs="+",
                        help="schemes: full, voltage, tp, prism:CR[:fp16|:bf16][:plain] (default: a standard set)")
-    bench.add_argument("--crs", type=int, nargs="+", default=[4, 16, 64], help="ablation: compression rates")
-    bench.add_argument("--chunks", type=int, default=8, help="ablation: LM chunks of --length tokens")
     bench.add_argument("--device-counts", type=int, nargs="+", default=[1, 2, 4], help="runtime: device counts")
     bench.add_argument("--cr", type=int, default=16, help="runtime: compression rate")
     bench.add_argument("--link", nargs="*", default=[],

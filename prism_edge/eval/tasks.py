@@ -242,11 +242,13 @@ class ClozeTask(Task):
     name, model, metric = "cloze", "smollm2", "accuracy"
     data = "CBT-style cloze built from held-out Wikipedia articles: 20 sentences of context, 10 candidates"
 
-    def __init__(self, loaded, limit=None, items: list[dict] | None = None, **kw):
+    def __init__(self, loaded, limit=None, items: list[dict] | None = None, context_chars: int = 1500, **kw):
         super().__init__(loaded, limit, **kw)
         from .cloze import build_items
 
-        self.items = items if items is not None else build_items(heldout_prose("wiki"), limit or 40)
+        # every item costs 10 forwards of context + question: keep the context modest on a CPU
+        self.items = items if items is not None else build_items(heldout_prose("wiki"), limit or 40,
+                                                                 max_context_chars=context_chars)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -437,25 +439,19 @@ class _ImageSetTask(_DataDirTask, _Images):
 class Cifar10Task(_ImageSetTask):
     name, model, metric = "cifar10", "", "accuracy"
     data = "CIFAR-10 test set"
+    classes = 10
 
     def load(self):
         from .datasets import load_cifar
 
-        images, labels, _ = load_cifar(10, self.split, self.data_dir, self.limit)
-        self.data = f"CIFAR-10 {self.split}, {len(labels)} images"
+        images, labels, _ = load_cifar(self.classes, self.split, self.data_dir, self.limit)
+        self.data = f"CIFAR-{self.classes} {self.split}, {len(labels)} images"
         return images, labels
 
 
-class Cifar100Task(_ImageSetTask):
-    name, model, metric = "cifar100", "", "accuracy"
+class Cifar100Task(Cifar10Task):
+    name, classes = "cifar100", 100
     data = "CIFAR-100 test set (fine labels)"
-
-    def load(self):
-        from .datasets import load_cifar
-
-        images, labels, _ = load_cifar(100, self.split, self.data_dir, self.limit)
-        self.data = f"CIFAR-100 {self.split}, {len(labels)} images"
-        return images, labels
 
 
 class ImageNetTask(_ImageSetTask):

