@@ -287,9 +287,10 @@ def cmd_eval(args) -> int:
 
         variant = next((v for v, o in VARIANTS.items() if o and all(trained.get(k) == x for k, x in o.items())),
                        "defaults")
-        volt = {r.devices: r.bytes_per_item for r in rows if r.scheme == "voltage"}
-        rows += grid(ft_task, Path(folder).name, args.devices, args.cr, [variant], voltage=False,
-                     label_suffix="+finetune", voltage_bytes=volt)
+        # its own Voltage rows: a fine-tuned head may score other items (e.g. the held-out quarter)
+        suffix = "+finetune" if trained.get("scheme", "prism") == "prism" else "+finetune(unpartitioned)"
+        rows += grid(ft_task, Path(folder).name, args.devices, args.cr, [variant], voltage=args.voltage,
+                     label_suffix=suffix)
     stem = f"eval-{args.task}" + (f"-{args.name}" if args.name else "")
     meta = {"task": args.task, "model": model_name, "data": task.describe(), "limit": args.limit,
             "command": "prism-edge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None,

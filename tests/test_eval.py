@@ -147,3 +147,26 @@ def test_grid_writes_table_csv_json_and_plots(minilm, tmp_path):
     table = ablation_table(tmp_path / "eval-lee.json")
     assert "| variant | P=2 CR=4 | P=2 CR=16 |" in table
     assert f"| plain | {plain4.metrics['pearson']:.4f} ({plain4.bytes_vs_voltage:.3f}) |" in table
+
+
+@pytest.mark.parametrize("dataset", ["imagenet", "cifar10", "cifar100"])
+def test_imagenet_and_cifar_samples_through_the_image_path(dataset, tmp_path):
+    """No ImageNet/CIFAR classifier ships here: a small random ViT with an image processor checks that
+    the 20 real samples go through preprocessing and the partitioned forward (exact at CR=1)."""
+    from conftest import _real
+
+    _real("foolbox")
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from prism_edge.models.loading import load_model
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, num_labels=1000)
+    ViTForImageClassification(cfg).save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    task = make_task("samples", load_model(str(tmp_path)), dataset=dataset)
+    ref = task.evaluate(None)
+    assert ref.items == 20 and task.pixels.shape == (20, 3, 32, 32)
+    assert task.evaluate(PrismConfig(devices=4, cr=1)).metrics["agreement"] == 1.0
+    assert task.evaluate(PrismConfig(devices=4, cr=4)).bytes_per_item > 0

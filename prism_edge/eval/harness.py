@@ -60,12 +60,8 @@ class Row:
 
 
 def grid(task: Task, model_label: str, devices: list[int], crs: list[int], variants: list[str],
-         voltage: bool = True, progress: bool = True, label_suffix: str = "",
-         voltage_bytes: dict[int, float] | None = None) -> list[Row]:
-    """Score `task` unpartitioned, under Voltage per P, and under PRISM for every (P, CR, variant).
-
-    voltage_bytes: Voltage's bytes per item per P from an earlier grid on the same data (voltage=False).
-    """
+         voltage: bool = True, progress: bool = True, label_suffix: str = "") -> list[Row]:
+    """Score `task` unpartitioned, under Voltage per P, and under PRISM for every (P, CR, variant)."""
     from tqdm import tqdm
 
     jobs: list[tuple[str, str, int, int, PrismConfig | None]] = [("full", "reference", 1, 1, None)]
@@ -74,7 +70,7 @@ def grid(task: Task, model_label: str, devices: list[int], crs: list[int], varia
             jobs.append(("voltage", "exact", p, 1, PrismConfig(devices=p, scheme="voltage")))
         jobs += [("prism", v, p, cr, variant_config(v, p, cr)) for cr in crs for v in variants]
     rows: list[Row] = []
-    volt: dict[int, float] = dict(voltage_bytes or {})
+    volt: dict[int, float] = {}
     bar = tqdm(jobs, desc=f"eval {task.name}", disable=not progress, dynamic_ncols=True)
     for scheme, variant, p, cr, cfg in bar:
         bar.set_postfix_str(f"{scheme} {variant} P={p} CR={cr}")
