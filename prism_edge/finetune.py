@@ -26,7 +26,7 @@ from .config import PrismConfig
 from .eval import data
 from .eval.harness import make_task
 from .eval.tasks import polarity_split, training_prose
-from .train import TrainConfig, classification_loss, fit, lm_loss, save, training_record
+from .train import TrainConfig, classification_loss, fit, lm_loss, merge_lora, save, training_record
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,9 @@ def lm_batches(tokenizer, batch_size: int, seed: int, length: int = 512, source:
                limit: int | None = None) -> Iterator[dict]:
     from .eval.fidelity import token_chunks
 
-    ids = tokenizer("\n".join(training_prose(source)))["input_ids"]
-    count = len(ids) // length
-    chunks = token_chunks(tokenizer, training_prose(source), length, min(count, limit or count))
+    docs = training_prose(source)
+    count = len(tokenizer("\n".join(docs))["input_ids"]) // length  # as many chunks as the text holds
+    chunks = token_chunks(tokenizer, docs, length, min(count, limit or count))
     g = torch.Generator().manual_seed(seed)
     for _ in itertools.count():
         order = torch.randperm(len(chunks), generator=g)
@@ -124,8 +124,6 @@ def finetune(task: str, loaded, cfg: PrismConfig, tcfg: TrainConfig | None = Non
     t0 = time.perf_counter()
     losses = fit(model, cfg, tcfg, batches, loss_fn, progress=progress)
     minutes = (time.perf_counter() - t0) / 60
-    from .train import merge_lora
-
     merge_lora(model)  # scores below (and the saved weights) are of the merged model
     evaluator._reference = None  # the model changed: its unpartitioned reference too
     after = evaluator.evaluate(cfg).metrics

@@ -203,8 +203,7 @@ RECORD = "prism_edge_training.json"
 def save(model: nn.Module, folder: str | Path, tokenizer=None, record: dict | None = None) -> Path:
     """Save a (LoRA-merged) model as a plain HF safetensors checkpoint, plus how it was trained."""
     folder = Path(folder)
-    if merge_lora(model):
-        pass  # the saved weights are the merged ones
+    merge_lora(model)  # the saved weights are the merged ones
     config = model.config
     quant = getattr(config, "quantization_config", None)
     if quant is not None:  # a GGUF-loaded model: its weights are plain fp32 tensors by now
