@@ -257,7 +257,7 @@ def _task_options(args) -> dict:
 def cmd_eval(args) -> int:
     import torch
 
-    from .eval.harness import grid, make_task, markdown, write
+    from .eval.harness import finetuned_variant, grid, make_task, markdown, write
     from .eval.tasks import TASKS
     from .models.loading import load_model
 
@@ -274,21 +274,10 @@ def cmd_eval(args) -> int:
     print(task.describe(), file=sys.stderr, flush=True)
     rows = grid(task, Path(model_name).name, args.devices, args.cr, args.variants, voltage=args.voltage)
     for folder in args.finetuned or []:
-        import json as _json
-
-        from .train import RECORD
-
-        ft = load_model(folder, cache_dir=cache_dir())
-        record_path = Path(folder) / RECORD
-        trained = _json.loads(record_path.read_text())["prism"] if record_path.exists() else {}
-        ft_task = make_task(args.task, ft, limit=args.limit, **options)
-        # evaluate at the fidelity options it was trained with, over the same grid of P and CR
-        from .eval.harness import VARIANTS
-
-        variant = next((v for v, o in VARIANTS.items() if o and all(trained.get(k) == x for k, x in o.items())),
-                       "defaults")
-        # its own Voltage rows: a fine-tuned head may score other items (e.g. the held-out quarter)
-        suffix = "+finetune" if trained.get("scheme", "prism") == "prism" else "+finetune(unpartitioned)"
+        # at the fidelity options it was trained with, over the same grid of P and CR, with its own
+        # Voltage rows: a fine-tuned head may score other items (e.g. the held-out quarter)
+        variant, suffix = finetuned_variant(folder)
+        ft_task = make_task(args.task, load_model(folder, cache_dir=cache_dir()), limit=args.limit, **options)
         rows += grid(ft_task, Path(folder).name, args.devices, args.cr, [variant], voltage=args.voltage,
                      label_suffix=suffix)
     stem = f"eval-{args.task}" + (f"-{args.name}" if args.name else "")

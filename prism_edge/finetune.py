@@ -45,7 +45,10 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def fashion_batches(batch_size: int, seed: int, limit: int | None = None) -> Iterator[dict]:
+def fashion_batches(batch_size: int, seed: int, limit: int | None = None, flip: bool = False,
+                    shift: int = 0) -> Iterator[dict]:
+    """Endless shuffled epochs of Fashion-MNIST training images, optionally with random horizontal
+    flips and random shifts of up to `shift` pixels (scripts/train_vit_fmnist.py uses both)."""
     images, labels = data.fashion_mnist("train")
     if limit:
         images, labels = images[:limit], labels[:limit]
@@ -54,7 +57,14 @@ def fashion_batches(batch_size: int, seed: int, limit: int | None = None) -> Ite
         order = torch.randperm(len(labels), generator=g)
         for i in range(0, len(order) - batch_size + 1, batch_size):
             idx = order[i : i + batch_size]
-            yield {"pixel_values": data.fashion_pixels(images[idx]), "labels": labels[idx]}
+            x = data.fashion_pixels(images[idx])
+            if flip:
+                flipped = torch.rand(len(idx), generator=g) < 0.5
+                x[flipped] = x[flipped].flip(-1)
+            if shift:
+                dx, dy = torch.randint(-shift, shift + 1, (2,), generator=g).tolist()
+                x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+            yield {"pixel_values": x, "labels": labels[idx]}
 
 
 def polarity_batches(tokenizer, batch_size: int, seed: int, limit: int | None = None) -> Iterator[dict]:
@@ -76,9 +86,8 @@ def lm_batches(tokenizer, batch_size: int, seed: int, length: int = 512, source:
                limit: int | None = None) -> Iterator[dict]:
     from .eval.fidelity import token_chunks
 
-    docs = training_prose(source)
-    count = len(tokenizer("\n".join(docs))["input_ids"]) // length  # as many chunks as the text holds
-    chunks = token_chunks(tokenizer, docs, length, min(count, limit or count))
+    chunks = token_chunks(tokenizer, training_prose(source), length, None)  # as many as the text holds
+    chunks = chunks[:limit] if limit else chunks
     g = torch.Generator().manual_seed(seed)
     for _ in itertools.count():
         order = torch.randperm(len(chunks), generator=g)
@@ -125,7 +134,7 @@ def finetune(task: str, loaded, cfg: PrismConfig, tcfg: TrainConfig | None = Non
     losses = fit(model, cfg, tcfg, batches, loss_fn, progress=progress)
     minutes = (time.perf_counter() - t0) / 60
     merge_lora(model)  # scores below (and the saved weights) are of the merged model
-    evaluator._reference = None  # the model changed: its unpartitioned reference too
+    evaluator.forget_reference()  # the model changed: its unpartitioned reference too
     after = evaluator.evaluate(cfg).metrics
     after_full = evaluator.evaluate(None).metrics
     log(f"after:  {task} at P={cfg.effective_devices} CR={cfg.effective_cr}: {_fmt(after)}; "

@@ -10,7 +10,6 @@ patches are split across devices.  Data: Debian's dataset-fashion-mnist (60 000 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 
@@ -19,23 +18,8 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from prism_edge.config import PrismConfig
 from prism_edge.eval.data import FASHION_MNIST_CLASSES, fashion_mnist, fashion_pixels
+from prism_edge.finetune import fashion_batches
 from prism_edge.train import TrainConfig, classification_loss, fit, save, training_record
-
-
-def batches(images, labels, batch_size: int, seed: int, shift: int = 2):
-    """Endless shuffled epochs with random horizontal flips and random shifts of up to `shift` pixels."""
-    g = torch.Generator().manual_seed(seed)
-    for _ in itertools.count():
-        order = torch.randperm(len(images), generator=g)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[i : i + batch_size]
-            x = fashion_pixels(images[idx])
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            x[flip] = x[flip].flip(-1)
-            if shift:
-                dx, dy = torch.randint(-shift, shift + 1, (2,), generator=g).tolist()
-                x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-            yield {"pixel_values": x, "labels": labels[idx]}
 
 
 @torch.no_grad()
@@ -83,8 +67,8 @@ def main() -> None:
     tcfg = TrainConfig(steps=steps, lr=args.lr, weight_decay=0.05, warmup=steps // 20, trainable="all")
     cfg = PrismConfig(scheme="full")
     t0 = time.time()
-    losses = fit(model, cfg, tcfg, batches(x_train, y_train, args.batch_size, seed=len(earlier), shift=args.shift),
-                 classification_loss)
+    batches = fashion_batches(args.batch_size, seed=len(earlier), flip=True, shift=args.shift)
+    losses = fit(model, cfg, tcfg, batches, classification_loss)
     minutes = (time.time() - t0) / 60
     acc = accuracy(model, x_test, y_test)
     params = sum(p.numel() for p in model.parameters())

@@ -18,13 +18,15 @@ def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return F.normalize(pooled, dim=-1)
 
 
-def token_chunks(tokenizer, texts: list[str], length: int, count: int) -> Tensor:
-    """(count, length) consecutive token chunks of the concatenated texts."""
+def token_chunks(tokenizer, texts: list[str], length: int, count: int | None) -> Tensor:
+    """(count, length) consecutive token chunks of the concatenated texts; count=None: as many as they hold."""
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text + "\n")["input_ids"])
-        if len(ids) >= length * count:
+        if count is not None and len(ids) >= length * count:
             break
-    if len(ids) < length * count:
-        raise ValueError(f"only {len(ids)} tokens of text, need {length * count}; lower the length or count")
+    if count is None:
+        count = len(ids) // length
+    if count == 0 or len(ids) < length * count:
+        raise ValueError(f"only {len(ids)} tokens of text, need {length * max(count, 1)}; lower the length or count")
     return torch.tensor(ids[: length * count]).view(count, length)

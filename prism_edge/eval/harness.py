@@ -37,6 +37,18 @@ def variant_config(variant: str, devices: int, cr: int, **extra) -> PrismConfig:
     return PrismConfig(devices=devices, cr=cr, **{**VARIANTS[variant], **extra})
 
 
+def finetuned_variant(folder: str | Path) -> tuple[str, str]:
+    """(variant, row-label suffix) of a `prism-edge finetune` checkpoint: the fidelity options its
+    training record names ("defaults" without a record), and whether it was trained through PRISM."""
+    from ..train import RECORD
+
+    record = Path(folder) / RECORD
+    trained = json.loads(record.read_text())["prism"] if record.exists() else {}
+    variant = next((v for v, o in VARIANTS.items() if o and all(trained.get(k) == x for k, x in o.items())),
+                   "defaults")
+    return variant, "+finetune" if trained.get("scheme", "prism") == "prism" else "+finetune(unpartitioned)"
+
+
 @dataclass
 class Row:
     task: str
@@ -133,15 +145,17 @@ def plot(rows: list[Row], metric: str, out_dir: Path, stem: str, title: str) -> 
     series: dict[tuple[str, str, int], list[Row]] = {}
     for r in prism:
         series.setdefault((r.model, r.variant, r.devices), []).append(r)
+    p_min, p_max = min((k[2] for k in series), default=0), max((k[2] for k in series), default=0)
+    one_model = len({k[0] for k in series}) == 1
     paths = []
     for kind in ("cr", "bytes"):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for (model, variant, p), rs in sorted(series.items()):
             rs = sorted(rs, key=lambda r: r.cr)
             xs = [r.cr if kind == "cr" else r.bytes_per_item for r in rs]
-            ax.plot(xs, [r.metrics[metric] for r in rs], marker="o" if p == min(s[2] for s in series) else "s",
-                    linestyle="-" if p == max(s[2] for s in series) else "--",
-                    label=f"{variant} P={p}" + ("" if len({s[0] for s in series}) == 1 else f" ({model})"))
+            ax.plot(xs, [r.metrics[metric] for r in rs], marker="o" if p == p_min else "s",
+                    linestyle="-" if p == p_max else "--",
+                    label=f"{variant} P={p}" + ("" if one_model else f" ({model})"))
         for r in refs:
             ax.axhline(r.metrics[metric], color="black", linestyle=":", linewidth=1,
                        label=f"unpartitioned ({r.model})")

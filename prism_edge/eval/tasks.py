@@ -20,6 +20,7 @@ Tasks on the paper's data sets (need `--data-dir` or internet, see eval/datasets
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -83,10 +84,24 @@ class Task:
     def __init__(self, loaded, limit: int | None = None, batch_size: int = 16, **options) -> None:
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.limit, self.batch_size, self.options = limit, batch_size, options
-        self._reference: dict | None = None
+        self._reference = None
 
     def evaluate(self, cfg: PrismConfig | None) -> Score:
         raise NotImplementedError
+
+    def outputs(self, cfg: PrismConfig | None):
+        """(per-item outputs, exchange bytes) of the model under `cfg` (None: unpartitioned)."""
+        raise NotImplementedError
+
+    def reference(self):
+        """The unpartitioned model's outputs, computed once."""
+        if self._reference is None:
+            self._reference = self.outputs(None)[0]
+        return self._reference
+
+    def forget_reference(self) -> None:
+        """Call after changing the model's weights (e.g. fine-tuning)."""
+        self._reference = None
 
     def describe(self) -> str:
         return f"{self.name}: {self.data}"
@@ -107,18 +122,13 @@ class _Embeddings(Task):
             yield {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     @torch.no_grad()
-    def embed(self, cfg: PrismConfig | None) -> tuple[Tensor, int]:
+    def outputs(self, cfg: PrismConfig | None) -> tuple[Tensor, int]:
         out, total = [], 0
         for enc in self.batches():
             res, nbytes = run(self.model, cfg, enc)
             out.append(mean_pool(res.last_hidden_state, enc["attention_mask"]))
             total += nbytes
         return torch.cat(out), total
-
-    def reference(self) -> Tensor:
-        if self._reference is None:
-            self._reference = {"emb": self.embed(None)[0]}
-        return self._reference["emb"]
 
 
 class LeeTask(_Embeddings):
@@ -132,7 +142,7 @@ class LeeTask(_Embeddings):
         self.texts, self.human = docs[:n], human[:n, :n]
 
     def evaluate(self, cfg):
-        emb, nbytes = self.embed(cfg)
+        emb, nbytes = self.outputs(cfg)
         iu = torch.triu_indices(len(emb), len(emb), 1)
         sims = emb @ emb.T
         cos = float((emb * self.reference()).sum(-1).mean())
@@ -172,7 +182,7 @@ class PolarityTask(_Embeddings):
                 correct += int((res.logits.argmax(-1) == self.labels[idx]).sum())
                 total += nbytes
             return Score({"accuracy": correct / len(test)}, total / len(test), len(test))
-        emb, nbytes = self.embed(cfg)
+        emb, nbytes = self.outputs(cfg)
         ref = self.reference()
         g = torch.Generator().manual_seed(0)
         order = torch.randperm(len(emb), generator=g)
@@ -212,7 +222,7 @@ class PerplexityTask(Task):
         self.data = f"{source} prose, {len(self.chunks)} held-out chunks of {length} tokens"
 
     @torch.no_grad()
-    def logprobs(self, cfg) -> tuple[list[Tensor], int]:
+    def outputs(self, cfg) -> tuple[list[Tensor], int]:
         out, total = [], 0
         for i in range(0, len(self.chunks), self.batch_size):
             res, nbytes = run(self.model, cfg, {"input_ids": self.chunks[i : i + self.batch_size]})
@@ -221,19 +231,15 @@ class PerplexityTask(Task):
         return out, total
 
     def evaluate(self, cfg):
-        if self._reference is None:
-            self._reference = {"logp": self.logprobs(None)[0]}
-        got, nbytes = self.logprobs(cfg) if cfg is not None else (self._reference["logp"], 0)
+        got, nbytes = self.outputs(cfg) if cfg is not None else (self.reference(), 0)
         nll = kl = agree = 0.0
         count = 0
-        for j, (lp, ref) in enumerate(zip(got, self._reference["logp"])):
+        for j, (lp, ref) in enumerate(zip(got, self.reference())):
             target = self.chunks[j * self.batch_size : (j + 1) * self.batch_size, 1:]
             nll += float(-lp.gather(-1, target.unsqueeze(-1)).sum())
             kl += float((ref.exp() * (ref - lp)).sum())
             agree += float((ref.argmax(-1) == lp.argmax(-1)).sum())
             count += target.numel()
-        import math
-
         return Score({"perplexity": math.exp(nll / count), "kl": kl / count, "agreement": agree / count},
                      nbytes / len(self.chunks), len(self.chunks))
 
@@ -276,7 +282,7 @@ class _Images(Task):
             yield self.pixels[i : i + self.batch_size]
 
     @torch.no_grad()
-    def predict(self, cfg) -> tuple[Tensor, int]:
+    def outputs(self, cfg) -> tuple[Tensor, int]:
         preds, total = [], 0
         for px in self.pixel_batches():
             res, nbytes = run(self.model, cfg, {"pixel_values": px})
@@ -285,12 +291,10 @@ class _Images(Task):
         return torch.cat(preds), total
 
     def evaluate(self, cfg):
-        if self._reference is None:
-            self._reference = {"pred": self.predict(None)[0]}
-        pred, nbytes = self.predict(cfg) if cfg is not None else (self._reference["pred"], 0)
+        pred, nbytes = self.outputs(cfg) if cfg is not None else (self.reference(), 0)
         n = len(self.labels)
         return Score({"accuracy": float((pred == self.labels).float().mean()),
-                      "agreement": float((pred == self._reference["pred"]).float().mean())}, nbytes / n, n)
+                      "agreement": float((pred == self.reference()).float().mean())}, nbytes / n, n)
 
 
 class FashionTask(_Images):
@@ -412,7 +416,7 @@ class STSBTask(_DataDirTask, _Embeddings):
         self.data = f"GLUE STS-B {self.split}, {len(rows)} pairs"
 
     def evaluate(self, cfg):
-        emb, nbytes = self.embed(cfg)
+        emb, nbytes = self.outputs(cfg)
         n = len(self.gold)
         cos = (emb[:n] * emb[n:]).sum(-1)
         return Score({"pearson": pearson(cos, self.gold),
