@@ -25,9 +25,9 @@ import time
 import typing
 from pathlib import Path
 
-from .config import PAYLOADS, SCHEMES, WIRE_DTYPES, PrismConfig
+from .config import GROUPINGS, PAYLOADS, SCHEMES, WIRE_DTYPES, PrismConfig
 
-CHOICES = {"scheme": SCHEMES, "payload": PAYLOADS, "wire_dtype": WIRE_DTYPES}
+CHOICES = {"scheme": SCHEMES, "payload": PAYLOADS, "wire_dtype": WIRE_DTYPES, "grouping": GROUPINGS}
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,16 +42,20 @@ def cache_dir() -> Path:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per PrismConfig field; the defaults live in the dataclass only."""
+    """One flag per PrismConfig field; the defaults live in the dataclass only (None: the model kind's)."""
     hints = typing.get_type_hints(PrismConfig)
     for f in dataclasses.fields(PrismConfig):
         flag, kw = "--" + f.name.replace("_", "-"), {"help": f.metadata.get("help"), "default": f.default}
         hint = hints[f.name]
-        if hint is bool:
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kind = base[0]
+        if f.default is None and f.name != "weights":
+            kw["help"] += " (default: the model kind's, see docs/RESULTS.md)"
+        if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif hint is int:
-            kw["type"] = int
-        elif hint is str:
+        elif kind in (int, float):
+            kw["type"] = kind
+        elif kind is str:
             kw["choices"] = CHOICES.get(f.name)
         else:  # tuples: weights (float) and sink_token_ids (int)
             kw.update(nargs="+", type=float if f.name == "weights" else int)
@@ -77,9 +81,10 @@ def _fmt_bytes(n: float) -> str:
 def _inputs(loaded, args):
     """Tokenised built-in texts (or --text / --text-file), or an image for ViT."""
     from .eval.data import builtin_texts
+    from .models.loading import IMAGE_TYPES
 
     family = loaded.model.config.model_type
-    if family == "vit":
+    if family in IMAGE_TYPES:
         from PIL import Image
 
         from .eval.tasks import image_pixels
@@ -92,7 +97,7 @@ def _inputs(loaded, args):
             return {"pixel_values": fashion_pixels(images[:8])}, [
                 f"test image {i} ({FASHION_MNIST_CLASSES[int(y)]})" for i, y in enumerate(labels[:8])]
         if not args.image:
-            raise ValueError("vit models need an image: pass --image PATH")
+            raise ValueError(f"{family} models need an image: pass --image PATH")
         images = [Image.open(p) for p in args.image]
         return {"pixel_values": image_pixels(loaded, images)}, [Path(p).name for p in args.image]
     texts = list(args.text or [])
@@ -143,8 +148,7 @@ def cmd_run(args) -> int:
         return 0
     print(f"model    {args.model}: {type(loaded.model).__name__}, {g.layers} layers, hidden {g.hidden}, "
           f"{g.heads} heads ({g.kv_heads} KV)")
-    print(f"split    {cfg.devices} devices, CR={cfg.cr}, sinks {'on' if cfg.sinks else 'off'}, halo {cfg.halo}, "
-          f"count bias {'on' if cfg.count_bias else 'off'}, wire {cfg.wire_dtype}")
+    print(f"split    {cfg.resolved(adapter_for(loaded.model).kind).describe()}")
     print(f"input    {len(report.positions)} sequence(s), {min(report.positions)}-{max(report.positions)} positions")
     print("\nresult (PRISM against the unpartitioned model)")
     for line in report.details[: args.show]:
@@ -264,7 +268,7 @@ def cmd_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     task_cls = TASKS[args.task]
-    model_name = args.model or task_cls.model
+    model_name = args.model or task_cls.default_model
     if not model_name:
         raise ValueError(f"task {args.task} has no bundled model; pass --model (a classifier for that data set)")
     options = _task_options(args)
@@ -283,7 +287,7 @@ def cmd_eval(args) -> int:
     stem = f"eval-{args.task}" + (f"-{args.name}" if args.name else "")
     meta = {"task": args.task, "model": model_name, "data": task.describe(), "limit": args.limit,
             "command": "prism-edge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None,
-            "title": f"{args.task} ({task.data}), {Path(model_name).name}"}
+            "title": f"{args.task} ({task.data}), {Path(model_name).name}", "higher_is_better": task.higher_is_better}
     paths = write(rows, task.metric, Path(args.out), stem, meta)
     print(markdown(rows, task.metric))
     print("written: " + ", ".join(str(p) for p in paths), file=sys.stderr)
@@ -379,9 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="alias, hub name or folder (default: the task's bundled model)")
     ev.add_argument("--devices", type=int, nargs="+", default=[2, 4], help="device counts of the grid")
     ev.add_argument("--cr", type=int, nargs="+", default=[4, 16, 64, 128], help="compression rates of the grid")
-    ev.add_argument("--variants", nargs="+", default=["plain", "sinks", "sinks+halo8", "sinks+halo32",
-                                                       "sinks+halo8+bias"], choices=list(VARIANTS),
-                    help="fidelity options (defaults = PrismConfig's defaults)")
+    ev.add_argument("--variants", nargs="+", default=["plain", "sinks", "sinks+w32", "defaults"],
+                    help="fidelity options, each a named variant (" + ", ".join(VARIANTS) + ") or tokens joined "
+                    "by + (sinks, bias, sim, cheap, fp16, bf16, int8, wN, wfF, anchorN, topN, topfF; see "
+                    "prism_edge/eval/harness.py); defaults = the model kind's defaults")
     ev.add_argument("--finetuned", action="append", help="a folder from `prism-edge finetune` to score on the same "
                     "grid (repeatable)")
     ev.add_argument("--limit", type=int, help="items to score (documents, chunks, images, questions)")
@@ -424,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--length", type=int, default=128, help="tokens per sequence")
     bench.add_argument("--devices", type=int, default=None, help="devices (schemes: 2)")
     bench.add_argument("--schemes", nargs="+",
-                       help="schemes: full, voltage, tp, prism:CR[:fp16|:bf16][:plain] (default: a standard set)")
+                       help="schemes: full, voltage, tp, prism:CR[:VARIANT] (VARIANT as in eval --variants, e.g. prism:128:plain, "
+                            "prism:16:fp16; default: a standard set)")
     bench.add_argument("--device-counts", type=int, nargs="+", default=[1, 2, 4], help="runtime: device counts")
     bench.add_argument("--cr", type=int, default=16, help="runtime: compression rate")
     bench.add_argument("--link", nargs="*", default=[],

@@ -1,13 +1,37 @@
-"""The one configuration object of a PRISM run: a frozen dataclass validated at construction."""
+"""The one configuration object of a PRISM run: a frozen dataclass validated at construction.
+
+Fidelity options left at None take the default of the model's kind (decoder, encoder or vision),
+chosen from the measured accuracy-against-bytes frontiers in docs/RESULTS.md; `resolved(kind)`
+fills them in.  Every option is exact at CR=1 and every byte it costs is counted.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 SCHEMES = ("prism", "voltage", "full")
 PAYLOADS = ("auto", "hidden", "kv")
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
+WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+GROUPINGS = ("contiguous", "similarity")
+KINDS = ("decoder", "encoder", "vision")
+
+# The fidelity options a kind of model gets unless the user sets them (docs/RESULTS.md §2 has the
+# frontiers these were read from).
+FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
+    "decoder": dict(sinks=True, window=32, window_frac=0.0, anchor=0, topk=0, topk_frac=0.0,
+                    grouping="contiguous", count_bias=False, exact_when_cheap=True, wire_dtype="float32"),
+    "encoder": dict(sinks=True, window=32, window_frac=0.0, anchor=0, topk=0, topk_frac=0.0,
+                    grouping="contiguous", count_bias=False, exact_when_cheap=True, wire_dtype="float32"),
+    "vision": dict(sinks=True, window=32, window_frac=0.0, anchor=0, topk=0, topk_frac=0.0,
+                   grouping="contiguous", count_bias=False, exact_when_cheap=True, wire_dtype="float32"),
+}
+# Pure Segment Means as the paper describes them: every fidelity option off.
+PLAIN: dict[str, object] = dict(sinks=False, window=0, window_frac=0.0, anchor=0, topk=0, topk_frac=0.0,
+                                grouping="contiguous", count_bias=False, exact_when_cheap=False,
+                                wire_dtype="float32")
+FIDELITY_FIELDS = tuple(PLAIN)
 
 
 def _help(text: str, **kw):
@@ -17,19 +41,30 @@ def _help(text: str, **kw):
 
 @dataclass(frozen=True)
 class PrismConfig:
-    """How one forward pass is split across devices and what travels between them.
-
-    Defaults follow the fidelity ablation recorded in docs/RESULTS.md.
-    """
+    """How one forward pass is split across devices and what travels between them."""
 
     devices: int = _help("number of devices (position slices)", default=4)
     cr: int = _help("compression rate: positions per Segment Mean (1 = exact)", default=16)
     scheme: str = _help("prism | voltage (full exchange, exact) | full (one device)", default="prism")
-    sinks: bool = _help("send attention-sink tokens (first token, special tokens) exactly", default=True)
-    halo: int = _help("positions next to a neighbour's slice sent exactly (0 = off)", default=32)
-    count_bias: bool = _help("add log(count) to a mean key's attention logit", default=False)
+    sinks: bool | None = _help("send attention-sink tokens (first token, special tokens) exactly", default=None)
+    window: int | None = _help("positions just before (encoders: and after) a device's slice sent exactly, "
+                               "whichever device owns them (0 = off)", default=None)
+    window_frac: float | None = _help("the window as a fraction of the receiving slice's length "
+                                      "(the larger of window and this wins)", default=None)
+    anchor: int | None = _help("decoders: the first A positions are recomputed by every device instead of "
+                               "sent (0 = off)", default=None)
+    topk: int | None = _help("rows per route sent exactly because the sender's own queries attend to them "
+                             "most (importance), left out of the means", default=None)
+    topk_frac: float | None = _help("top-k as a fraction of the rows a route summarises "
+                                    "(the larger of topk and this wins)", default=None)
+    grouping: str | None = _help("contiguous (Segment Means) | similarity (k-means on keys, ToMe-style)",
+                                 default=None)
+    count_bias: bool | None = _help("add log(count) to a mean key's attention logit", default=None)
+    exact_when_cheap: bool | None = _help("send a route exactly when summarising it would not halve its rows",
+                                          default=None)
     payload: str = _help("auto | hidden (normalised attention input) | kv (keys and values)", default="auto")
-    wire_dtype: str = _help("dtype of exchanged tensors: float32 | float16 | bfloat16", default="float32")
+    wire_dtype: str | None = _help("dtype of exchanged rows: float32 | float16 | bfloat16 | int8 (per-row "
+                                   "scales)", default=None)
     weights: tuple[float, ...] | None = _help(
         "relative device speeds for proportional slices, one per device", default=None
     )
@@ -41,27 +76,43 @@ class PrismConfig:
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
-        for name in ("devices", "cr", "halo"):
+        for name in ("devices", "cr", "window", "anchor", "topk"):
             value = getattr(self, name)
+            if value is None and name not in ("devices", "cr"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 bad(f"{name} must be an integer, got {value!r} ({type(value).__name__}); pass e.g. {name}=4")
         if self.devices < 1:
             bad(f"devices must be >= 1, got {self.devices}; use devices=1 for a single device")
         if self.cr < 1:
             bad(f"cr (compression rate) must be >= 1, got {self.cr}; cr=1 is exact, cr=16 sends 1/16 of the positions")
-        if self.halo < 0:
-            bad(f"halo must be >= 0, got {self.halo}; halo=0 turns the exact boundary halo off")
+        for name in ("window", "anchor", "topk"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}; {name}=0 turns it off")
+        for name in ("window_frac", "topk_frac"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                bad(f"{name} must be a fraction between 0 and 1, got {value!r}; pass e.g. {name}=0.125")
+        for name in ("sinks", "count_bias", "exact_when_cheap"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be True, False or None (the model kind's default), got {getattr(self, name)!r}")
         if self.scheme not in SCHEMES:
             bad(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
         if self.payload not in PAYLOADS:
             bad(f"unknown payload {self.payload!r}; choose one of {', '.join(PAYLOADS)}")
-        if self.wire_dtype not in WIRE_DTYPES:
+        if self.wire_dtype is not None and self.wire_dtype not in WIRE_DTYPES:
             bad(f"unknown wire_dtype {self.wire_dtype!r}; choose one of {', '.join(WIRE_DTYPES)}")
+        if self.grouping is not None and self.grouping not in GROUPINGS:
+            bad(f"unknown grouping {self.grouping!r}; choose one of {', '.join(GROUPINGS)}")
         if self.weights is not None:
             if len(self.weights) != self.devices:
                 bad(f"weights has {len(self.weights)} entries but devices={self.devices}; give one weight per device")
-            if any(not (w > 0) for w in self.weights):
-                bad(f"weights must all be > 0, got {self.weights}; use relative device speeds such as (2, 1, 1)")
+            if any(not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or not w > 0
+                   for w in self.weights):
+                bad(f"weights must all be finite numbers > 0, got {self.weights}; use relative device speeds "
+                    "such as (2, 1, 1)")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.sink_token_ids):
             bad(f"sink_token_ids must be non-negative token ids, got {self.sink_token_ids!r}")
 
@@ -75,5 +126,44 @@ class PrismConfig:
         """Voltage and full are exact: every position travels (or stays) as itself."""
         return self.cr if self.scheme == "prism" else 1
 
+    @property
+    def is_resolved(self) -> bool:
+        return all(getattr(self, name) is not None for name in FIDELITY_FIELDS)
+
+    def resolved(self, kind: str) -> "PrismConfig":
+        """This config with every unset fidelity option at the default for a `kind` of model.
+
+        Voltage and full ship everything exactly: their options are those of pure means (off), but a
+        wire dtype the user chose still applies; so does CR=1, whose default wire is float32 whatever the
+        kind's.  Anchor recompute needs a causal model.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
+        if self.scheme != "prism":
+            base = {**PLAIN, "wire_dtype": self.wire_dtype or "float32"}
+            return dataclasses.replace(self, **base)
+        if kind != "decoder" and self.anchor:
+            raise ValueError(f"anchor={self.anchor} needs a decoder (causal) model: an encoder's first positions "
+                             "depend on every later one; use anchor=0 (or leave it unset)")
+        defaults = dict(FAMILY_DEFAULTS[kind])
+        if self.cr == 1:
+            defaults["wire_dtype"] = "float32"  # CR=1 asks for exactness: a lossy default wire would break it
+        return dataclasses.replace(self, **{name: defaults[name] for name in FIDELITY_FIELDS
+                                            if getattr(self, name) is None})
+
     def replace(self, **changes) -> "PrismConfig":
         return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """One line naming the split and every fidelity option (set ones as given, others as `default`)."""
+        if self.scheme != "prism":
+            return f"scheme {self.scheme}, {self.effective_devices} device(s), wire {self.wire_dtype or 'float32'}"
+
+        def show(name: str) -> str:
+            value = getattr(self, name)
+            return "default" if value is None else ("on" if value is True else "off" if value is False else str(value))
+
+        return (f"scheme prism, {self.devices} devices, CR={self.cr}, sinks {show('sinks')}, window "
+                f"{show('window')} (+{show('window_frac')} of a slice), anchor {show('anchor')}, top-k "
+                f"{show('topk')} (+{show('topk_frac')}), grouping {show('grouping')}, count bias "
+                f"{show('count_bias')}, exact when cheap {show('exact_when_cheap')}, wire {show('wire_dtype')}")

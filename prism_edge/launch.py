@@ -118,8 +118,7 @@ def drive(cluster, args) -> int:
     print(f"cluster  {cluster.world} device processes ({where}), gloo, {cluster.threads} thread(s) each, "
           f"up in {cluster.startup_s:.1f} s")
     print(f"model    {cluster.model_name}: {type(cluster.model).__name__}, {g.layers} layers, hidden {g.hidden}; "
-          f"scheme {cfg.scheme}, CR={cfg.effective_cr}, sinks {'on' if cfg.sinks else 'off'}, halo {cfg.halo}, "
-          f"wire {cfg.wire_dtype}, overlap {'on' if cluster.overlap else 'off'}")
+          f"{cfg.describe()}, overlap {'on' if cluster.overlap else 'off'}")
     print(f"request  {len(lengths)} input(s), {min(lengths)}-{max(lengths)} positions, outputs={mode}: "
           f"{statistics.median(walls) * 1e3:.1f} ms wall" + (f" (median of {len(walls)})" if len(walls) > 1 else ""))
     for line in describe_result(cluster, inputs, labels, out, mode)[: args.show]:
@@ -186,6 +185,7 @@ def cmd_worker(args) -> int:
         group.shutdown()
         raise
     adapter = adapter_for(loaded.model)
+    cfg = cfg.resolved(adapter.kind)  # as rank 0 does: the handshake compares resolved configs
     check(group, rank, world, identity(loaded.model, cfg, args.model), args.startup_timeout)
     comm = DistCommunicator(group, rank, world, args.timeout)
     try:

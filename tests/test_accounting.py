@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prism_edge import PrismConfig, simulate
+from prism_edge.config import PLAIN
 from prism_edge.partition.plan import split_sizes
 from prism_edge.runtime.stats import flop_counter
 
@@ -22,6 +23,7 @@ def _run(name, **cfg):
 
 
 def _analytic(devices, cr, width, causal, bytes_per_value=4, exact_fn=None):
+    """Per-layer bytes received by each device, from first principles (exact_fn(src, dst, n, sizes))."""
     """Per-layer bytes received by each device, from first principles."""
     received = [0] * devices
     for length in LENGTHS:
@@ -31,7 +33,7 @@ def _analytic(devices, cr, width, causal, bytes_per_value=4, exact_fn=None):
                 if src == dst or (causal and src > dst):
                     continue
                 n = sizes[src]
-                exact = exact_fn(src, dst, n) if exact_fn else set()
+                exact = exact_fn(src, dst, n, sizes) if exact_fn else set()
                 segments = {i // cr for i in range(n) if i not in exact}
                 received[dst] += (len(exact) + len(segments)) * width * bytes_per_value
     return received
@@ -49,30 +51,49 @@ def test_voltage_bytes_are_the_full_exchange(devices):
 @pytest.mark.parametrize("name, width, causal", [("bert", D, False), ("gpt2-lm", D, True), ("llama-lm", KV, True)])
 @pytest.mark.parametrize("cr", [1, 4, 16])
 def test_segment_mean_bytes_match_analytic(name, width, causal, cr):
-    out = _run(name, devices=3, cr=cr, sinks=False, halo=0)
+    out = _run(name, devices=3, cr=cr, **PLAIN)
     expected = _analytic(3, cr, width, causal)
     assert all(list(layer) == expected for layer in out.stats.received)
     assert sum(map(sum, out.stats.sent)) == sum(map(sum, out.stats.received))
 
 
-def test_sinks_and_halo_bytes_match_analytic():
-    halo = 2
+@pytest.mark.parametrize("window", [2, 5])
+def test_sinks_and_window_bytes_match_analytic(window):
     ids, mask = text_batch(batch=3, length=23, pad_to=LENGTHS)
 
-    def exact(src, dst, n):
+    def exact(src, dst, n, sizes):
         rows = {0} if src == 0 else set()  # the first token is the only sink in these ids
-        if dst == src + 1:
-            rows |= set(range(n - halo, n))
-        if dst == src - 1:
-            rows |= set(range(halo))
+        start = sum(sizes[:src])
+        ds, de = sum(sizes[:dst]), sum(sizes[: dst + 1])
+        # the window: positions just before and just after dst's slice, whichever device owns them
+        rows |= {i for i in range(n) if ds - window <= start + i < ds or de <= start + i < de + window}
         return rows
 
-    out = simulate(tiny("bert"), PrismConfig(devices=3, cr=4, sinks=True, halo=halo), input_ids=ids, attention_mask=mask)
+    cfg = PrismConfig(devices=3, cr=4, **{**PLAIN, "sinks": True, "window": window})
+    out = simulate(tiny("bert"), cfg, input_ids=ids, attention_mask=mask)
     assert list(out.stats.received[0]) == _analytic(3, 4, D, False, exact_fn=exact)
 
 
+def test_topk_int8_and_group_sizes_bytes_match_analytic():
+    """Top-k rows, int8 rows with one float16 scale per head (kv payload), and int16 group sizes."""
+    ids, mask = text_batch(batch=3, length=23, pad_to=LENGTHS)
+    cfg = PrismConfig(devices=3, cr=4, **{**PLAIN, "topk": 1, "wire_dtype": "int8"})
+    out = simulate(tiny("llama-lm"), cfg, input_ids=ids, attention_mask=mask)
+    heads = 2 * 2  # K and V of 2 kv heads, one scale each
+    received = [0] * 3
+    for length in LENGTHS:
+        sizes = split_sizes(length, 3)
+        for src in range(3):
+            for dst in range(src + 1, 3):
+                n = sizes[src]
+                groups = len({i // 4 for i in range(n)})
+                rows = min(1, n) + groups  # one top-k row, and every segment's mean
+                received[dst] += rows * (KV + 2 * heads) + 2 * groups
+    assert list(out.stats.received[0]) == received
+
+
 def test_wire_dtype_halves_bytes():
-    full = _run("bert", devices=2, cr=4)
+    full = _run("bert", devices=2, cr=4, wire_dtype="float32")
     half = _run("bert", devices=2, cr=4, wire_dtype="float16")
     bf = _run("bert", devices=2, cr=4, wire_dtype="bfloat16")
     assert half.stats.total_bytes * 2 == full.stats.total_bytes == bf.stats.total_bytes * 2
@@ -85,7 +106,7 @@ def test_pure_segment_means_traffic_ratio():
     model = tiny("bert")
     volt = simulate(model, PrismConfig(devices=2, scheme="voltage"), input_ids=ids).stats.total_bytes
     for cr in (4, 8, 32):
-        prism = simulate(model, PrismConfig(devices=2, cr=cr, sinks=False, halo=0), input_ids=ids).stats.total_bytes
+        prism = simulate(model, PrismConfig(devices=2, cr=cr, **PLAIN), input_ids=ids).stats.total_bytes
         assert prism / volt == pytest.approx(1 / cr)
 
 
@@ -104,7 +125,7 @@ def test_prism_cuts_per_device_flops_against_voltage():
     model = tiny("bert")
     ids = text_batch(batch=1, length=64)[0]
     volt = simulate(model, PrismConfig(devices=4, scheme="voltage"), input_ids=ids).stats
-    prism = simulate(model, PrismConfig(devices=4, cr=16, sinks=False, halo=0), input_ids=ids).stats
+    prism = simulate(model, PrismConfig(devices=4, cr=16, **PLAIN), input_ids=ids).stats
     full = simulate(model, PrismConfig(devices=4, scheme="full"), input_ids=ids).stats
     assert prism.max_flops < volt.max_flops
     # Voltage recomputes every K/V on every device; PRISM only its own plus a few means

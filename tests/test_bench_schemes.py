@@ -7,19 +7,21 @@ import json
 
 import pytest
 
+from prism_edge import PrismConfig
 from prism_edge.bench.schemes import COLUMNS, Scheme, parse_scheme
 
 
 def test_parse_scheme():
     assert parse_scheme("full") == Scheme("full", "full")
-    assert parse_scheme("prism:16") == Scheme("prism:16", "prism", 16)
-    s = parse_scheme("prism:128:fp16:plain")
-    assert (s.cr, s.wire, s.plain) == (128, "float16", True)
+    assert parse_scheme("prism:16") == Scheme("prism:16", "prism", 16, "defaults")
+    s = parse_scheme("prism:128:plain+fp16")
+    assert (s.cr, s.variant) == (128, "plain+fp16")
     cfg = s.config(4)
-    assert (cfg.cr, cfg.sinks, cfg.halo, cfg.wire_dtype) == (128, False, 0, "float16")
+    assert (cfg.cr, cfg.sinks, cfg.window, cfg.topk, cfg.wire_dtype) == (128, False, 0, 0, "float16")
+    assert parse_scheme("prism:16:int8").config(2) == PrismConfig(devices=2, cr=16, wire_dtype="int8")
     assert parse_scheme("tp").config(2) is None
     assert parse_scheme("full").config(4).effective_devices == 1
-    for bad in ("prism", "prism:x", "prism:0", "prism:4:fp8", "pipeline", "full:2"):
+    for bad in ("prism", "prism:x", "prism:0", "prism:4:fp8", "pipeline", "full:2", "prism:4:w"):
         with pytest.raises(ValueError, match="scheme"):
             parse_scheme(bad)
 

@@ -23,15 +23,41 @@ from conftest import text_batch, tiny
         (dict(devices="4"), "devices must be an integer"),
         (dict(scheme="ring"), "unknown scheme 'ring'; choose one of prism, voltage, full"),
         (dict(payload="keys"), "unknown payload"),
-        (dict(wire_dtype="int8"), "unknown wire_dtype"),
-        (dict(halo=-1), "halo must be >= 0"),
+        (dict(wire_dtype="int4"), "unknown wire_dtype"),
+        (dict(window=-1), "window must be >= 0"),
+        (dict(window=2.5), "window must be an integer"),
+        (dict(topk=-2), "topk must be >= 0"),
+        (dict(anchor=-1), "anchor must be >= 0"),
+        (dict(window_frac=1.5), "window_frac must be a fraction between 0 and 1"),
+        (dict(topk_frac=-0.1), "topk_frac must be a fraction"),
+        (dict(topk_frac="a"), "topk_frac must be a fraction"),
+        (dict(grouping="kmeans"), "unknown grouping 'kmeans'; choose one of contiguous, similarity"),
+        (dict(sinks=1), "sinks must be True, False or None"),
         (dict(devices=2, weights=(1.0,)), "one weight per device"),
-        (dict(devices=2, weights=(1.0, 0.0)), "must all be > 0"),
+        (dict(devices=2, weights=(1.0, 0.0)), "must all be finite numbers > 0"),
+        (dict(devices=2, weights=(float("inf"), 1.0)), "must all be finite numbers > 0"),
+        (dict(devices=2, weights=(float("nan"), 1.0)), "must all be finite numbers > 0"),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PrismConfig(**kwargs)
+
+
+def test_unset_options_resolve_per_kind_and_set_ones_stay():
+    from prism_edge.config import FAMILY_DEFAULTS, FIDELITY_FIELDS
+
+    for kind, defaults in FAMILY_DEFAULTS.items():
+        resolved = PrismConfig().resolved(kind)
+        assert resolved.is_resolved and all(getattr(resolved, f) == defaults[f] for f in FIDELITY_FIELDS
+                                            if f != "wire_dtype")
+    assert PrismConfig(window=3, sinks=False).resolved("encoder").window == 3
+    assert not PrismConfig(window=3, sinks=False).resolved("decoder").sinks
+    assert PrismConfig(cr=1).resolved("decoder").wire_dtype == "float32"  # CR=1 stays exact
+    voltage = PrismConfig(scheme="voltage", wire_dtype="float16").resolved("encoder")
+    assert voltage.window == 0 and not voltage.sinks and voltage.wire_dtype == "float16"
+    with pytest.raises(ValueError, match="anchor=4 needs a decoder"):
+        PrismConfig(anchor=4).resolved("encoder")
 
 
 def test_devices_more_than_positions():

@@ -29,7 +29,7 @@ def test_kv_cache_decode_equals_rerunning_the_grown_sequence(name, cr):
     """Decoding = the PRISM forward over prompt + new tokens with the prompt's slices, new tokens on the last device."""
     model = tiny(name)
     ids, _ = text_batch(batch=1, length=13)
-    cfg = PrismConfig(devices=3, cr=cr, halo=1)
+    cfg = PrismConfig(devices=3, cr=cr, window=1)
     steps = 7
     gen = generate(model, cfg, ids, max_new_tokens=steps, keep_logits=True)
     sizes = list(split_sizes(13, 3))

@@ -18,7 +18,7 @@ def test_overlapped_attention_equals_joint_attention(name, cr, kernel):
     else:
         ids, mask = text_batch(batch=3, length=13, pad_to=[13, 8, 11])
         inputs = {"input_ids": ids, "attention_mask": mask}
-    cfg = PrismConfig(devices=3, cr=cr, halo=1)
+    cfg = PrismConfig(devices=3, cr=cr, window=1, topk=1, grouping="similarity", count_bias=True)
     with torch.set_grad_enabled(kernel == "matmul"):
         joint = simulate(model, cfg, **inputs)
         split = simulate(model, cfg, overlap=True, **inputs)

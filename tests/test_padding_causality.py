@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from prism_edge import PrismConfig, simulate
+from prism_edge.config import PLAIN
 
 from conftest import DECODERS, TEXT, text_batch, tiny
 
 CRS = [1, 2, 4, 16]
-VARIANTS = [dict(sinks=False, halo=0), dict(), dict(sinks=True, halo=2, count_bias=True)]  # plain, defaults, all
+VARIANTS = [PLAIN, dict(), dict(sinks=True, window=2, count_bias=True, topk=1, grouping="similarity",
+                              exact_when_cheap=False), dict(window=1, topk_frac=0.3, wire_dtype="int8")]
+IDS = ["plain", "defaults", "window-topk-similarity-bias", "int8"]
 TOL = 1e-5
 
 
@@ -20,7 +23,7 @@ def _out(result):
 
 @pytest.mark.parametrize("name", TEXT)
 @pytest.mark.parametrize("cr", CRS)
-@pytest.mark.parametrize("variant", VARIANTS, ids=["plain", "defaults", "sinks-halo-bias"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
 @torch.no_grad()
 def test_padding_never_leaks(name, cr, variant):
     model = tiny(name)
@@ -37,7 +40,7 @@ def test_padding_never_leaks(name, cr, variant):
 @pytest.mark.parametrize("name", DECODERS)
 @pytest.mark.parametrize("cr", CRS)
 @pytest.mark.parametrize("devices", [2, 3, 4])
-@pytest.mark.parametrize("variant", VARIANTS, ids=["plain", "defaults", "sinks-halo-bias"])
+@pytest.mark.parametrize("variant", VARIANTS + [dict(anchor=3, window=2, topk=1)], ids=IDS + ["anchor"])
 @torch.no_grad()
 def test_no_output_depends_on_a_later_token(name, cr, devices, variant):
     model = tiny(name)
@@ -59,5 +62,5 @@ def test_compression_changes_outputs(name):
     model = tiny(name)
     ids, mask = text_batch(batch=1, length=24)
     exact = _out(simulate(model, PrismConfig(devices=2, cr=1), input_ids=ids))
-    approx = _out(simulate(model, PrismConfig(devices=2, cr=8, sinks=False, halo=0), input_ids=ids))
+    approx = _out(simulate(model, PrismConfig(devices=2, cr=8, **PLAIN), input_ids=ids))
     assert (exact - approx).abs().max().item() > 1e-4

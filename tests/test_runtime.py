@@ -60,7 +60,10 @@ def _assert_same(out, ref, tol=1e-5):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_runtime_equals_simulator(saved, name, devices, cr):
     model = tiny(name)
-    cfg = PrismConfig(devices=devices, cr=cr, halo=2)
+    # CR=8: every fidelity option at once (top-k rows, similarity groups and their sizes, int8 rows and scales)
+    options = {} if cr == 1 else dict(window=2, topk=1, grouping="similarity", count_bias=True, wire_dtype="int8",
+                                       anchor=2 if name.endswith("-lm") else 0)
+    cfg = PrismConfig(devices=devices, cr=cr, **options)
     inputs = _inputs(name)
     with Cluster(saved[name], cfg, timeout=20, count_flops=True) as cluster:
         out = cluster(**inputs)
@@ -75,7 +78,7 @@ def test_runtime_equals_simulator(saved, name, devices, cr):
 
 def test_output_modes_reduce_like_the_full_outputs(saved):
     model = tiny("gpt2-lm")
-    cfg = PrismConfig(devices=3, cr=4, halo=1)
+    cfg = PrismConfig(devices=3, cr=4, window=1)
     ids, mask = text_batch(batch=3, length=13, pad_to=[13, 9, 11])
     ref = simulate(model, cfg, input_ids=ids, attention_mask=mask, count_flops=False)
     last = mask.sum(1) - 1
@@ -97,7 +100,7 @@ def test_output_modes_reduce_like_the_full_outputs(saved):
 def test_wire_fp16_halves_bytes(saved):
     model = tiny("bert")
     inputs = _inputs("bert")
-    cfg32 = PrismConfig(devices=2, cr=4, halo=1)
+    cfg32 = PrismConfig(devices=2, cr=4, window=1)
     cfg16 = cfg32.replace(wire_dtype="float16")
     ref32 = simulate(model, cfg32, **inputs, count_flops=False)
     with Cluster(saved["bert"], cfg16, timeout=20) as cluster:
@@ -312,7 +315,7 @@ def test_runtime_generation_equals_simulator_token_for_token(saved, name):
 
     model = tiny(name)
     ids, _ = text_batch(batch=1, length=13)
-    cfg = PrismConfig(devices=3, cr=8, halo=1)
+    cfg = PrismConfig(devices=3, cr=8, window=1)
     with Cluster(saved[name], cfg, timeout=20) as cluster:
         for sampling in (Sampling(), Sampling(do_sample=True, temperature=0.9, top_k=7, seed=5)):
             want = generate(model, cfg, ids, max_new_tokens=12, sampling=sampling)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import PrismConfig
+from ..config import PLAIN, PrismConfig
 from ..eval.data import builtin_texts
 from ..models.loading import load_model
 from ..runtime.simulator import simulate
@@ -48,7 +48,7 @@ def bytes_per_layer(model, inputs: dict, devices: int, crs: list[int]) -> list[d
     rows = []
     volt = simulate(model, PrismConfig(devices=devices, scheme="voltage"), count_flops=False, **inputs).stats
     for cr in crs:
-        for label, extra in (("plain means", dict(sinks=False, halo=0)), ("defaults", {})):
+        for label, extra in (("plain means", dict(PLAIN)), ("defaults", {})):
             st = simulate(model, PrismConfig(devices=devices, cr=cr, **extra), count_flops=False, **inputs).stats
             rows.append({
                 "cr": cr, "variant": label,

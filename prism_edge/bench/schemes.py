@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import PrismConfig
+from ..eval.harness import variant_config, variant_options
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,7 @@ class Scheme:
     name: str  # label in tables and plots
     kind: str  # full | voltage | prism | tp
     cr: int = 1
-    wire: str = "float32"
-    plain: bool = False  # PRISM with sinks and halo off (pure Segment Means)
+    variant: str = "defaults"  # PRISM's fidelity options, in `prism-edge eval --variants` spelling
 
     def config(self, devices: int) -> PrismConfig | None:
         if self.kind == "tp":
@@ -44,27 +44,31 @@ class Scheme:
         if self.kind == "full":
             return PrismConfig(devices=1, scheme="full")
         if self.kind == "voltage":
-            return PrismConfig(devices=devices, scheme="voltage", wire_dtype=self.wire)
-        extra = dict(sinks=False, halo=0) if self.plain else {}
-        return PrismConfig(devices=devices, cr=self.cr, wire_dtype=self.wire, **extra)
+            return PrismConfig(devices=devices, scheme="voltage")
+        return variant_config(self.variant, devices, self.cr)
 
 
 def parse_scheme(text: str) -> Scheme:
-    """full | voltage | tp | prism:CR[:fp16|:bf16][:plain]  (e.g. prism:16, prism:128:plain, prism:16:fp16)."""
-    parts = text.lower().split(":")
-    if parts[0] in ("full", "voltage", "tp") and len(parts) == 1:
-        return Scheme(parts[0], parts[0])
-    if parts[0] == "prism" and len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) >= 1:
-        wire = {"fp16": "float16", "bf16": "bfloat16"}
-        flags = parts[2:]
-        if any(f not in (*wire, "plain") for f in flags):
-            raise ValueError(f"unknown option in scheme {text!r}; use prism:CR[:fp16|:bf16][:plain]")
-        w = next((wire[f] for f in flags if f in wire), "float32")
-        return Scheme(text.lower(), "prism", int(parts[1]), w, "plain" in flags)
-    raise ValueError(f"unknown scheme {text!r}; use full, voltage, tp or prism:CR[:fp16|:bf16][:plain]")
+    """full | voltage | tp | prism:CR[:VARIANT]: e.g. prism:16 (the defaults), prism:128:plain (pure Segment
+    Means), prism:16:fp16 (the defaults on a float16 wire), prism:16:sinks+w8+top8+int8.  A variant that
+    does not start with `plain` or `defaults` changes the defaults."""
+    kind, _, rest = text.lower().partition(":")
+    if kind in ("full", "voltage", "tp") and not rest:
+        return Scheme(kind, kind)
+    cr, _, variant = rest.partition(":")
+    if kind == "prism" and cr.isdigit() and int(cr) >= 1:
+        first = variant.split("+")[0]
+        variant = variant if first in ("plain", "defaults") else "defaults" + (f"+{variant}" if variant else "")
+        try:
+            variant_options(variant)
+        except ValueError as err:
+            raise ValueError(f"unknown option in scheme {text!r}: {err}") from None
+        return Scheme(text.lower(), "prism", int(cr), variant)
+    raise ValueError(f"unknown scheme {text!r}; use full, voltage, tp or prism:CR[:VARIANT] (e.g. prism:16:int8)")
 
 
-DEFAULT_SCHEMES = ("full", "voltage", "tp", "prism:16", "prism:64", "prism:128", "prism:16:fp16", "prism:128:plain")
+DEFAULT_SCHEMES = ("full", "voltage", "tp", "prism:16", "prism:64", "prism:16:fp16", "prism:16:plain",
+                   "prism:128:plain")
 
 
 def _cli_flags(cfg: PrismConfig) -> list[str]:

@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import PrismConfig
+from ..config import PLAIN, PrismConfig
 from ..eval.data import builtin_texts
 from ..models.loading import load_model
 from ..runtime.simulator import simulate
 
 CRS = (16, 64, 128)
-PLAIN = dict(sinks=False, halo=0)
 
 
 def _one_sequence(loaded, length: int) -> dict:

@@ -13,28 +13,65 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import PrismConfig
+from ..config import PLAIN, PrismConfig
+from .plots import plot_frontier, plot_vs_cr
+from .report import budget_table
 from .tasks import TASKS, Task
 
-# Fidelity options compared in the ablation; "defaults" is whatever PrismConfig ships.
-VARIANTS: dict[str, dict] = {
-    "plain": dict(sinks=False, halo=0, count_bias=False),
-    "plain+bias": dict(sinks=False, halo=0, count_bias=True),
-    "sinks": dict(sinks=True, halo=0, count_bias=False),
-    "sinks+halo8": dict(sinks=True, halo=8, count_bias=False),
-    "sinks+halo32": dict(sinks=True, halo=32, count_bias=False),
-    "sinks+halo8+bias": dict(sinks=True, halo=8, count_bias=True),
-    "sinks+halo32+bias": dict(sinks=True, halo=32, count_bias=True),
-    "sinks+halo64": dict(sinks=True, halo=64, count_bias=False),
-    "sinks+halo128": dict(sinks=True, halo=128, count_bias=False),
-    "defaults": {},
+# Named variants of the ablation; any other "+"-joined spelling is parsed by `variant_options`.
+VARIANTS: dict[str, str] = {
+    "plain": "plain",
+    "plain+bias": "plain+bias",
+    "sinks": "sinks",
+    "sinks+w8": "sinks+w8",
+    "sinks+w32": "sinks+w32",
+    "sinks+w32+bias": "sinks+w32+bias",
+    "sinks+w64": "sinks+w64",
+    "defaults": "defaults",
+}
+_TOKENS: list[tuple[str, str, type]] = [  # (prefix, field, value type); longest prefixes first
+    ("anchor", "anchor", int), ("topf", "topk_frac", float), ("top", "topk", int), ("wf", "window_frac", float),
+    ("w", "window", int),
+]
+_FLAGS: dict[str, dict] = {
+    "sinks": dict(sinks=True), "nosinks": dict(sinks=False), "bias": dict(count_bias=True),
+    "nobias": dict(count_bias=False), "sim": dict(grouping="similarity"), "contig": dict(grouping="contiguous"),
+    "cheap": dict(exact_when_cheap=True), "nocheap": dict(exact_when_cheap=False),
+    "fp32": dict(wire_dtype="float32"), "fp16": dict(wire_dtype="float16"), "bf16": dict(wire_dtype="bfloat16"),
+    "int8": dict(wire_dtype="int8"),
 }
 
 
+def variant_options(variant: str) -> dict:
+    """PrismConfig fields of a variant spelled as "+"-joined tokens.
+
+    It starts from `plain` (every fidelity option off) unless its first token is `defaults` (the model
+    kind's defaults).  Tokens: sinks, bias, sim (similarity grouping), cheap (exact when cheap), fp16 |
+    bf16 | int8 (wire), wN (window N), wfF (window fraction F), anchorN, topN (top-k), topfF (top-k
+    fraction); `no`-prefixed flags turn one off.  E.g. "sinks+w16+top8+int8", "defaults+anchor4".
+    """
+    tokens = VARIANTS.get(variant, variant).split("+")
+    out: dict = {} if tokens[0] == "defaults" else dict(PLAIN)
+    for token in tokens[1:] if tokens[0] in ("defaults", "plain") else tokens:
+        out.update(_token(token, variant))
+    return out
+
+
+def _token(token: str, variant: str) -> dict:
+    if token in _FLAGS:
+        return _FLAGS[token]
+    for prefix, name, kind in _TOKENS:
+        if token.startswith(prefix):
+            try:
+                return {name: kind(token[len(prefix):])}
+            except ValueError:
+                break
+    raise ValueError(f"unknown variant token {token!r} in {variant!r}; use sinks, bias, sim, cheap, fp16, bf16, int8, "
+                     f"wN, wfF, anchorN, topN, topfF (joined by +), or one of {', '.join(VARIANTS)}")
+
+
 def variant_config(variant: str, devices: int, cr: int, **extra) -> PrismConfig:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    return PrismConfig(devices=devices, cr=cr, **{**VARIANTS[variant], **extra})
+    return PrismConfig(devices=devices, cr=cr, **{**variant_options(variant), **extra})
 
 
 def finetuned_variant(folder: str | Path) -> tuple[str, str]:
@@ -44,8 +81,11 @@ def finetuned_variant(folder: str | Path) -> tuple[str, str]:
 
     record = Path(folder) / RECORD
     trained = json.loads(record.read_text())["prism"] if record.exists() else {}
-    variant = next((v for v, o in VARIANTS.items() if o and all(trained.get(k) == x for k, x in o.items())),
-                   "defaults")
+    if "halo" in trained:  # records written before the window replaced the neighbour halo
+        trained.setdefault("window", trained.pop("halo"))
+    matches = (v for v in VARIANTS if v != "defaults"
+               and all(trained.get(k, x) == x for k, x in variant_options(v).items()))
+    variant = next(matches, "defaults")
     return variant, "+finetune" if trained.get("scheme", "prism") == "prism" else "+finetune(unpartitioned)"
 
 
@@ -110,7 +150,8 @@ def markdown(rows: list[Row], metric: str) -> str:
 
 
 def write(rows: list[Row], metric: str, out_dir: Path, stem: str, meta: dict) -> list[Path]:
-    """CSV, JSON, Markdown and two PNG plots; returns the paths written."""
+    """CSV, JSON, Markdown (the grid and the best variant per byte budget) and two PNG plots (metric vs CR,
+    and the frontier: metric vs bytes ÷ Voltage's); returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     names = list(dict.fromkeys(k for r in rows for k in r.metrics))
@@ -125,56 +166,15 @@ def write(rows: list[Row], metric: str, out_dir: Path, stem: str, meta: dict) ->
                         f"{r.bytes_vs_voltage:.5f}", r.items, f"{r.seconds:.2f}"])
     paths.append(out_dir / f"{stem}.csv")
     (out_dir / f"{stem}.json").write_text(json.dumps({**meta, "metric": metric, "rows": [asdict(r) for r in rows]},
-                                                     indent=1))
+                                                     indent=1))  # report.py reads these back
     paths.append(out_dir / f"{stem}.json")
-    (out_dir / f"{stem}.md").write_text(markdown(rows, metric))
+    dicts = [asdict(r) for r in rows]
+    higher = meta.get("higher_is_better", True)
+    (out_dir / f"{stem}.md").write_text(markdown(rows, metric) + "\n" + budget_table(dicts, metric, higher))
     paths.append(out_dir / f"{stem}.md")
-    paths += plot(rows, metric, out_dir, stem, meta.get("title", stem))
-    return paths
-
-
-def plot(rows: list[Row], metric: str, out_dir: Path, stem: str, title: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prism = [r for r in rows if r.scheme == "prism" and metric in r.metrics]
-    refs = [r for r in rows if r.scheme == "full" and metric in r.metrics]
-    volts = [r for r in rows if r.scheme == "voltage" and metric in r.metrics]
-    series: dict[tuple[str, str, int], list[Row]] = {}
-    for r in prism:
-        series.setdefault((r.model, r.variant, r.devices), []).append(r)
-    p_min, p_max = min((k[2] for k in series), default=0), max((k[2] for k in series), default=0)
-    one_model = len({k[0] for k in series}) == 1
-    paths = []
-    for kind in ("cr", "bytes"):
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for (model, variant, p), rs in sorted(series.items()):
-            rs = sorted(rs, key=lambda r: r.cr)
-            xs = [r.cr if kind == "cr" else r.bytes_per_item for r in rs]
-            ax.plot(xs, [r.metrics[metric] for r in rs], marker="o" if p == p_min else "s",
-                    linestyle="-" if p == p_max else "--",
-                    label=f"{variant} P={p}" + ("" if one_model else f" ({model})"))
-        for r in refs:
-            ax.axhline(r.metrics[metric], color="black", linestyle=":", linewidth=1,
-                       label=f"unpartitioned ({r.model})")
-        if kind == "bytes":
-            for r in volts:
-                ax.scatter([r.bytes_per_item], [r.metrics[metric]], marker="*", s=120, color="black", zorder=5)
-                ax.annotate(f"Voltage P={r.devices}", (r.bytes_per_item, r.metrics[metric]), fontsize=7,
-                            xytext=(4, -10), textcoords="offset points")
-        ax.set_xscale("log", base=2 if kind == "cr" else 10)
-        ax.set_xlabel("compression rate (CR)" if kind == "cr" else "bytes exchanged per item (log)")
-        ax.set_ylabel(metric)
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6.5, ncol=2)
-        fig.tight_layout()
-        path = out_dir / f"{stem}-vs-{kind}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+    title = meta.get("title", stem)
+    paths.append(plot_vs_cr(dicts, metric, out_dir / f"{stem}-vs-cr.png", title))
+    paths.append(plot_frontier(dicts, metric, higher, out_dir / f"{stem}-frontier.png", title))
     return paths
 
 

@@ -1,9 +1,10 @@
-"""The ablation table of docs/RESULTS.md, from the JSON files `prism-edge eval` writes.
+"""The tables of docs/RESULTS.md, from the JSON files `prism-edge eval` writes.
 
     python -m prism_edge.eval.report docs/results/eval/eval-lee.json docs/results/eval/eval-polarity.json
 
-One table per file: a row per fidelity variant (fine-tuned models last), a column per (P, CR);
-each cell is the headline metric with the bytes per item as a fraction of Voltage's.
+Per file: the ablation (a row per fidelity variant, fine-tuned models last, a column per (P, CR); each
+cell the headline metric with the bytes per item as a fraction of Voltage's), then the best variant
+under each byte budget (a fraction of Voltage's bytes) per device count.
 """
 
 from __future__ import annotations
@@ -44,13 +45,56 @@ def ablation_table(path: str | Path, metric: str | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+BUDGETS = (0.03, 0.06, 0.12, 0.25)
+
+
+def _ratio(r: dict) -> float | None:
+    return r["bytes_per_item"] / r["voltage_bytes_per_item"] if r.get("voltage_bytes_per_item") else None
+
+
+def pareto(rows: list[dict], metric: str, higher: bool) -> list[dict]:
+    """The rows no other row beats on both bytes and the metric (ties on bytes keep the better metric)."""
+    sign = 1 if higher else -1
+    ranked = sorted((r for r in rows if _ratio(r) is not None),
+                    key=lambda r: (_ratio(r), -sign * r["metrics"][metric]))
+    front, best = [], None
+    for r in ranked:
+        if best is None or sign * r["metrics"][metric] > sign * best:
+            front.append(r)
+            best = r["metrics"][metric]
+    return front
+
+
+def budget_table(rows: list[dict], metric: str, higher: bool, budgets=BUDGETS) -> str:
+    """Markdown: per device count, the best PRISM variant whose bytes stay within each budget."""
+    prism = [r for r in rows if r["scheme"] == "prism" and metric in r["metrics"] and _ratio(r) is not None]
+    if not prism:
+        return ""
+    sign = 1 if higher else -1
+    out = [f"best {metric} within a byte budget (bytes ÷ Voltage's at the same P):", "",
+           "| P | " + " | ".join(f"≤ {b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for p in sorted({r["devices"] for r in prism}):
+        cells = []
+        for b in budgets:
+            fits = [r for r in prism if r["devices"] == p and _ratio(r) <= b]
+            if not fits:
+                cells.append("none fits")
+                continue
+            r = max(fits, key=lambda r: sign * r["metrics"][metric])
+            cells.append(f"{r['metrics'][metric]:.4f}: {r['variant']} CR{r['cr']} ({_ratio(r):.3f})")
+        out.append(f"| {p} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if not args:
         print(__doc__)
         return 2
     for path in args:
+        saved = json.loads(Path(path).read_text())
         print(ablation_table(path))
+        print(budget_table(saved["rows"], saved["metric"], saved.get("higher_is_better", True)))
     return 0
 
 

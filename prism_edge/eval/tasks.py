@@ -76,7 +76,7 @@ def predict(w: Tensor, x: Tensor) -> Tensor:
 
 class Task:
     name: ClassVar[str]
-    model: ClassVar[str]  # the default model alias
+    default_model: ClassVar[str]  # the alias of the model it scores unless told otherwise
     metric: ClassVar[str]  # the headline metric
     higher_is_better: ClassVar[bool] = True
     data: ClassVar[str]  # what data, in words
@@ -132,7 +132,7 @@ class _Embeddings(Task):
 
 
 class LeeTask(_Embeddings):
-    name, model, metric = "lee", "minilm", "pearson"
+    name, default_model, metric = "lee", "minilm", "pearson"
     data = "Lee corpus: 50 news documents, Pearson of pairwise embedding cosines against mean human similarity"
 
     def __init__(self, loaded, limit=None, **kw):
@@ -157,7 +157,7 @@ def polarity_split(n: int) -> tuple[list[int], list[int]]:
 
 
 class PolarityTask(_Embeddings):
-    name, model, metric = "polarity", "minilm", "accuracy"
+    name, default_model, metric = "polarity", "minilm", "accuracy"
     data = "Pang & Lee movie-review polarity: 200 sentences (100 pos / 100 neg)"
     max_length = 128
 
@@ -210,7 +210,7 @@ def training_prose(source: str) -> list[str]:
 
 
 class PerplexityTask(Task):
-    name, model, metric, higher_is_better = "perplexity", "smollm2", "perplexity", False
+    name, default_model, metric, higher_is_better = "perplexity", "smollm2", "perplexity", False
     data = "held-out prose (last third of Lee background news, or of the Wikipedia sample) in fixed-length chunks"
 
     def __init__(self, loaded, limit=None, length: int = 512, source: str = "lee", batch_size: int = 2, **kw):
@@ -245,7 +245,7 @@ class PerplexityTask(Task):
 
 
 class ClozeTask(Task):
-    name, model, metric = "cloze", "smollm2", "accuracy"
+    name, default_model, metric = "cloze", "smollm2", "accuracy"
     data = "CBT-style cloze built from held-out Wikipedia articles: 20 sentences of context, 10 candidates"
 
     def __init__(self, loaded, limit=None, items: list[dict] | None = None, context_chars: int = 1500, **kw):
@@ -298,7 +298,7 @@ class _Images(Task):
 
 
 class FashionTask(_Images):
-    name, model, metric = "fashion", "vit-fmnist", "accuracy"
+    name, default_model, metric = "fashion", "vit-fmnist", "accuracy"
     data = "Fashion-MNIST test set (Debian dataset-fashion-mnist), 10 000 real 28x28 images"
 
     def __init__(self, loaded, limit=None, batch_size: int = 250, **kw):
@@ -324,7 +324,7 @@ def image_pixels(loaded, images) -> Tensor:
 
 
 class SamplesTask(_Images):
-    name, model, metric = "samples", "vit-fmnist", "accuracy"
+    name, default_model, metric = "samples", "vit-fmnist", "accuracy"
     data = "the 20 real sample images foolbox ships for the model's data set"
 
     def __init__(self, loaded, limit=None, dataset: str | None = None, **kw):
@@ -356,7 +356,7 @@ class _DataDirTask(Task):
 class GlueTask(_DataDirTask):
     """SST-2 / MRPC: a sequence classifier's accuracy on the validation split (labels as in GLUE)."""
 
-    metric, model = "accuracy", "minilm"
+    metric, default_model = "accuracy", "minilm"
     glue: ClassVar[str]
 
     def __init__(self, loaded, limit=None, **kw):
@@ -403,7 +403,7 @@ class MRPCTask(GlueTask):
 class STSBTask(_DataDirTask, _Embeddings):
     """STS-B with a sentence-embedding model: Pearson of embedding cosine against the gold scores."""
 
-    name, model, metric = "stsb", "minilm", "pearson"
+    name, default_model, metric = "stsb", "minilm", "pearson"
     data = "GLUE STS-B validation"
 
     def __init__(self, loaded, limit=None, **kw):
@@ -441,7 +441,7 @@ class _ImageSetTask(_DataDirTask, _Images):
 
 
 class Cifar10Task(_ImageSetTask):
-    name, model, metric = "cifar10", "", "accuracy"
+    name, default_model, metric = "cifar10", "", "accuracy"
     data = "CIFAR-10 test set"
     classes = 10
 
@@ -459,7 +459,7 @@ class Cifar100Task(Cifar10Task):
 
 
 class ImageNetTask(_ImageSetTask):
-    name, model, metric = "imagenet", "", "accuracy"
+    name, default_model, metric = "imagenet", "", "accuracy"
     data = "ImageNet-1k validation set"
     split = "validation"
 
@@ -474,7 +474,7 @@ class ImageNetTask(_ImageSetTask):
 class CBTTask(_DataDirTask, ClozeTask):
     """The Children's Book Test (CN by default): the cloze scorer on the real CBT rows."""
 
-    name, model, metric = "cbt", "smollm2", "accuracy"
+    name, default_model, metric = "cbt", "smollm2", "accuracy"
     data = "Children's Book Test"
     split = "test"
 

@@ -6,15 +6,16 @@ from torch import nn
 
 from .base import Adapter, Batch, Geometry
 from .bert import BertAdapter
+from .dinov2 import Dinov2Adapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 from .vit import ViTAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, ViTAdapter, LlamaAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, ViTAdapter, LlamaAdapter, Dinov2Adapter)
 
 
 def supported() -> str:
-    return ", ".join(name for a in ADAPTERS for name in a.heads)
+    return ", ".join(name for a in ADAPTERS for name in a.classes)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -23,7 +24,7 @@ def adapter_for(model: nn.Module) -> Adapter:
     model_type = getattr(config, "model_type", None)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
-            if type(model).__name__ not in cls.heads:
+            if type(model).__name__ not in cls.classes:
                 raise ValueError(
                     f"unsupported model class {type(model).__name__} of type {model_type!r}; supported: {supported()}"
                 )

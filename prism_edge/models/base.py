@@ -38,6 +38,11 @@ class Batch:
     sink: Tensor  # (B, N) bool, attention-sink positions
     per_position: dict[str, Tensor] = field(default_factory=dict)  # each (B, N, ...)
 
+    def to(self, device: torch.device) -> "Batch":
+        """Inputs on a model's device; the sink flags stay on the CPU with the plan that reads them."""
+        return Batch(valid=self.valid.to(device), positions=self.positions.to(device), sink=self.sink,
+                     per_position={k: v.to(device) for k, v in self.per_position.items()})
+
     def gather(self, index: Tensor) -> dict[str, Tensor]:
         """Per-position inputs of the rows `index` (B, n): what one device receives to embed."""
         out = {}
@@ -52,12 +57,13 @@ class Adapter:
     """One model family.  Subclasses name the pieces; shapes: x (B, n, d), q/k/v (B, n, heads*head_dim)."""
 
     family: ClassVar[str]
+    kind: ClassVar[str]  # decoder | encoder | vision: picks the fidelity defaults (config.FAMILY_DEFAULTS)
     model_types: ClassVar[tuple[str, ...]]
-    heads: ClassVar[dict[str, str]]  # HF class name -> head kind
+    classes: ClassVar[dict[str, str]]  # HF class name -> its head: base | lm | classify
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.head = self.heads[type(model).__name__]
+        self.head = self.classes[type(model).__name__]
         self.config = model.config
 
     # --- inputs -------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ from .base import Geometry, TextAdapter
 
 class BertAdapter(TextAdapter):
     family = "bert"
+    kind = "encoder"
     model_types = ("bert",)
-    heads = {"BertModel": "base", "BertForSequenceClassification": "classify"}
+    classes = {"BertModel": "base", "BertForSequenceClassification": "classify"}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

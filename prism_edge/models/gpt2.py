@@ -10,8 +10,9 @@ from .base import Geometry, TextAdapter
 
 class GPT2Adapter(TextAdapter):
     family = "gpt2"
+    kind = "decoder"
     model_types = ("gpt2",)
-    heads = {"GPT2Model": "base", "GPT2LMHeadModel": "lm"}
+    classes = {"GPT2Model": "base", "GPT2LMHeadModel": "lm"}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

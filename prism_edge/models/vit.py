@@ -10,8 +10,9 @@ from .base import Adapter, Batch, Geometry
 
 class ViTAdapter(Adapter):
     family = "vit"
+    kind = "vision"
     model_types = ("vit",)
-    heads = {"ViTModel": "base", "ViTForImageClassification": "classify"}
+    classes = {"ViTModel": "base", "ViTForImageClassification": "classify"}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

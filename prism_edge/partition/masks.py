@@ -57,12 +57,4 @@ def additive_mask(allowed: Tensor, bias: Tensor | None, dtype: torch.dtype) -> T
     return out.masked_fill(~allowed, neg).unsqueeze(1)
 
 
-def log_count_bias(own_rows: int, row_count: Tensor, enabled: bool) -> Tensor | None:
-    """(B, 1, n_own + m): log(count) on received rows (ToMe's proportional attention), 0 on own rows."""
-    if not enabled:
-        return None
-    own = torch.zeros(row_count.shape[0], own_rows, dtype=row_count.dtype, device=row_count.device)
-    return torch.cat([own, row_count.clamp(min=1).log()], dim=1).unsqueeze(1)
-
-
-__all__ = ["key_valid", "causal", "and_masks", "own_mask", "remote_mask", "additive_mask", "log_count_bias"]
+__all__ = ["key_valid", "causal", "and_masks", "own_mask", "remote_mask", "additive_mask"]

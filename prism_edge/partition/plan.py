@@ -3,14 +3,26 @@
 Everything here is a pure function of the padding mask and the sink flags, so every device (and the
 simulator) derives the same plan from the same few request integers and nothing about the plan has
 to travel per layer.  Ranges are half-open [start, end) throughout.
+
+A route (src -> dst) splits the rows src sends dst into
+  exact       rows that travel as themselves: attention sinks, the window of positions just before
+              (encoders: and after) dst's slice, or every row when summarising would not pay;
+  candidates  the rest, summarised each layer: the top-k by importance travel exactly (chosen by the
+              sender at run time) and the others as one mean per group (a contiguous CR-segment, or a
+              similarity group of the same count).
+The message of one sequence is laid out as [exact | top-k | groups]; the receiver keeps that layout
+("slots") in its buffer, so its shape is fixed by the plan whatever the sender picks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
+
+OBSERVE = 16  # queries nearest a route's destination that score its rows (SnapKV's observation window)
 
 
 def split_sizes(length: int, devices: int, weights: tuple[float, ...] | None = None) -> tuple[int, ...]:
@@ -54,56 +66,92 @@ def slice_bounds(sizes: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
 
 
 @dataclass(frozen=True)
+class Fidelity:
+    """What a route sends exactly and how it summarises the rest (resolved from a PrismConfig)."""
+
+    cr: int = 1
+    window: int = 0
+    window_frac: float = 0.0
+    anchor: int = 0
+    topk: int = 0
+    topk_frac: float = 0.0
+    exact_when_cheap: bool = False
+
+    def window_for(self, receiver_rows: int) -> int:
+        return max(self.window, math.ceil(self.window_frac * receiver_rows))
+
+    def topk_for(self, candidates: int) -> int:
+        return min(candidates, max(self.topk, math.ceil(self.topk_frac * candidates)))
+
+
+@dataclass(frozen=True)
 class DeviceSlice:
-    """The rows device `rank` owns: row i of sequence b is input position `index[b, i]`."""
+    """The rows device `rank` computes: row i of sequence b is input position `index[b, i]`.
+
+    In a decoder with anchor recompute, the first `anchors[b]` rows are copies of the sequence's first
+    positions, computed here instead of received; the device answers only for its `owned` rows.
+    """
 
     rank: int
     index: Tensor  # (B, n) long; 0 where not valid
-    valid: Tensor  # (B, n) bool
-    bounds: tuple[tuple[int, int], ...]  # per sequence: [start, end) among that sequence's real positions
+    valid: Tensor  # (B, n) bool: rows computed here (anchor copies and owned rows)
+    owned: Tensor  # (B, n) bool: this device's slice
+    bounds: tuple[tuple[int, int], ...]  # per sequence: its slice [start, end) among the real positions
+    anchors: tuple[int, ...]  # per sequence: leading rows that are anchor copies
 
     @property
     def rows(self) -> int:
         return self.index.shape[1]
 
+    @property
+    def anchor_rows(self) -> Tensor:
+        """(B, n) bool: the anchor copies."""
+        return self.valid & ~self.owned
+
 
 @dataclass(frozen=True)
 class Route:
-    """What device `src` sends to device `dst` in every layer: rows that are exact positions or means.
-
-    The message is a packed (R, width) tensor: one row per (sequence, summary row), no padding rows.
-    """
+    """What device `src` sends device `dst` in every layer (see the module docstring)."""
 
     src: int
     dst: int
-    gather: Tensor  # (L,) flat indices into src's (B * n_src) local rows that enter the message
-    row: Tensor  # (L,) message row each gathered position is averaged into
-    counts: Tensor  # (R,) positions behind each message row (1 = exact)
-    scatter: Tensor  # (R,) flat indices into dst's (B * m) receive buffer for this route
-    row_valid: Tensor  # (B, m) bool: receive-buffer rows that hold a message row
-    row_count: Tensor  # (B, m) float: positions behind each buffer row (1 where invalid)
-    row_index: Tensor  # (B, m) long: input position of a single-position row, -1 for a mean or invalid row
+    exact: Tensor  # (B, e) src-local rows sent as themselves
+    exact_valid: Tensor  # (B, e)
+    cand: Tensor  # (B, c) src-local rows summarised
+    cand_valid: Tensor  # (B, c)
+    segment: Tensor  # (B, c) contiguous segment of each candidate, 0.. within its sequence (0 where invalid)
+    groups: Tensor  # (B,) summary groups per sequence
+    topk: Tensor  # (B,) candidates per sequence sent exactly by importance
+    observe: Tensor  # (B, o) src-local rows whose queries score the candidates
+    observe_valid: Tensor  # (B, o)
+    slot_valid: Tensor  # (B, S) receive-buffer slots [exact | top-k | groups] that hold a message row
+    slot_count: Tensor  # (B, S) float: positions behind a slot before any top-k pick (1 where invalid)
+    slot_index: Tensor  # (B, S) long: input position of an exact slot, -1 elsewhere
 
     @property
     def rows(self) -> int:
-        return int(self.counts.numel())
+        """Rows in the message (all sequences, no padding)."""
+        return int(self.slot_valid.sum())
 
     @property
     def width(self) -> int:
-        """Receive-buffer rows per sequence (the batch maximum)."""
-        return self.row_valid.shape[1]
+        """Receive-buffer slots per sequence."""
+        return self.slot_valid.shape[1]
 
-    def compress(self, x: Tensor) -> Tensor:
-        """(B, n_src, w) local rows -> (R, w) message: exact rows copied, others averaged."""
-        flat = x.reshape(-1, x.shape[-1])[self.gather]  # (L, w)
-        sums = flat.new_zeros(self.rows, flat.shape[-1]).index_add(0, self.row, flat)
-        return sums / self.counts.to(flat.dtype).unsqueeze(-1)
+    @property
+    def k_max(self) -> int:
+        """Top-k slots per sequence."""
+        return int(self.topk.max()) if self.topk.numel() else 0
 
-    def expand(self, message: Tensor, batch: int) -> Tensor:
-        """(R, w) message -> (B, m, w) receive buffer, zeros in invalid rows."""
-        buf = message.new_zeros(batch * self.width, message.shape[-1])
-        buf = buf.index_put((self.scatter,), message)
-        return buf.view(batch, self.width, message.shape[-1])
+    @property
+    def g_max(self) -> int:
+        """Group slots per sequence."""
+        return self.width - self.exact.shape[1] - self.k_max
+
+    @property
+    def group_rows(self) -> int:
+        """Group-mean rows in the message (all sequences)."""
+        return int(self.groups.sum())
 
 
 @dataclass(frozen=True)
@@ -111,12 +159,26 @@ class Plan:
     devices: tuple[DeviceSlice, ...]
     routes: tuple[Route, ...]
     causal: bool
-    cr: int
-    halo: int
+    fidelity: Fidelity
+
+    @property
+    def cr(self) -> int:
+        return self.fidelity.cr
 
     @property
     def world(self) -> int:
         return len(self.devices)
+
+    def to(self, device: torch.device) -> "Plan":
+        """The plan's index tensors on a model's device (plans are built on the CPU)."""
+        if torch.device(device).type == "cpu":
+            return self
+
+        def moved(obj):
+            return replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in fields(obj)
+                                   if isinstance(getattr(obj, f.name), Tensor)})
+
+        return replace(self, devices=tuple(map(moved, self.devices)), routes=tuple(map(moved, self.routes)))
 
     def routes_from(self, rank: int) -> tuple[Route, ...]:
         return tuple(r for r in self.routes if r.src == rank)
@@ -125,123 +187,138 @@ class Plan:
         return tuple(r for r in self.routes if r.dst == rank)
 
 
-def _exact_rows(n: int, sink: Tensor, src: int, dst: int, halo: int, causal: bool) -> Tensor:
-    """Which of src's n local rows travel to dst uncompressed: sinks plus the halo next to dst."""
-    local = torch.arange(n)
-    exact = sink.clone()
-    if halo > 0 and dst == src + 1:  # dst's slice starts right after ours: our tail is its past
-        exact |= local >= n - halo
-    if halo > 0 and dst == src - 1 and not causal:  # bidirectional: our head borders dst's tail
-        exact |= local < halo
-    return exact
-
-
-def _summary_rows(n: int, cr: int, exact: Tensor) -> tuple[Tensor, Tensor]:
-    """Group n local rows into message rows: each exact row alone, the rest by CR-segment.
-
-    Returns (message row of each local row, sort key of each message row).
-    """
-    local = torch.arange(n)
-    n_seg = (n + cr - 1) // cr
-    key = torch.where(exact, n_seg + local, local // cr)
-    keys, inverse = torch.unique(key, sorted=True, return_inverse=True)
-    return inverse, keys
-
-
 def make_plan(
     valid: Tensor,
     sink: Tensor,
     *,
     devices: int,
-    cr: int,
-    halo: int = 0,
+    fidelity: Fidelity | None = None,
     causal: bool = False,
     weights: tuple[float, ...] | None = None,
     sizes: tuple[int, ...] | None = None,
 ) -> Plan:
-    """Partition every sequence's real positions across devices and route Segment Means between them.
+    """Partition every sequence's real positions across devices and route summaries between them.
 
     valid: (B, N) bool, True at real (non-padding) positions.  sink: (B, N) bool, positions to send
     exactly.  Each sequence is split over its own real positions, so padding never enters a slice
     or a mean, and a sequence's plan never depends on the rest of the batch.  In a causal plan a
     device sends only to later devices (earlier ones may not see its positions).
     """
+    fid = fidelity or Fidelity()
     if valid.dim() != 2 or sink.shape != valid.shape:
         raise ValueError(f"valid and sink must both be (batch, positions); got {tuple(valid.shape)}, {tuple(sink.shape)}")
+    if fid.anchor and not causal:
+        raise ValueError("anchor recompute needs a causal model; use anchor=0 for encoders")
     valid, sink = valid.cpu().bool(), sink.cpu().bool()
     batch = valid.shape[0]
     real = [torch.nonzero(valid[b]).flatten() for b in range(batch)]
-    bounds = []
-    for b, positions in enumerate(real):
-        if len(positions) < devices:
-            raise ValueError(
-                f"sequence {b} has {len(positions)} real positions but devices={devices}: every device needs at "
-                f"least one position; use devices <= {len(positions)} or give that sequence more tokens"
-            )
-        if sizes is not None:  # an explicit layout, e.g. a prompt's slices plus generated tokens on the last device
-            if len(sizes) != devices or sum(sizes) != len(positions) or min(sizes) < 1:
-                raise ValueError(f"sizes {sizes} must be {devices} positive slice sizes summing to sequence {b}'s "
-                                 f"{len(positions)} real positions")
-            bounds.append(slice_bounds(tuple(sizes)))
-            continue
-        bounds.append(slice_bounds(split_sizes(len(positions), devices, weights)))
-
-    slices = []
-    for p in range(devices):
-        n_max = max(bounds[b][p][1] - bounds[b][p][0] for b in range(batch))
-        index = torch.zeros(batch, n_max, dtype=torch.long)
-        ok = torch.zeros(batch, n_max, dtype=torch.bool)
-        for b in range(batch):
-            s, e = bounds[b][p]
-            index[b, : e - s] = real[b][s:e]
-            ok[b, : e - s] = True
-        slices.append(DeviceSlice(p, index, ok, tuple(bounds[b][p] for b in range(batch))))
-
+    bounds = [_bounds(len(positions), b, devices, weights, sizes) for b, positions in enumerate(real)]
+    anchors = [[min(fid.anchor, bounds[b][p][0]) for p in range(devices)] for b in range(batch)]
+    slices = tuple(_slice(p, real, bounds, anchors) for p in range(devices))
     routes = []
     for src in range(devices):
         for dst in range(devices):
             if dst == src or (causal and dst < src):
                 continue
-            routes.append(_route(slices[src], src, dst, sink, cr, halo, causal))
-    return Plan(tuple(slices), tuple(routes), causal, cr, halo)
+            route = _route(slices[src], src, dst, real, sink, bounds, anchors, fid, causal)
+            if route.rows:
+                routes.append(route)
+    return Plan(slices, tuple(routes), causal, fid)
 
 
-def _route(sl: DeviceSlice, src: int, dst: int, sink: Tensor, cr: int, halo: int, causal: bool) -> Route:
-    batch, n_max = sl.index.shape
-    gather, row, counts, per_seq = [], [], [], []
-    offset = 0
+def _bounds(length: int, b: int, devices: int, weights, sizes) -> tuple[tuple[int, int], ...]:
+    if length < devices:
+        raise ValueError(
+            f"sequence {b} has {length} real positions but devices={devices}: every device needs at "
+            f"least one position; use devices <= {length} or give that sequence more tokens"
+        )
+    if sizes is not None:  # an explicit layout, e.g. a prompt's slices plus generated tokens on the last device
+        if len(sizes) != devices or sum(sizes) != length or min(sizes) < 1:
+            raise ValueError(f"sizes {sizes} must be {devices} positive slice sizes summing to sequence {b}'s "
+                             f"{length} real positions")
+        return slice_bounds(tuple(sizes))
+    return slice_bounds(split_sizes(length, devices, weights))
+
+
+def _pad(rows: list[list[int]], fill: int = 0) -> tuple[Tensor, Tensor]:
+    """Ragged per-sequence lists -> (B, max) long tensor and its validity mask."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    ok = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        ok[b, : len(r)] = True
+    return out, ok
+
+
+def _slice(p: int, real: list[Tensor], bounds, anchors) -> DeviceSlice:
+    rows, owned = [], []
+    for b, positions in enumerate(real):
+        s, e = bounds[b][p]
+        a = anchors[b][p]
+        rows.append(positions[:a].tolist() + positions[s:e].tolist())
+        owned.append([False] * a + [True] * (e - s))
+    index, ok = _pad(rows)
+    own = torch.zeros_like(ok)
+    for b, flags in enumerate(owned):
+        own[b, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
+    return DeviceSlice(p, index, ok, own, tuple(bounds[b][p] for b in range(len(real))),
+                       tuple(anchors[b][p] for b in range(len(real))))
+
+
+def _route(sl: DeviceSlice, src: int, dst: int, real, sink: Tensor, bounds, anchors, fid: Fidelity,
+           causal: bool) -> Route:
+    """The route src -> dst for every sequence: exact rows, candidates, segments, top-k, observers."""
+    exact, cand, segment, groups, topk, observe = [], [], [], [], [], []
+    counts, index = [], []
+    for b, positions in enumerate(real):
+        (s, e), (ds, de), a_src = bounds[b][src], bounds[b][dst], anchors[b][src]
+        first = max(s, anchors[b][dst])  # dst recomputes its anchors itself
+        reals = list(range(first, e))  # real-position indices (into `positions`) this route may carry
+        w = fid.window_for(de - ds)
+        flags = sink[b, positions[reals]].tolist() if reals else []
+        is_exact = [fid.cr == 1 or f or ds - w <= r < ds or (not causal and de <= r < de + w)
+                    for r, f in zip(reals, flags)]
+        ex = [r for r, x in zip(reals, is_exact) if x]
+        cd = [r for r, x in zip(reals, is_exact) if not x]
+        keys = sorted({(r - s) // fid.cr for r in cd})
+        k = fid.topk_for(len(cd))
+        if fid.exact_when_cheap and cd and 2 * (len(ex) + k + len(keys)) >= len(reals):
+            ex, cd, keys, k = reals, [], [], 0  # summarising would not halve the rows: send them as they are
+        renumber = {key: i for i, key in enumerate(keys)}
+        local = lambda r: a_src + (r - s)  # noqa: E731 - real index -> src-local row
+        exact.append([local(r) for r in ex])
+        cand.append([local(r) for r in cd])
+        segment.append([renumber[(r - s) // fid.cr] for r in cd])
+        groups.append(len(keys))
+        topk.append(k)
+        sizes = [0] * len(keys)
+        for r in cd:
+            sizes[renumber[(r - s) // fid.cr]] += 1
+        counts.append(sizes)
+        index.append([int(positions[r]) for r in ex])
+        own = list(range(a_src, a_src + (e - s)))
+        observe.append(own[-OBSERVE:] if dst > src else own[:OBSERVE])
+    ex_t, ex_ok = _pad(exact)
+    cd_t, cd_ok = _pad(cand)
+    seg_t, _ = _pad(segment)
+    obs_t, obs_ok = _pad(observe)
+    groups_t, topk_t = torch.tensor(groups, dtype=torch.long), torch.tensor(topk, dtype=torch.long)
+    slot_valid, slot_count, slot_index = _slots(ex_ok, topk_t, groups_t, counts, index)
+    return Route(src, dst, ex_t, ex_ok, cd_t, cd_ok, seg_t, groups_t, topk_t, obs_t, obs_ok,
+                 slot_valid, slot_count, slot_index)
+
+
+def _slots(ex_ok: Tensor, topk: Tensor, groups: Tensor, counts: list[list[int]], index: list[list[int]]):
+    """Receive-buffer layout per sequence: [exact (e) | top-k (k_max) | groups (g_max)]."""
+    batch, e = ex_ok.shape
+    k_max = int(topk.max()) if len(topk) else 0
+    g_max = int(groups.max()) if len(groups) else 0
+    ks, gs = torch.arange(k_max), torch.arange(g_max)
+    slot_valid = torch.cat([ex_ok, ks < topk.unsqueeze(1), gs < groups.unsqueeze(1)], dim=1)
+    slot_count = torch.ones(batch, e + k_max + g_max)
+    slot_index = torch.full((batch, e + k_max + g_max), -1, dtype=torch.long)
     for b in range(batch):
-        n = int(sl.valid[b].sum())
-        positions = sl.index[b, :n]
-        exact = _exact_rows(n, sink[b, positions], src, dst, halo, causal)
-        inverse, keys = _summary_rows(n, cr, exact)
-        gather.append(b * n_max + torch.arange(n))
-        row.append(offset + inverse)
-        counts.append(torch.bincount(inverse, minlength=len(keys)))
-        # a row standing for a single position (exact, or a segment of one) keeps that position
-        first = torch.full((len(keys),), n, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(n), "amin")
-        row_index = torch.where(counts[-1] == 1, positions[first.clamp(max=n - 1)], -1)
-        per_seq.append((counts[-1], row_index))
-        offset += len(keys)
-    m = max(len(c) for c, _ in per_seq)
-    row_valid = torch.zeros(batch, m, dtype=torch.bool)
-    row_count = torch.ones(batch, m)
-    row_index = torch.full((batch, m), -1, dtype=torch.long)
-    scatter = []
-    for b, (c, idx) in enumerate(per_seq):
-        r = len(c)
-        row_valid[b, :r] = True
-        row_count[b, :r] = c.float()
-        row_index[b, :r] = idx
-        scatter.append(b * m + torch.arange(r))
-    return Route(
-        src=src,
-        dst=dst,
-        gather=torch.cat(gather),
-        row=torch.cat(row),
-        counts=torch.cat(counts),
-        scatter=torch.cat(scatter),
-        row_valid=row_valid,
-        row_count=row_count,
-        row_index=row_index,
-    )
+        slot_count[b, e + k_max : e + k_max + len(counts[b])] = torch.tensor(counts[b], dtype=torch.float)
+        slot_index[b, : len(index[b])] = torch.tensor(index[b], dtype=torch.long)
+    return slot_valid, slot_count, slot_index

@@ -157,6 +157,7 @@ class Cluster:
             self.loaded = load_model(self.model_name, cache_dir=cache_dir)  # first, so workers hit a warm cache
             self.model, self.tokenizer = self.loaded.model.to(self.device), self.loaded.tokenizer
             self.adapter = adapter_for(self.model)
+            self.cfg = self.cfg.resolved(self.adapter.kind)  # workers get every option spelled out
             self.comm = DistCommunicator(None, 0, 1, timeout)
             if self.world > 1:
                 self._start_group(endpoint, spawn, startup_timeout, cache_dir)
@@ -371,7 +372,7 @@ class Cluster:
         if header.mode not in ("all", "pooled"):
             return protocol.assemble(parts, names, plan, header.mode, length)
         if header.mode == "pooled":  # only rank 0's rows are here, and the pooler reads position 0 (rank 0's)
-            parts = [parts[0]] + [[t.new_zeros(int(sl.valid.sum()), t.shape[-1]) for t in parts[0]]
+            parts = [parts[0]] + [[t.new_zeros(int(sl.owned.sum()), t.shape[-1]) for t in parts[0]]
                                   for sl in plan.devices[1:]]
         full = protocol.assemble(parts, names, plan, "all", length)
         device = next(self.model.parameters()).device

@@ -43,13 +43,14 @@ class LocalCommunicator:
         self.world = world
         self.ledger = ledger if ledger is not None else ByteLedger()
 
-    def exchange(self, stage: object, outgoing: list[dict[int, Tensor]]) -> list[dict[int, Tensor]]:
-        """outgoing[src][dst] -> incoming[dst][src], every message counted."""
+    def exchange(self, stage: object, outgoing: list[dict[int, list[Tensor]]]) -> list[dict[int, list[Tensor]]]:
+        """outgoing[src][dst] -> incoming[dst][src]: a message is a list of tensors, every one counted."""
         if len(outgoing) != self.world:
             raise AssertionError(f"expected messages from {self.world} devices, got {len(outgoing)}")
-        incoming: list[dict[int, Tensor]] = [{} for _ in range(self.world)]
+        incoming: list[dict[int, list[Tensor]]] = [{} for _ in range(self.world)]
         for src, messages in enumerate(outgoing):
-            for dst, tensor in messages.items():
-                self.ledger.record(stage, src, dst, tensor)
-                incoming[dst][src] = tensor
+            for dst, tensors in messages.items():
+                for tensor in tensors:
+                    self.ledger.record(stage, src, dst, tensor)
+                incoming[dst][src] = tensors
         return incoming

@@ -23,9 +23,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from ..config import PrismConfig
 from ..models.base import Adapter, Batch
 from ..partition import masks
-from ..partition.plan import Plan
-
-WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from ..partition.plan import Plan, Route
+from . import message
+from .message import Codec
 
 
 def resolve_payload(cfg: PrismConfig, rotary: bool, hidden: int, kv_width: int) -> str:
@@ -87,35 +87,46 @@ class LayerState:
 
 class DeviceExecutor:
     def __init__(self, adapter: Adapter, plan: Plan, rank: int, cfg: PrismConfig, batch: Batch) -> None:
+        if not cfg.is_resolved:
+            cfg = cfg.resolved(adapter.kind)
         self.adapter, self.plan, self.rank, self.cfg = adapter, plan, rank, cfg
         self.geo = g = adapter.geometry
         self.slice = plan.devices[rank]
         self.out_routes = plan.routes_from(rank)
         self.in_routes = plan.routes_to(rank)
         self.payload = resolve_payload(cfg, g.rotary, g.hidden, g.kv_width)
-        self.wire_dtype = WIRE_DTYPES[cfg.wire_dtype]
+        kv = self.payload == "kv"
+        self.codec = Codec(cfg.wire_dtype or "float32", cfg.grouping or "contiguous",
+                           quant_group=g.head_dim if kv else g.hidden, cluster_width=g.kv_width if kv else g.hidden)
         self.positions = torch.gather(batch.positions, 1, self.slice.index)  # (B, n)
         self.remote_positions = [
-            torch.gather(batch.positions, 1, r.row_index.clamp(min=0)) for r in self.in_routes
-        ]  # (B, m) per incoming route; only exact rows' entries are meaningful
-        self._mask: Tensor | None = None
+            torch.gather(batch.positions, 1, r.slot_index.clamp(min=0)) for r in self.in_routes
+        ]  # (B, S) per incoming route; only exact slots' entries are meaningful
+        self._own_mask: Tensor | None = None
         self._rope: tuple | None = None
         self.keep_cache = False  # keep each layer's K/V after the forward, for decoding on this device
         self.cache: list[KVCache] = []
 
     # ------------------------------------------------------------------ set-up per request
-    def mask(self, dtype: torch.dtype) -> Tensor:
-        """(B, 1, n, n + M) additive mask over [own rows ; received rows], built once per request."""
-        if self._mask is None or self._mask.dtype != dtype:
-            n = self.slice.rows
-            allowed = [masks.own_mask(self.slice.valid, self.geo.causal)]
-            allowed += [masks.remote_mask(r.row_valid, n) for r in self.in_routes]
-            counts = torch.cat([r.row_count for r in self.in_routes], dim=1) if self.in_routes else None
-            bias = None
-            if counts is not None and self.cfg.count_bias and self.cfg.scheme == "prism":
-                bias = masks.log_count_bias(n, counts, True)
-            self._mask = masks.additive_mask(torch.cat(allowed, dim=2), bias, dtype)
-        return self._mask
+    def own_mask(self, dtype: torch.dtype) -> Tensor:
+        """(B, 1, n, n) additive mask over the own rows (anchor copies included), built once per request."""
+        if self._own_mask is None or self._own_mask.dtype != dtype:
+            allowed = masks.own_mask(self.slice.valid, self.geo.causal)
+            self._own_mask = masks.additive_mask(allowed, None, dtype)
+        return self._own_mask
+
+    def remote_mask(self, slots: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
+        """(B, 1, n, M) additive mask over the received slots of this layer: (validity, count) per route."""
+        n = self.slice.rows
+        if not slots:
+            return torch.zeros(self.slice.valid.shape[0], 1, n, 0, dtype=dtype, device=self.slice.valid.device)
+        valid = torch.cat([v for v, _ in slots], dim=1)
+        # anchor copies are the sequence's first positions: everything received lies in their future
+        allowed = masks.and_masks(masks.remote_mask(valid, n), ~self.slice.anchor_rows.unsqueeze(-1))
+        bias = None
+        if self.cfg.count_bias and self.cfg.scheme == "prism":
+            bias = torch.cat([c for _, c in slots], dim=1).log().unsqueeze(1)  # (B, 1, M)
+        return masks.additive_mask(allowed, bias, dtype)
 
     def rope(self, x: Tensor):
         """(own cos/sin, [cos/sin per incoming route]) for rotary models, computed once per request."""
@@ -126,10 +137,10 @@ class DeviceExecutor:
             self._rope = (own, remote)
         return self._rope
 
-    def expected(self) -> dict[int, tuple[int, int]]:
-        """Shape (rows, width) of the message from every device that sends to this one."""
+    def expected(self) -> dict[int, list[tuple[tuple[int, ...], torch.dtype]]]:
+        """(shape, dtype) of every tensor of the message from every device that sends to this one."""
         width = self.wire_width()
-        return {r.src: (r.rows, width) for r in self.in_routes}
+        return {r.src: self.codec.expected(r, width) for r in self.in_routes}
 
     def wire_width(self) -> int:
         return 2 * self.geo.kv_width if self.payload == "kv" else self.geo.hidden
@@ -146,9 +157,13 @@ class DeviceExecutor:
         b, _, n, _ = t.shape
         return t.transpose(1, 2).reshape(b, n, -1)  # (B, n, heads * hd)
 
-    def send(self, index: int, x: Tensor) -> tuple[LayerState, dict[int, Tensor]]:
-        """Only what the outgoing messages need: the attention input (and K, V for a kv payload)."""
+    def send(self, index: int, x: Tensor) -> tuple[LayerState, dict[int, list[Tensor]]]:
+        """Only what the outgoing messages need: the attention input (and K, V for a kv payload; Q and
+        K when top-k rows are chosen by the attention the own queries pay them)."""
         layer = self.adapter.layers()[index]
+        if self.codec.wire == "int8" and self.adapter.model.training and torch.is_grad_enabled():
+            raise ValueError("the int8 wire has no gradient (rounding); fine-tune with wire_dtype float16 or "
+                             "bfloat16, then serve with int8")
         state = LayerState(index, x, self.adapter.attn_input(layer, x))
         if self.payload == "kv":
             g = self.geo
@@ -160,8 +175,30 @@ class DeviceExecutor:
             source = torch.cat([self._flat(state.k), self._flat(state.v)], dim=-1)
         else:
             source = state.h
-        outgoing = {r.dst: r.compress(source).to(self.wire_dtype) for r in self.out_routes}
+        scores: dict[bool, Tensor] = {}
+        if any(r.k_max for r in self.out_routes):
+            self.project(state)
+        outgoing = {}
+        for r in self.out_routes:
+            side = r.dst > self.rank
+            if r.k_max and side not in scores:
+                scores[side] = self.importance(state, r)
+            outgoing[r.dst] = message.pack(r, source, scores.get(side), self.codec)
         return state, outgoing
+
+    @torch.no_grad()
+    def importance(self, state: LayerState, route: Route) -> Tensor:
+        """(B, n) attention the route's observing queries (the own rows nearest its destination) pay
+        each own row, summed over heads and queries: the sender's local guess at what dst would attend to."""
+        k, _ = self._expand_kv(state.k, state.v)  # (B, H, n, hd)
+        obs = route.observe  # (B, o)
+        q = torch.gather(state.q, 2, obs.view(obs.shape[0], 1, -1, 1).expand(-1, state.q.shape[1], -1,
+                                                                            state.q.shape[-1]))  # (B, H, o, hd)
+        mask = self.own_mask(q.dtype)
+        mask = torch.gather(mask, 2, obs.view(obs.shape[0], 1, -1, 1).expand(-1, 1, -1, mask.shape[-1]))
+        logits = torch.matmul(q, k.transpose(-1, -2)) * self.adapter.scale(state.index) + mask  # (B, H, o, n)
+        weights = logits.float().softmax(-1) * route.observe_valid.view(obs.shape[0], 1, -1, 1)
+        return weights.sum(dim=(1, 2))  # (B, n)
 
     def project(self, state: LayerState) -> LayerState:
         """The own rows' Q (and K, V where send did not need them): runs while the messages travel."""
@@ -182,12 +219,12 @@ class DeviceExecutor:
         state.q = q
         return state
 
-    def _remote_kv(self, layer, incoming: dict[int, Tensor], like: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def _remote_kv(self, layer, incoming: dict[int, list[Tensor]], like: Tensor
+                   ) -> tuple[list[Tensor], list[Tensor], list[tuple[Tensor, Tensor]]]:
         g = self.geo
-        keys, values = [], []
+        keys, values, slots = [], [], []
         for j, route in enumerate(self.in_routes):
-            message = incoming[route.src].to(device=like.device, dtype=like.dtype)  # gloo delivers to host memory
-            rows = route.expand(message, like.shape[0])  # (B, m, width)
+            rows, valid, count = message.unpack(route, incoming[route.src], self.codec, like.shape[0], like)
             if self.payload == "kv":
                 k, v = rows.split(g.kv_width, dim=-1)
                 k, v = self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
@@ -199,7 +236,8 @@ class DeviceExecutor:
                     k, _ = apply_rotary_pos_emb(k, k, cos, sin)
             keys.append(k)
             values.append(v)
-        return keys, values
+            slots.append((valid, count))
+        return keys, values, slots
 
     def _expand_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.geo.heads != self.geo.kv_heads:
@@ -226,10 +264,10 @@ class DeviceExecutor:
         if self.adapter.model.training and self.adapter.attn_dropout() > 0:
             raise ValueError("split (overlapped) attention is for inference; call model.eval() or use receive() alone")
         self.project(state)
-        n = self.slice.rows
-        return self._partial(index, state.q, state.k, state.v, self.mask(state.q.dtype)[..., :n])
+        return self._partial(index, state.q, state.k, state.v, self.own_mask(state.q.dtype))
 
-    def receive(self, index: int, state: LayerState, incoming: dict[int, Tensor], own: Partial | None = None) -> Tensor:
+    def receive(self, index: int, state: LayerState, incoming: dict[int, list[Tensor]],
+                own: Partial | None = None) -> Tensor:
         """Finish the layer once the messages are in.
 
         Without `own`: one attention over [own keys ; received keys].  With `own` (from attend_own,
@@ -238,14 +276,13 @@ class DeviceExecutor:
         """
         layer = self.adapter.layers()[index]
         self.project(state)
-        keys, values = self._remote_kv(layer, incoming, state.x)
+        keys, values, slots = self._remote_kv(layer, incoming, state.x)
+        remote_mask = self.remote_mask(slots, state.q.dtype)
         if self.keep_cache:
-            self._keep(state, keys, values)
+            self._keep(state, keys, values, remote_mask)
         if own is not None:
             if keys:
-                n = self.slice.rows
-                remote = self._partial(index, state.q, torch.cat(keys, dim=2), torch.cat(values, dim=2),
-                                       self.mask(state.q.dtype)[..., n:])
+                remote = self._partial(index, state.q, torch.cat(keys, dim=2), torch.cat(values, dim=2), remote_mask)
                 ctx = own.merge(remote)
             else:
                 ctx = own.out
@@ -256,7 +293,7 @@ class DeviceExecutor:
             state.q,
             k,
             v,
-            attn_mask=self.mask(state.q.dtype),
+            attn_mask=torch.cat([self.own_mask(state.q.dtype), remote_mask], dim=-1),
             dropout_p=dropout,
             scale=self.adapter.scale(index),
         )  # (B, H, n, hd)
@@ -266,14 +303,14 @@ class DeviceExecutor:
         return self.adapter.final(x)
 
     # ------------------------------------------------------------------ decoding (KV cache)
-    def _keep(self, state: LayerState, keys: list[Tensor], values: list[Tensor]) -> None:
+    def _keep(self, state: LayerState, keys: list[Tensor], values: list[Tensor], remote_mask: Tensor) -> None:
         n, dtype = self.slice.rows, state.q.dtype
-        mask = self.mask(dtype)  # (B, 1, n, n + M); in a decoder every own row sees the same received rows
         empty = state.k[:, :, :0]
-        own = torch.zeros(mask.shape[0], 1, 1, n, dtype=dtype, device=mask.device)
-        own = own.masked_fill(~self.slice.valid.view(-1, 1, 1, n).to(mask.device), torch.finfo(dtype).min)
+        own = torch.zeros(remote_mask.shape[0], 1, 1, n, dtype=dtype, device=remote_mask.device)
+        own = own.masked_fill(~self.slice.valid.view(-1, 1, 1, n).to(own.device), torch.finfo(dtype).min)
+        # in a decoder every owned row sees the same received rows: the last row's mask serves new tokens
         self.cache.append(KVCache(state.k, state.v, own, torch.cat(keys, 2) if keys else empty,
-                                  torch.cat(values, 2) if values else empty, mask[:, :, -1:, n:]))
+                                  torch.cat(values, 2) if values else empty, remote_mask[:, :, -1:, :]))
 
     def decode(self, index: int, x: Tensor, positions: Tensor) -> Tensor:
         """One new position appended after this device's slice (B, 1, d): exact attention over its own

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..config import PrismConfig
 from ..models import adapter_for
-from .simulator import simulate
+from .simulator import run_devices
 from .stats import Stats
 
 TOKEN_ID_BYTES = 8  # an int64 token id from the last device to the coordinator
@@ -126,8 +126,7 @@ def generate(
     check_prompt(adapter, input_ids, max_new_tokens)
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
-    devs: list = []
-    out = simulate(model, cfg, input_ids=input_ids.to(device), count_flops=False, executors=devs)
+    out, devs = run_devices(model, cfg, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
     result = Generation(prompt_ids=input_ids.cpu(), prefill_stats=out.stats)
     decode_loop(adapter, devs[-1], out.logits[:, -1], input_ids.shape[1], max_new_tokens, sampling, stop_ids,
                 result, on_token, keep_logits)

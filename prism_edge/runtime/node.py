@@ -23,7 +23,7 @@ from ..models.base import Batch
 from ..partition.plan import Plan
 from . import protocol
 from .device import DeviceExecutor
-from .simulator import _plan_on, _to as _batch_to, plan_for
+from .simulator import plan_for
 from .stats import FlopTally
 from .transport import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS, DeviceLost, DistCommunicator
 
@@ -80,7 +80,7 @@ def run_device(
     rank = comm.rank
     device = next(adapter.model.parameters()).device
     if device.type != "cpu":
-        plan, batch = _plan_on(plan, device), _batch_to(batch, device)
+        plan, batch = plan.to(device), batch.to(device)
         local = {k: v.to(device) for k, v in local.items()}
     dev = DeviceExecutor(adapter, plan, rank, cfg, batch)
     dev.keep_cache = keep_cache
@@ -92,7 +92,8 @@ def run_device(
         for i in range(adapter.geometry.layers):
             _inject(fault, i)
             t0 = time.perf_counter()
-            posted = comm.post_layer(i, dev.expected(), dev.wire_dtype)
+            expected = dev.expected()
+            posted = comm.post_layer(i, expected)
             state, outgoing = tally.run(i, rank, dev.send, i, x)
             if not overlap:  # the plain order: all of the layer's projections before anything is sent
                 tally.run(i, rank, dev.project, state)
@@ -100,7 +101,7 @@ def run_device(
             # overlap: while the messages travel, Q/K/V of the own rows and attention over them
             own = tally.run(i, rank, dev.attend_own, i, state) if overlap and dev.in_routes else None
             t1 = time.perf_counter()
-            incoming = comm.collect_layer(i, posted)
+            incoming = comm.collect_layer(i, posted, expected)
             t2 = time.perf_counter()
             x = tally.run(i, rank, dev.receive, i, state, incoming, own)
             run.compute_s.append((t1 - t0) + (time.perf_counter() - t2))
@@ -165,6 +166,7 @@ def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, 
     the coordinator died or hung: DeviceLost.
     """
     rank, layers, causal = comm.rank, adapter.geometry.layers, adapter.geometry.causal
+    cfg = cfg.resolved(adapter.kind)
     fault = _fault(rank)
     served = 0
     while True:

@@ -139,14 +139,14 @@ def output_tensors(finals: dict[str, Tensor], plan: Plan, rank: int, mode: str) 
     position 0, which lives on rank 0).
     """
     sl = plan.devices[rank]
-    valid = sl.valid.to(next(iter(finals.values())).device)
+    valid = sl.owned.to(next(iter(finals.values())).device)  # anchor copies are answered by their owner
     out = []
     for name in sorted(finals):
         t = finals[name]
         if mode == "all":
             out.append(t[valid])
         elif mode == "last" and rank == plan.world - 1:
-            last = valid.sum(1) - 1
+            last = sl.valid.sum(1).to(valid.device) - 1  # owned rows come after any anchor copies
             out.append(t[torch.arange(t.shape[0], device=t.device), last])
         elif mode == "mean":
             out.append((t * valid.unsqueeze(-1).to(t.dtype)).sum(1))
@@ -155,7 +155,7 @@ def output_tensors(finals: dict[str, Tensor], plan: Plan, rank: int, mode: str) 
 
 def output_buffers(widths: dict[str, int], plan: Plan, rank: int, mode: str, dtype: torch.dtype) -> list[Tensor]:
     B = plan.devices[0].index.shape[0]
-    rows = {"all": int(plan.devices[rank].valid.sum()), "mean": B,
+    rows = {"all": int(plan.devices[rank].owned.sum()), "mean": B,
             "last": B if rank == plan.world - 1 else 0, "pooled": 0}[mode]
     if rows == 0:
         return []
@@ -171,13 +171,13 @@ def assemble(parts: list[list[Tensor]], names: list[str], plan: Plan, mode: str,
             width = parts[0][i].shape[-1]
             full = parts[0][i].new_zeros(B * length, width)
             for p, sl in enumerate(plan.devices):
-                flat = (sl.index + torch.arange(B).unsqueeze(1) * length)[sl.valid]
+                flat = (sl.index + torch.arange(B).unsqueeze(1) * length)[sl.owned]
                 full[flat] = parts[p][i]
             out[name] = full.view(B, length, width)
         elif mode == "last":
             out[name] = parts[plan.world - 1][i].unsqueeze(1)
         elif mode == "mean":
-            count = sum(sl.valid.sum(1) for sl in plan.devices).clamp(min=1)
+            count = sum(sl.owned.sum(1) for sl in plan.devices).clamp(min=1)
             total = sum(part[i] for part in parts)
             out[name] = (total / count.unsqueeze(-1).to(total.dtype)).unsqueeze(1)
     return out

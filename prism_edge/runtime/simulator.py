@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
 
 from ..config import PrismConfig
 from ..models import Adapter, Batch, adapter_for
-from ..partition.plan import Plan, make_plan
+from ..partition.plan import Fidelity, Plan, make_plan
 from .comm import ByteLedger, LocalCommunicator
 from .device import DeviceExecutor
 from .protocol import input_tensors, meta_tensors, output_tensors, request_header
@@ -37,15 +37,19 @@ class PrismOutput:
 
 
 def plan_for(batch: Batch, cfg: PrismConfig, causal: bool, sizes: tuple[int, ...] | None = None) -> Plan:
-    """The plan a config implies: Voltage and full are plain exact exchanges (CR=1, no extras)."""
+    """The plan a resolved config implies: Voltage and full are plain exact exchanges (CR=1, no extras)."""
+    if not cfg.is_resolved:
+        raise AssertionError("plan_for needs a resolved config: call cfg.resolved(adapter.kind) first")
     prism = cfg.scheme == "prism"
     sink = batch.sink if (prism and cfg.sinks) else torch.zeros_like(batch.sink)
+    fidelity = Fidelity(cr=cfg.effective_cr, window=cfg.window, window_frac=cfg.window_frac,
+                        anchor=cfg.anchor if causal else 0, topk=cfg.topk, topk_frac=cfg.topk_frac,
+                        exact_when_cheap=cfg.exact_when_cheap) if prism else Fidelity()
     return make_plan(
         batch.valid,
         sink,
         devices=cfg.effective_devices,
-        cr=cfg.effective_cr,
-        halo=cfg.halo if prism else 0,
+        fidelity=fidelity,
         causal=causal,
         weights=cfg.weights if cfg.scheme != "full" else None,
         sizes=sizes,
@@ -57,18 +61,9 @@ def scatter_rows(parts: list[Tensor], plan: Plan, batch: int, length: int) -> Te
     tail = parts[0].shape[2:]
     out = parts[0].new_zeros(batch * length, *tail)
     for part, sl in zip(parts, plan.devices):
-        flat = (sl.index + torch.arange(batch, device=sl.index.device).unsqueeze(1) * length)[sl.valid]
-        out = out.index_put((flat.to(out.device),), part[sl.valid.to(part.device)])
+        flat = (sl.index + torch.arange(batch, device=sl.index.device).unsqueeze(1) * length)[sl.owned]
+        out = out.index_put((flat.to(out.device),), part[sl.owned.to(part.device)])
     return out.view(batch, length, *tail)
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    return Batch(
-        valid=batch.valid.to(device),
-        positions=batch.positions.to(device),
-        sink=batch.sink,
-        per_position={k: v.to(device) for k, v in batch.per_position.items()},
-    )
 
 
 def simulate(
@@ -84,7 +79,6 @@ def simulate(
     adapter: Adapter | None = None,
     overlap: bool = False,
     sizes: tuple[int, ...] | None = None,
-    executors: list | None = None,
 ) -> PrismOutput:
     """Run `model` as `cfg.devices` devices would under PRISM, all inside this process.
 
@@ -97,32 +91,42 @@ def simulate(
     and its outputs back (stages "input" and "output", all positions returned).
 
     sizes: explicit slice sizes (every sequence split the same way), e.g. to re-run a generated
-    sequence with the prompt's layout.  executors: a list that receives the per-device executors,
-    which then keep their per-layer K/V for decoding (see runtime.generate).
+    sequence with the prompt's layout.
     """
+    out, _ = run_devices(model, cfg, input_ids=input_ids, attention_mask=attention_mask,
+                         token_type_ids=token_type_ids, position_ids=position_ids, pixel_values=pixel_values,
+                         count_flops=count_flops, adapter=adapter, overlap=overlap, sizes=sizes)
+    return out
+
+
+def run_devices(
+    model: nn.Module,
+    cfg: PrismConfig | None = None,
+    *,
+    count_flops: bool = True,
+    adapter: Adapter | None = None,
+    overlap: bool = False,
+    sizes: tuple[int, ...] | None = None,
+    keep_cache: bool = False,
+    **inputs: Tensor | None,
+) -> tuple[PrismOutput, list[DeviceExecutor]]:
+    """`simulate`, also returning the per-device executors; with keep_cache they hold every layer's K/V
+    after the forward, for decoding (runtime.generate)."""
     cfg = cfg if cfg is not None else PrismConfig()
     if not isinstance(cfg, PrismConfig):
         raise ValueError(f"cfg must be a PrismConfig, got {type(cfg).__name__}; use PrismConfig(devices=4, cr=16)")
     adapter = adapter if adapter is not None else adapter_for(model)
-    batch = adapter.prepare(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        token_type_ids=token_type_ids,
-        position_ids=position_ids,
-        pixel_values=pixel_values,
-        sink_token_ids=cfg.sink_token_ids,
-    )
+    cfg = cfg.resolved(adapter.kind)
+    batch = adapter.prepare(**inputs, sink_token_ids=cfg.sink_token_ids)
     plan = plan_for(batch, cfg, adapter.geometry.causal, sizes)
     device = next(model.parameters()).device
-    local_batch = _to(batch, device)
+    local_batch = batch.to(device)
     B, N = batch.valid.shape
     ledger, tally = ByteLedger(), FlopTally(count_flops)
     comm = LocalCommunicator(plan.world, ledger)
-    devs = [DeviceExecutor(adapter, _plan_on(plan, device), p, cfg, local_batch) for p in range(plan.world)]
-    if executors is not None:
-        for d in devs:
-            d.keep_cache = True
-        executors.extend(devs)
+    devs = [DeviceExecutor(adapter, plan.to(device), p, cfg, local_batch) for p in range(plan.world)]
+    for d in devs:
+        d.keep_cache = keep_cache
     header = request_header(batch, 0, "all")
     for p in range(1, plan.world):
         for t in meta_tensors(batch, header) + input_tensors(batch, plan, p):
@@ -142,16 +146,4 @@ def simulate(
     outputs = {name: scatter_rows([f[name] for f in finals], plan, B, N) for name in finals[0]}
     outputs.update(tally.run("head", 0, adapter.pool, outputs))  # the first position lives on device 0
     stats = Stats.collect(plan.world, adapter.geometry.layers, ledger, tally)
-    return PrismOutput(**outputs, stats=stats, plan=plan)
-
-
-def _plan_on(plan: Plan, device: torch.device) -> Plan:
-    """The plan's index tensors on the model's device (plans are built on the CPU)."""
-    if device.type == "cpu":
-        return plan
-
-    def moved(obj):
-        return replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in fields(obj)
-                               if isinstance(getattr(obj, f.name), Tensor)})
-
-    return replace(plan, devices=tuple(map(moved, plan.devices)), routes=tuple(map(moved, plan.routes)))
+    return PrismOutput(**outputs, stats=stats, plan=plan), devs

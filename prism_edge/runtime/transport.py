@@ -8,6 +8,7 @@ of step into a `DeviceLost` error that names the peer and the stage, within a bo
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -22,7 +23,8 @@ from .comm import ByteLedger
 
 # the j-th tensor of a message travels with tag + j, so a message of several tensors never mixes up
 TAG_HEADER, TAG_META, TAG_INPUT, TAG_OUTPUT, TAG_STATS = 32, 64, 96, 128, 160
-TAG_LAYER = 256  # layer i travels with tag TAG_LAYER + i
+TAG_LAYER = 256  # tensor j of layer i's message travels with tag TAG_LAYER + LAYER_TAGS * i + j
+LAYER_TAGS = 4  # tensors per layer message at most: rows, int8 scales, group sizes (one spare)
 TAG_GENERATE = 1 << 20  # decode parameters to the last device; new token t comes back with tag + 1 + t
 
 
@@ -158,22 +160,26 @@ class DistCommunicator:
         thread.join(5.0)
 
     # ------------------------------------------------------------------ one layer's exchange
-    def post_layer(self, index: int, expected: dict[int, tuple[int, int]], dtype: torch.dtype) -> dict:
+    def post_layer(self, index: int, expected: dict[int, list[tuple[tuple[int, ...], torch.dtype]]]) -> dict:
         """Post the layer's receives before computing anything: gloo sends go out only once posted."""
-        return {src: self.irecv(src, [torch.empty(shape, dtype=dtype)], TAG_LAYER + index,
-                                f"layer {index} message") for src, shape in expected.items()}
+        return {src: self.irecv(src, [torch.empty(shape, dtype=dtype) for shape, dtype in parts],
+                                TAG_LAYER + LAYER_TAGS * index, f"layer {index} message")
+                for src, parts in expected.items()}
 
-    def send_layer(self, index: int, outgoing: dict[int, Tensor]) -> None:
+    def send_layer(self, index: int, outgoing: dict[int, list[Tensor]]) -> None:
         self.flush()  # the previous layer's sends: long done unless a peer is stuck
-        for dst, t in outgoing.items():
-            self.isend(index, dst, [t], TAG_LAYER + index, f"layer {index} message")
+        for dst, tensors in outgoing.items():
+            self.isend(index, dst, tensors, TAG_LAYER + LAYER_TAGS * index, f"layer {index} message")
 
-    def collect_layer(self, index: int, posted: dict) -> dict[int, Tensor]:
+    def collect_layer(self, index: int, posted: dict, expected: dict) -> dict[int, list[Tensor]]:
         deadline = time.monotonic() + self.timeout
         out = {}
         for src, works in posted.items():
             self.wait_recv(index, src, works, f"layer {index} message", deadline)
-            out[src] = works[0][1] if works else torch.empty(0)
+            received = iter(buf for _, buf in works)
+            # empty tensors are not sent (gloo cannot); rebuild them so the message keeps its layout
+            out[src] = [next(received) if math.prod(shape) else torch.empty(shape, dtype=dtype)
+                        for shape, dtype in expected[src]]
         return out
 
     # ------------------------------------------------------------------ errors
