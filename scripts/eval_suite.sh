@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Regenerate docs/results/eval: every accuracy-vs-compression grid and fine-tuning run in docs/RESULTS.md §2.
-# About 2 hours of one CPU core in all; the parts are independent (run two at once on two cores):
-#   bash scripts/eval_suite.sh grids      training-free grids: MiniLM Lee + polarity, SmolLM2 perplexity, ViT
-#   bash scripts/eval_suite.sh encoders   fine-tuning the ViT and MiniLM, their grids with the fine-tuned rows
-#   bash scripts/eval_suite.sh decoder    fine-tuning SmolLM2, its grid, other lengths and prose, cloze
+# Regenerate docs/results/eval: the accuracy-against-bytes frontiers and fine-tuning runs in docs/RESULTS.md §2.
+# Hours of one CPU core in all; the parts are independent (run two at once on two cores):
+#   bash scripts/eval_suite.sh encoder    MiniLM: Lee (cosine, Pearson) and polarity frontiers, P 2 and 4
+#   bash scripts/eval_suite.sh decoder    SmolLM2 perplexity frontiers: news 512 (two grids), 256, 1024, Wikipedia
+#   bash scripts/eval_suite.sh vision     the Fashion-MNIST ViT frontier, P 2 and 4, CR 16 and 64
 # Run after scripts/setup.sh (and apt-get install dataset-fashion-mnist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,41 +12,45 @@ FT=${FT:-results/finetuned}
 pe() { .venv/bin/prism-edge "$@" --threads 1; }
 mkdir -p "$OUT" "$FT"
 
-grids() {  # P in {2, 4}, CR in {4, 16, 64, 128}; plain / sinks / halo 8 / halo 32 / halo 8 + count bias
-  pe eval --task lee --out "$OUT"
-  pe eval --task polarity --out "$OUT"
-  pe eval --task perplexity --limit 4 --out "$OUT"
-  pe eval --task perplexity --limit 4 --devices 4 --cr 16 --variants sinks+halo64 sinks+halo128 sinks+halo32+bias \
-    --out "$OUT" --name wide-halo
-  pe eval --task fashion --limit 2000 --out "$OUT"
-}
+# Fidelity variants (prism-edge eval --variants spelling; see prism_edge/eval/harness.py):
+# sinks, wN (exact window), topN / topfF (exact rows by importance), sim (similarity groups), bias (log count),
+# int8 / fp16 (wire), anchorN (recomputed first positions), cheap (exact when summarising does not halve a route).
+ENCODER="plain sinks sinks+w8 sinks+w32 sinks+top4 sinks+top8 sinks+w4+top4 sinks+w8+top8 sinks+w16+top16
+  sinks+w8+int8 sinks+w32+int8 sinks+w8+top8+int8 sinks+w16+top16+int8 sinks+topf0.25+int8 sinks+w8+topf0.25+int8
+  sinks+sim sinks+sim+bias sinks+w8+sim+bias sinks+w8+top8+fp16 defaults"
+DECODER_A="plain sinks sinks+w8 sinks+w32 sinks+w64 sinks+w128 sinks+top8 sinks+top16 sinks+top32 sinks+w16+top16
+  sinks+w32+top32 sinks+w8+top24 sinks+topf0.125 sinks+w32+topf0.25 sinks+w32+sim sinks+w32+bias sinks+w32+sim+bias
+  sinks+w32+top32+fp16 sinks+w32+top32+bf16"
+DECODER_B="plain+int8 sinks+w32+int8 sinks+w8+top8+int8 sinks+w16+top16+int8 sinks+w32+top32+int8
+  sinks+w64+top64+int8 sinks+top16+int8 sinks+w16+topf0.125+int8 sinks+w32+topf0.25+int8 sinks+w64+topf0.5+int8
+  anchor1+w32+top32+int8 anchor16+w16+top16+int8 anchor64+w32+top32+int8"
+DECODER_OTHER="plain sinks+w32 sinks+w16+top16+int8 sinks+w32+top32+int8 sinks+w64+top64+int8 sinks+w16+topf0.125+int8
+  sinks+w32+topf0.25+int8 sinks+w32+top32+sim+bias+int8 defaults"
+VISION="plain sinks+bias sinks+sim+bias sinks+top4+sim+bias+int8 sinks+top8+sim+bias+int8 sinks+top16+sim+bias+int8
+  sinks+top8+int8 sinks+topf0.125+sim+bias+int8 sinks+w8+top8+sim+bias+int8 defaults"
 
-encoders() {  # PRISM-aware fine-tuning at P=4 (recipes in prism_edge/finetune.py), then the grids again
-  pe finetune --task fashion --devices 4 --cr 64 --out "$FT/vit-fmnist-p4-cr64" 2>&1 | tee "$OUT/finetune-fashion.log"
-  pe eval --task fashion --devices 2 4 --cr 16 64 --variants defaults --out "$OUT" --name 10k \
-    --finetuned "$FT/vit-fmnist-p4-cr64"
-  pe eval --task samples --devices 4 --cr 16 64 --variants plain defaults --out "$OUT"
-  pe finetune --task polarity --devices 4 --cr 16 --out "$FT/minilm-polarity-p4-cr16" 2>&1 \
-    | tee "$OUT/finetune-polarity.log"
-  pe finetune --task polarity --scheme full --out "$FT/minilm-polarity-full" 2>&1 | tee "$OUT/finetune-polarity-full.log"
-  pe eval --task polarity --devices 2 4 --cr 4 16 64 128 --variants defaults --out "$OUT" --name finetuned \
-    --finetuned "$FT/minilm-polarity-p4-cr16" --finetuned "$FT/minilm-polarity-full"
+encoder() {
+  pe eval --task lee --devices 2 4 --cr 16 64 --variants $ENCODER --out "$OUT"
+  pe eval --task polarity --devices 4 --cr 16 --variants plain sinks sinks+w8+top8+int8 sinks+w16+top16+int8 defaults \
+    --out "$OUT"
 }
 
 decoder() {
-  pe finetune --task perplexity --devices 4 --cr 16 --out "$FT/smollm2-lora-p4-cr16" 2>&1 \
-    | tee "$OUT/finetune-perplexity.log"
-  pe finetune --task perplexity --scheme full --out "$FT/smollm2-lora-full" 2>&1 | tee "$OUT/finetune-perplexity-full.log"
-  pe eval --task perplexity --limit 4 --devices 4 --cr 16 64 --variants defaults --no-voltage --out "$OUT" \
-    --name finetuned --finetuned "$FT/smollm2-lora-p4-cr16" --finetuned "$FT/smollm2-lora-full"
-  for n in 256 1024; do
-    pe eval --task perplexity --length "$n" --limit 2 --devices 4 --cr 16 --variants plain sinks+halo8 defaults \
-      --out "$OUT" --name "len$n"
-  done
-  pe eval --task perplexity --source wiki --limit 4 --devices 4 --cr 16 --variants plain sinks+halo8 defaults \
-    --out "$OUT" --name wiki
-  pe eval --task cloze --limit 16 --context-chars 600 --devices 4 --cr 16 --variants plain defaults --no-voltage --out "$OUT"
+  pe eval --task perplexity --limit 4 --devices 4 --cr 16 --variants $DECODER_A --out "$OUT" --name news512-a
+  pe eval --task perplexity --limit 4 --devices 4 --cr 16 64 --variants $DECODER_B defaults --out "$OUT" --name news512-b
+  pe eval --task perplexity --length 256 --limit 8 --devices 4 --cr 16 --variants $DECODER_OTHER --out "$OUT" --name news256
+  pe eval --task perplexity --length 1024 --limit 2 --devices 4 --cr 16 --variants $DECODER_OTHER --out "$OUT" --name news1024
+  pe eval --task perplexity --source wiki --limit 4 --devices 4 --cr 16 --variants $DECODER_OTHER --out "$OUT" --name wiki512
+  pe eval --task perplexity --limit 4 --devices 2 --cr 16 --variants plain sinks+w32 sinks+w32+top32+int8 defaults \
+    --out "$OUT" --name news512-p2
+  pe eval --task cloze --limit 16 --context-chars 600 --devices 4 --cr 16 --variants plain sinks+w32 defaults \
+    --no-voltage --out "$OUT"
 }
 
-if [ $# -eq 0 ]; then set -- grids encoders decoder; fi
+vision() {
+  pe eval --task fashion --limit 2000 --devices 2 4 --cr 16 64 --variants $VISION --out "$OUT"
+  pe eval --task samples --devices 4 --cr 16 64 --variants plain defaults --out "$OUT"
+}
+
+if [ $# -eq 0 ]; then set -- encoder decoder vision; fi
 for part in "$@"; do "$part"; done

@@ -62,7 +62,8 @@ class Dense:
         cr = c.cr if c.scheme == "prism" else 1
         reals = list(range(max(s, a_dst), e))
         w = max(c.window, math.ceil(c.window_frac * (de - ds))) if c.scheme == "prism" else 0
-        exact = [r for r in reals if cr == 1 or (c.sinks and sink[r]) or ds - w <= r < ds
+        tail_view = c.scheme == "prism" and causal and c.tail > 0 and dst == len(b) - 1
+        exact = [r for r in reals if cr == 1 or tail_view or (c.sinks and sink[r]) or ds - w <= r < ds
                  or (not causal and de <= r < de + w)]
         cands = [r for r in reals if r not in exact]
         segs = sorted({(r - s) // cr for r in cands})
@@ -174,6 +175,9 @@ class Dense:
         n = batch.valid.shape[1]
         devices = self.cfg.effective_devices
         sizes = _sizes(n, devices)
+        if self.g.causal and self.cfg.scheme == "prism" and self.cfg.tail and devices > 1:
+            last = max(1, min(self.cfg.tail, n - devices + 1))
+            sizes = _sizes(n - last, devices - 1) + [last]
         bounds = [(sum(sizes[:p]), sum(sizes[: p + 1])) for p in range(devices)]
         index = torch.arange(n).unsqueeze(0)
         x = ad.embed(batch.gather(index))

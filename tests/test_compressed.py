@@ -33,6 +33,8 @@ DECODER_OPTIONS = {
     "anchor": dict(PLAIN, cr=4, anchor=3, window=2, topk=1),
     "anchor-exact": dict(cr=1, anchor=5),
     "anchor+bias+int8": dict(PLAIN, cr=2, anchor=2, count_bias=True, wire_dtype="int8"),
+    "tail": dict(PLAIN, cr=4, sinks=True, window=2, tail=5),
+    "tail+topk+int8": dict(PLAIN, cr=4, tail=7, topk=2, wire_dtype="int8"),
 }
 TOL = 5e-5  # float32 sums in another order; int8 rows round identically (same scales)
 

@@ -31,12 +31,62 @@ def test_kv_cache_decode_equals_rerunning_the_grown_sequence(name, cr):
     ids, _ = text_batch(batch=1, length=13)
     cfg = PrismConfig(devices=3, cr=cr, window=1)
     steps = 7
-    gen = generate(model, cfg, ids, max_new_tokens=steps, keep_logits=True)
+    gen = generate(model, cfg, ids, max_new_tokens=steps, keep_logits=True, decode="local")
     sizes = list(split_sizes(13, 3))
     sizes[-1] += steps - 1  # the last new token is sampled but never fed back
     rerun = simulate(model, cfg, input_ids=gen.ids[:, :-1], sizes=tuple(sizes), count_flops=False)
     torch.testing.assert_close(torch.stack(gen.logits), rerun.logits[0, 12:].detach(), atol=1e-5, rtol=1e-5)
     assert gen.prefill_stats.total_bytes > 0 and gen.decode_bytes_per_token == 8
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_handoff_and_distributed_decode_agree_and_count_their_bytes(name):
+    """Both give the new tokens exact attention over the K/V every device computed at prefill."""
+    model = tiny(name)
+    ids, _ = text_batch(batch=1, length=20)
+    cfg = PrismConfig(devices=3, cr=4, window=1, anchor=2)
+    runs = {m: generate(model, cfg, ids, max_new_tokens=10, keep_logits=True, decode=m)
+            for m in ("local", "handoff", "distributed")}
+    hand, dist = runs["handoff"], runs["distributed"]
+    assert hand.new_ids == dist.new_ids
+    torch.testing.assert_close(torch.stack(hand.logits), torch.stack(dist.logits), atol=1e-5, rtol=1e-5)
+    assert (torch.stack(hand.logits) - torch.stack(runs["local"].logits)).abs().max() > 1e-4  # it matters
+    g = model.config
+    kv = 2 * 2 * 16  # K and V of 2 KV heads of 16 (tiny llama); GPT-2: 4 heads of 16
+    width = kv if name.startswith("llama") else 2 * g.n_embd
+    layers = g.num_hidden_layers
+    # handoff: every earlier position but the last device's two recomputed anchors, every layer, float32
+    assert hand.handoff_bytes == layers * (sum(split_sizes(20, 3)[:2]) - 2) * width * 4 and hand.decode_bytes == 0
+    heads = g.num_attention_heads
+    # distributed: per token and layer, a query to each earlier device and (output, log-sum-exp) back
+    per_token = layers * 2 * (heads * 16 + heads * 16 + heads) * 4
+    assert dist.decode_bytes == per_token * (len(dist.new_ids) - 1) and dist.handoff_bytes == 0
+
+
+def test_an_exact_tail_makes_every_decode_mode_the_same():
+    model = tiny("llama-lm")
+    ids, _ = text_batch(batch=1, length=20)
+    cfg = PrismConfig(devices=3, cr=4, tail=4)
+    runs = [generate(model, cfg, ids, max_new_tokens=8, keep_logits=True, decode=m)
+            for m in ("local", "handoff", "distributed", "auto")]
+    for run in runs[1:]:
+        assert run.new_ids == runs[0].new_ids
+        torch.testing.assert_close(torch.stack(run.logits), torch.stack(runs[0].logits), atol=1e-5, rtol=1e-5)
+    assert runs[3].mode == "local"  # auto: the prefill already gave the last device everything exactly
+
+
+def test_auto_decode_weighs_handoff_against_round_trips():
+    from prism_edge.runtime.decode import Link
+
+    model = tiny("llama-lm")
+    ids, _ = text_batch(batch=1, length=30)
+    cfg = PrismConfig(devices=3, cr=4)
+    slow_far = generate(model, cfg, ids, max_new_tokens=4, decode="auto", link=Link(mbit=1000, ms=50))
+    assert slow_far.mode == "handoff"  # round trips are dear: send the K/V once
+    thin_near = generate(model, cfg, ids, max_new_tokens=1, decode="auto", link=Link(mbit=0.01, ms=0.001))
+    assert thin_near.mode == "distributed"  # bandwidth is dear and only one token is wanted
+    with pytest.raises(ValueError, match="unknown decode mode"):
+        generate(model, cfg, ids, max_new_tokens=1, decode="remote")
 
 
 def test_sampling_is_seeded_and_respects_top_k():

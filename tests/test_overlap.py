@@ -5,7 +5,7 @@ import torch
 
 from conftest import BUILDERS, image_batch, text_batch, tiny
 from prism_edge import PrismConfig, simulate
-from prism_edge.runtime.device import Partial
+from prism_edge.runtime.attention import Partial
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

@@ -197,3 +197,16 @@ def test_unpack_puts_rows_back_per_sequence():
     assert buf.shape == (2, 3, 1)
     assert valid.tolist() == [[True, True, False], [True, True, True]]
     assert buf[valid].flatten().tolist() == msg.flatten().tolist()
+
+
+def test_tail_is_a_short_last_slice_that_sees_every_earlier_position_exactly():
+    plan = _plan([[1] * 20], cr=4, causal=True, devices=3, tail=4)
+    assert [sl.bounds[0] for sl in plan.devices] == [(0, 8), (8, 16), (16, 20)]
+    for route in plan.routes:
+        exact = _exact_positions(plan, route)
+        if route.dst == 2:
+            assert exact == list(range(*plan.devices[route.src].bounds[0]))  # nothing summarised
+        else:
+            assert route.cand_valid.any()  # the route into device 1 is still compressed
+    short = _plan([[1] * 5], cr=4, causal=True, devices=3, tail=4)  # too short: everyone keeps a position
+    assert [sl.bounds[0] for sl in short.devices] == [(0, 1), (1, 2), (2, 5)]

@@ -1,71 +1,160 @@
-"""Generation bench: agreement with the full model's greedy continuation, decode speed and bytes.
+"""Generation bench: does a split SmolLM2 write what the full model writes, and what does it send?
 
-Real SmolLM2-135M, prompts cut from Lee background news (real prose), greedy decoding of `new`
-tokens.  Agreement is the fraction of positions where a scheme's continuation equals the full
-model's (position by position, so an early divergence costs the rest).  Decode tokens/s excludes
-the prefill; every scheme decodes on one device (the last), so the difference between schemes is
-the prefill and what the new tokens see.
+Prompts: held-out Lee background news and Wikipedia prose cut to 256 and 1024 tokens, and short chat
+questions (chat template).  For every scheme (full, Voltage, PRISM variants with a decode mode) and
+prompt, greedy decoding of `new` tokens, scored against the full model's own greedy continuation:
+  agreement        fraction of positions whose token equals the full model's (position by position,
+                   so an early divergence costs the rest)
+  first divergence tokens until the first difference (median over prompts; `new` when none)
+  teacher-forced   fraction of steps whose next token matches the full model's when both are fed the
+                   full model's continuation (how often a single step goes wrong)
+  continuation ppl the full model's perplexity of the scheme's continuation, against that of its own
+and the bytes per phase (prefill, hand-off, decode per token).  This runs in the simulator (one
+process): its tokens and bytes are the device processes' (tested); times on real links are measured
+by `prism-edge bench generation --link` (app.bench).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..config import PrismConfig
-from ..eval.data import lee_background
-from ..models.loading import load_model
-from ..runtime.generate import generate
+from ..eval.harness import variant_config
+from ..eval.tasks import heldout_prose
+from ..runtime.generate import Generation, generate
+
+CHAT = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Explain photosynthesis to a ten-year-old.",
+    "Write a haiku about the sea.",
+    "How do I boil an egg?",
+    "Why is the sky blue?",
+]
 
 
-def prompts(tokenizer, count: int, length: int) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class Case:
+    kind: str  # news256, wiki1024, chat, ...
+    ids: torch.Tensor  # (1, N)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    label: str
+    cfg: PrismConfig
+    decode: str = "auto"
+
+
+def cases(tokenizer, lengths=(256, 1024), per_source: int = 4, chat: int = 6) -> list[Case]:
     out = []
-    for doc in lee_background():
-        ids = tokenizer(doc, return_tensors="pt")["input_ids"]
-        if ids.shape[1] >= length:
-            out.append(ids[:, :length])
-        if len(out) == count:
-            break
+    for length in lengths:
+        for source in ("lee", "wiki"):
+            ids = tokenizer("\n\n".join(heldout_prose(source)), return_tensors="pt")["input_ids"]
+            for i in range(per_source):  # consecutive windows of held-out prose, never overlapping
+                out.append(Case(f"{'news' if source == 'lee' else 'wiki'}{length}", ids[:, i * length:(i + 1) * length]))
+    for question in CHAT[:chat]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+        out.append(Case("chat", tokenizer(text, return_tensors="pt")["input_ids"]))
     return out
 
 
-def main(out: Path, cache=None, count: int = 3, length: int = 256, new: int = 64, devices: int = 4,
-         crs=(4, 16, 64)) -> str:
+def schemes(devices: int, cr: int, variants: list[str], modes: list[str]) -> list[Scheme]:
+    out = [Scheme("full (1 device)", PrismConfig(devices=1, scheme="full"), "local"),
+           Scheme(f"Voltage P={devices}", PrismConfig(devices=devices, scheme="voltage"), "local")]
+    for variant in variants:
+        cfg = variant_config(variant, devices, cr)
+        out += [Scheme(f"{variant} P={devices} CR={cr} {mode}", cfg, mode) for mode in modes]
+    return out
+
+
+@torch.no_grad()
+def continuation_nll(model, prompt: torch.Tensor, new: list[int]) -> float:
+    """Mean negative log-likelihood the full model gives `new` after `prompt`."""
+    ids = torch.cat([prompt, torch.tensor([new], dtype=prompt.dtype)], dim=1)
+    logits = model(input_ids=ids).logits[0, prompt.shape[1] - 1 : -1].float()
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(new)))
+
+
+def score(model, scheme: Scheme, case: Case, reference: Generation, new: int) -> dict:
+    gen = generate(model, scheme.cfg, case.ids, max_new_tokens=new, decode=scheme.decode)
+    ref = reference.new_ids
+    n = min(len(ref), len(gen.new_ids))
+    same = [a == b for a, b in zip(gen.new_ids, ref)]
+    forced = generate(model, scheme.cfg, case.ids, max_new_tokens=len(ref), decode=gen.mode, teacher=ref,
+                      keep_logits=True)
+    tf = [int(lg.argmax()) == t for lg, t in zip(forced.logits, ref)]
+    return {"kind": case.kind, "prompt_tokens": case.ids.shape[1], "mode": gen.mode,
+            "agreement": sum(same) / max(1, len(ref)), "first_divergence": next((i for i, s in enumerate(same) if not s), n),
+            "teacher_forced": sum(tf) / max(1, len(tf)),
+            "continuation_ppl": math.exp(continuation_nll(model, case.ids, gen.new_ids)) if gen.new_ids else float("nan"),
+            "reference_ppl": math.exp(continuation_nll(model, case.ids, ref)) if ref else float("nan"),
+            **{f"bytes_{k}": v for k, v in gen.phases().items()}}
+
+
+def summarise(results: dict[str, list[dict]], voltage_prefill: dict[str, float]) -> list[dict]:
+    rows = []
+    for label, runs in results.items():
+        vp = statistics.mean(voltage_prefill[r["kind"] + str(r["prompt_tokens"])] or 1 for r in runs)
+        rows.append({
+            "scheme": label, "prompts": len(runs), "modes": sorted({r["mode"] for r in runs}),
+            "agreement": statistics.mean(r["agreement"] for r in runs),
+            "median_first_divergence": statistics.median(r["first_divergence"] for r in runs),
+            "teacher_forced": statistics.mean(r["teacher_forced"] for r in runs),
+            "continuation_ppl_ratio": statistics.mean(r["continuation_ppl"] / r["reference_ppl"] for r in runs),
+            "prefill_bytes": statistics.mean(r["bytes_prefill"] for r in runs),
+            "handoff_bytes": statistics.mean(r["bytes_handoff"] for r in runs),
+            "bytes_per_token": statistics.mean(r["bytes_per_token"] for r in runs),
+            "total_vs_voltage_prefill": statistics.mean(r["bytes_total"] for r in runs) / vp,
+        })
+    return rows
+
+
+def table(rows: list[dict], title: str) -> str:
+    lines = [f"### {title}", "", "| scheme | agreement | median first divergence | teacher-forced | continuation "
+             "ppl ÷ full's own | prefill bytes | hand-off bytes | bytes per token | all bytes ÷ Voltage prefill |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scheme']} | {r['agreement']:.3f} | {r['median_first_divergence']:g} | "
+                     f"{r['teacher_forced']:.3f} | {r['continuation_ppl_ratio']:.3f} | {r['prefill_bytes']:,.0f} | "
+                     f"{r['handoff_bytes']:,.0f} | {r['bytes_per_token']:,.0f} | {r['total_vs_voltage_prefill']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(out: Path, cache=None, devices=(4,), cr: int = 16, new: int = 64, lengths=(256, 1024),
+         per_source: int = 4, chat: int = 6, variants=("defaults",), modes=("auto",)) -> str:
+    from ..models.loading import load_model
+
     torch.set_num_threads(1)
     loaded = load_model("smollm2", cache_dir=cache)
     model = loaded.model
-    schemes = {"full (1 device)": PrismConfig(devices=1, scheme="full"),
-               f"voltage P={devices}": PrismConfig(devices=devices, scheme="voltage")}
-    schemes.update({f"prism P={devices} CR={cr}": PrismConfig(devices=devices, cr=cr) for cr in crs})
-    rows = {name: {"agree": [], "tok_s": [], "prefill_bytes": []} for name in schemes}
-    for ids in tqdm(prompts(loaded.tokenizer, count, length), desc="prompts"):
-        reference = None
-        for name, cfg in schemes.items():
-            stamps = []
-            gen = generate(model, cfg, ids, max_new_tokens=new, on_token=lambda _: stamps.append(time.perf_counter()))
-            reference = gen.new_ids if reference is None else reference
-            rows[name]["agree"].append(sum(a == b for a, b in zip(gen.new_ids, reference)) / new)
-            rows[name]["tok_s"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-            rows[name]["prefill_bytes"].append(gen.prefill_stats.total_bytes)
-    lines = [f"### Generation, SmolLM2-135M, {count} prompts of {length} tokens from Lee background news, {new} new "
-             "tokens, greedy, 1 thread", "",
-             "| scheme | agreement with the full model's tokens | decode tokens/s | prefill bytes exchanged | bytes per "
-             "new token |", "|---|---|---|---|---|"]
-    result = []
-    for name, r in rows.items():
-        row = {"scheme": name, "agreement": statistics.mean(r["agree"]), "agreement_per_prompt": r["agree"],
-               "decode_tokens_per_s": statistics.median(r["tok_s"]),
-               "prefill_bytes": statistics.mean(r["prefill_bytes"]), "bytes_per_new_token": 8}
-        result.append(row)
-        lines.append(f"| {name} | {row['agreement']:.3f} ({', '.join(f'{a:.2f}' for a in r['agree'])}) | "
-                     f"{row['decode_tokens_per_s']:.1f} | {row['prefill_bytes']:,.0f} | 8 |")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "generation.json").write_text(json.dumps(result, indent=1))
-    text = "\n".join(lines) + "\n"
+    all_cases = cases(loaded.tokenizer, lengths, per_source, chat)
+    texts = []
+    for p in devices:
+        plan = schemes(p, cr, list(variants), list(modes))
+        results: dict[str, list[dict]] = {s.label: [] for s in plan}
+        voltage_prefill: dict[str, float] = {}
+        for case in tqdm(all_cases, desc=f"generation P={p}", dynamic_ncols=True):
+            reference = generate(model, plan[0].cfg, case.ids, max_new_tokens=new)
+            for s in plan:
+                r = score(model, s, case, reference, new)
+                results[s.label].append(r)
+                if s.label.startswith("Voltage"):
+                    voltage_prefill[case.kind + str(case.ids.shape[1])] = r["bytes_prefill"]
+        rows = summarise(results, voltage_prefill)
+        title = (f"Generation, SmolLM2-135M, P={p}, {len(all_cases)} prompts ({', '.join(sorted({c.kind for c in all_cases}))}), "
+                 f"{new} greedy tokens")
+        texts.append(table(rows, title))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"generation-p{p}.json").write_text(json.dumps({"title": title, "rows": rows, "runs": results}, indent=1))
+    text = "\n".join(texts)
     (out / "generation.md").write_text(text)
     return text

@@ -30,8 +30,8 @@ VARIANTS: dict[str, str] = {
     "defaults": "defaults",
 }
 _TOKENS: list[tuple[str, str, type]] = [  # (prefix, field, value type); longest prefixes first
-    ("anchor", "anchor", int), ("topf", "topk_frac", float), ("top", "topk", int), ("wf", "window_frac", float),
-    ("w", "window", int),
+    ("anchor", "anchor", int), ("topf", "topk_frac", float), ("top", "topk", int), ("tail", "tail", int),
+    ("wf", "window_frac", float), ("w", "window", int),
 ]
 _FLAGS: dict[str, dict] = {
     "sinks": dict(sinks=True), "nosinks": dict(sinks=False), "bias": dict(count_bias=True),
@@ -48,7 +48,7 @@ def variant_options(variant: str) -> dict:
     It starts from `plain` (every fidelity option off) unless its first token is `defaults` (the model
     kind's defaults).  Tokens: sinks, bias, sim (similarity grouping), cheap (exact when cheap), fp16 |
     bf16 | int8 (wire), wN (window N), wfF (window fraction F), anchorN, topN (top-k), topfF (top-k
-    fraction); `no`-prefixed flags turn one off.  E.g. "sinks+w16+top8+int8", "defaults+anchor4".
+    fraction), tailN (a short last slice with an exact view); `no`-prefixed flags turn one off.  E.g. "sinks+w16+top8+int8", "defaults+anchor4".
     """
     tokens = VARIANTS.get(variant, variant).split("+")
     out: dict = {} if tokens[0] == "defaults" else dict(PLAIN)
@@ -67,7 +67,7 @@ def _token(token: str, variant: str) -> dict:
             except ValueError:
                 break
     raise ValueError(f"unknown variant token {token!r} in {variant!r}; use sinks, bias, sim, cheap, fp16, bf16, int8, "
-                     f"wN, wfF, anchorN, topN, topfF (joined by +), or one of {', '.join(VARIANTS)}")
+                     f"wN, wfF, anchorN, topN, topfF, tailN (joined by +), or one of {', '.join(VARIANTS)}")
 
 
 def variant_config(variant: str, devices: int, cr: int, **extra) -> PrismConfig:

@@ -76,6 +76,7 @@ class Fidelity:
     topk: int = 0
     topk_frac: float = 0.0
     exact_when_cheap: bool = False
+    tail: int = 0  # decoders: the last device owns the last `tail` positions and receives every earlier one exactly
 
     def window_for(self, receiver_rows: int) -> int:
         return max(self.window, math.ceil(self.window_frac * receiver_rows))
@@ -212,7 +213,8 @@ def make_plan(
     valid, sink = valid.cpu().bool(), sink.cpu().bool()
     batch = valid.shape[0]
     real = [torch.nonzero(valid[b]).flatten() for b in range(batch)]
-    bounds = [_bounds(len(positions), b, devices, weights, sizes) for b, positions in enumerate(real)]
+    tail = fid.tail if causal else 0
+    bounds = [_bounds(len(positions), b, devices, weights, sizes, tail) for b, positions in enumerate(real)]
     anchors = [[min(fid.anchor, bounds[b][p][0]) for p in range(devices)] for b in range(batch)]
     slices = tuple(_slice(p, real, bounds, anchors) for p in range(devices))
     routes = []
@@ -226,7 +228,7 @@ def make_plan(
     return Plan(slices, tuple(routes), causal, fid)
 
 
-def _bounds(length: int, b: int, devices: int, weights, sizes) -> tuple[tuple[int, int], ...]:
+def _bounds(length: int, b: int, devices: int, weights, sizes, tail: int = 0) -> tuple[tuple[int, int], ...]:
     if length < devices:
         raise ValueError(
             f"sequence {b} has {length} real positions but devices={devices}: every device needs at "
@@ -237,6 +239,10 @@ def _bounds(length: int, b: int, devices: int, weights, sizes) -> tuple[tuple[in
             raise ValueError(f"sizes {sizes} must be {devices} positive slice sizes summing to sequence {b}'s "
                              f"{length} real positions")
         return slice_bounds(tuple(sizes))
+    if tail and devices > 1:  # a short last slice: the others split the rest (never fewer than one each)
+        last = max(1, min(tail, length - (devices - 1)))
+        head = split_sizes(length - last, devices - 1, weights[:-1] if weights else None)
+        return slice_bounds((*head, last))
     return slice_bounds(split_sizes(length, devices, weights))
 
 
@@ -277,7 +283,8 @@ def _route(sl: DeviceSlice, src: int, dst: int, real, sink: Tensor, bounds, anch
         reals = list(range(first, e))  # real-position indices (into `positions`) this route may carry
         w = fid.window_for(de - ds)
         flags = sink[b, positions[reals]].tolist() if reals else []
-        is_exact = [fid.cr == 1 or f or ds - w <= r < ds or (not causal and de <= r < de + w)
+        everything = fid.cr == 1 or (causal and fid.tail > 0 and dst == len(bounds[b]) - 1)
+        is_exact = [everything or f or ds - w <= r < ds or (not causal and de <= r < de + w)
                     for r, f in zip(reals, flags)]
         ex = [r for r, x in zip(reals, is_exact) if x]
         cd = [r for r, x in zip(reals, is_exact) if not x]

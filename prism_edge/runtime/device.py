@@ -25,6 +25,7 @@ from ..models.base import Adapter, Batch
 from ..partition import masks
 from ..partition.plan import Plan, Route
 from . import message
+from .attention import Partial, expand_kv, merge_heads, partial_attention, split_heads
 from .message import Codec
 
 
@@ -46,28 +47,14 @@ def resolve_payload(cfg: PrismConfig, rotary: bool, hidden: int, kv_width: int) 
 
 
 @dataclass
-class Partial:
-    """Attention over a subset of the keys, mergeable with another subset's (log-sum-exp merge)."""
-
-    out: Tensor  # (B, H, n, hd) softmax-weighted values over this subset of the keys
-    lse: Tensor  # (B, H, n, 1) log of the softmax denominator over this subset
-
-    def merge(self, other: "Partial") -> Tensor:
-        """Exactly the attention over both key subsets together."""
-        top = torch.maximum(self.lse, other.lse)
-        a, b = torch.exp(self.lse - top), torch.exp(other.lse - top)
-        return (a * self.out + b * other.out) / (a + b)
-
-
-@dataclass
-class KVCache:
-    """One layer's keys and values on a device after prefill: exact for its own positions (and every
+class LayerCache:
+    """One layer's keys and values on a device after prefill: exact for its own rows (and every
     position generated since), and the rows it received from earlier devices, with their mask."""
 
-    k: Tensor  # (B, Hkv, n, hd) own positions, rotated
+    k: Tensor  # (B, Hkv, n, hd) own rows (anchor copies first), rotated
     v: Tensor
-    own_mask: Tensor  # (B, 1, 1, n) additive: 0 for real own positions
-    remote_k: Tensor  # (B, Hkv, M, hd) received rows (means, sinks, halo), rotated
+    own_mask: Tensor  # (B, 1, 1, n) additive: 0 for real own rows
+    remote_k: Tensor  # (B, Hkv, M, hd) received rows (means, sinks, window, top-k), rotated
     remote_v: Tensor
     remote_mask: Tensor  # (B, 1, 1, M) additive, count bias included
 
@@ -105,7 +92,7 @@ class DeviceExecutor:
         self._own_mask: Tensor | None = None
         self._rope: tuple | None = None
         self.keep_cache = False  # keep each layer's K/V after the forward, for decoding on this device
-        self.cache: list[KVCache] = []
+        self.cache: list[LayerCache] = []
 
     # ------------------------------------------------------------------ set-up per request
     def own_mask(self, dtype: torch.dtype) -> Tensor:
@@ -150,12 +137,10 @@ class DeviceExecutor:
         return self.adapter.embed(local)
 
     def _heads(self, t: Tensor, heads: int) -> Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, heads, self.geo.head_dim).transpose(1, 2)  # (B, heads, n, hd)
+        return split_heads(t, heads, self.geo.head_dim)  # (B, heads, n, hd)
 
     def _flat(self, t: Tensor) -> Tensor:
-        b, _, n, _ = t.shape
-        return t.transpose(1, 2).reshape(b, n, -1)  # (B, n, heads * hd)
+        return merge_heads(t)  # (B, n, heads * hd)
 
     def send(self, index: int, x: Tensor) -> tuple[LayerState, dict[int, list[Tensor]]]:
         """Only what the outgoing messages need: the attention input (and K, V for a kv payload; Q and
@@ -240,24 +225,11 @@ class DeviceExecutor:
         return keys, values, slots
 
     def _expand_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.geo.heads != self.geo.kv_heads:
-            # grouped-query: each KV head serves heads / kv_heads query heads; expanded explicitly because
-            # older torch's FLOP formula (and some kernels) reject enable_gqa's mismatched head counts
-            rep = self.geo.heads // self.geo.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, keys, hd)
-        return k, v
+        return expand_kv(k, v, self.geo.heads)
 
     def _partial(self, index: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Partial:
         k, v = self._expand_kv(k, v)
-        scale = self.adapter.scale(index)
-        if q.device.type == "cpu" and not torch.is_grad_enabled():
-            # torch's CPU flash kernel returns the log-sum-exp the merge needs (and is faster than matmuls)
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, False, attn_mask=mask.to(q.dtype), scale=scale)
-            return Partial(out, lse.unsqueeze(-1))
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask  # (B, H, n, keys)
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        return Partial(torch.matmul(torch.exp(scores - lse), v), lse)
+        return partial_attention(q, k, v, mask, self.adapter.scale(index))
 
     def attend_own(self, index: int, state: LayerState) -> Partial:
         """Attention over this device's own keys only: what can run while the exchange is in flight."""
@@ -309,26 +281,5 @@ class DeviceExecutor:
         own = torch.zeros(remote_mask.shape[0], 1, 1, n, dtype=dtype, device=remote_mask.device)
         own = own.masked_fill(~self.slice.valid.view(-1, 1, 1, n).to(own.device), torch.finfo(dtype).min)
         # in a decoder every owned row sees the same received rows: the last row's mask serves new tokens
-        self.cache.append(KVCache(state.k, state.v, own, torch.cat(keys, 2) if keys else empty,
-                                  torch.cat(values, 2) if values else empty, remote_mask[:, :, -1:, :]))
-
-    def decode(self, index: int, x: Tensor, positions: Tensor) -> Tensor:
-        """One new position appended after this device's slice (B, 1, d): exact attention over its own
-        cached keys (prompt slice and earlier new positions) and the rows it received at prefill.
-
-        No traffic: in a decoder nothing earlier ever attends to a later position, so the other
-        devices need nothing of the new token, and the last device already holds what it sees.
-        """
-        g, layer, c = self.geo, self.adapter.layers()[index], self.cache[index]
-        h = self.adapter.attn_input(layer, x)
-        q, k, v = self.adapter.qkv(layer, h)
-        q, k, v = self._heads(q, g.heads), self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
-        if g.rotary:
-            cos, sin = self.adapter.rotary(x, positions)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        c.k, c.v = torch.cat([c.k, k], 2), torch.cat([c.v, v], 2)
-        c.own_mask = torch.cat([c.own_mask, c.own_mask.new_zeros(c.own_mask.shape[:-1] + (1,))], -1)
-        keys, values = self._expand_kv(torch.cat([c.remote_k, c.k], 2), torch.cat([c.remote_v, c.v], 2))
-        ctx = F.scaled_dot_product_attention(q, keys, values, attn_mask=torch.cat([c.remote_mask, c.own_mask], -1),
-                                             scale=self.adapter.scale(index))
-        return self.adapter.after_attention(layer, x, h, self._flat(ctx))
+        self.cache.append(LayerCache(state.k, state.v, own, torch.cat(keys, 2) if keys else empty,
+                                     torch.cat(values, 2) if values else empty, remote_mask[:, :, -1:, :]))

@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from ..config import PrismConfig
 from ..models import adapter_for
+from .comm import ByteLedger
+from .device import DeviceExecutor
+from .decode import Link, choose, distributed_step, handoff, local_step
 from .simulator import run_devices
 from .stats import Stats
 
@@ -85,9 +88,29 @@ class Generation:
     prompt_ids: Tensor  # (1, N)
     new_ids: list[int] = field(default_factory=list)
     prefill_stats: Stats | None = None
-    decode_bytes_per_token: int = TOKEN_ID_BYTES
+    mode: str = "local"  # how new tokens saw the prompt: local | handoff | distributed (runtime.decode)
+    handoff_bytes: int = 0  # sent once after prefill (handoff)
+    decode_bytes: int = 0  # sent between devices while decoding (distributed), token ids excluded
     stopped_by: str = "max_new_tokens"
     logits: list[Tensor] = field(default_factory=list)  # (V,) per new token, when keep_logits
+
+    @property
+    def prefill_bytes(self) -> int:
+        return self.prefill_stats.total_bytes if self.prefill_stats is not None else 0
+
+    @property
+    def decode_bytes_per_token(self) -> float:
+        """Bytes between devices per new token, the token id handed to the coordinator included."""
+        return self.decode_bytes / max(1, len(self.new_ids)) + TOKEN_ID_BYTES
+
+    @property
+    def total_bytes(self) -> int:
+        """Prefill, hand-off and decode: every byte between devices for this generation."""
+        return self.prefill_bytes + self.handoff_bytes + self.decode_bytes + TOKEN_ID_BYTES * len(self.new_ids)
+
+    def phases(self) -> dict[str, float]:
+        return {"prefill": self.prefill_bytes, "handoff": self.handoff_bytes, "decode": self.decode_bytes,
+                "per_token": self.decode_bytes_per_token, "total": self.total_bytes}
 
     @property
     def ids(self) -> Tensor:
@@ -120,28 +143,56 @@ def generate(
     stop_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
     keep_logits: bool = False,
+    decode: str = "auto",
+    link: Link | None = None,
+    teacher: list[int] | None = None,
 ) -> Generation:
-    """Prefill `input_ids` (one prompt, shape (1, N)) across cfg.devices, then decode on the last device."""
+    """Prefill `input_ids` (one prompt, shape (1, N)) across cfg.devices, then decode on the last device.
+
+    decode: local | handoff | distributed | auto (runtime.decode; `link` is what auto assumes).
+    teacher: feed these tokens instead of the sampled ones (teacher forcing; keep_logits shows what the
+    model would have said at each step)."""
     adapter = adapter_for(model)
     check_prompt(adapter, input_ids, max_new_tokens)
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
     out, devs = run_devices(model, cfg, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
-    result = Generation(prompt_ids=input_ids.cpu(), prefill_stats=out.stats)
-    decode_loop(adapter, devs[-1], out.logits[:, -1], input_ids.shape[1], max_new_tokens, sampling, stop_ids,
-                result, on_token, keep_logits)
+    mode = choose(decode, devs, max_new_tokens, link or Link())
+    result = Generation(prompt_ids=input_ids.cpu(), prefill_stats=out.stats, mode=mode)
+    ledger = ByteLedger()
+    if mode == "handoff":
+        handoff(devs, ledger)
+    if mode == "distributed":
+        def step(i, x, pos):
+            return distributed_step(devs, i, x, pos, ledger)
+    else:
+        def step(i, x, pos):
+            return local_step(devs[-1], i, x, pos)
+    decode_loop(adapter, step, out.logits[:, -1], input_ids.shape[1], max_new_tokens, sampling, stop_ids,
+                result, on_token, keep_logits, teacher)
+    result.handoff_bytes = sum(b for (stage, _, _), b in ledger.entries.items() if stage == "handoff")
+    result.decode_bytes = sum(b for (stage, _, _), b in ledger.entries.items() if stage == "decode")
     return result
 
 
-def decode_loop(adapter, last, logits: Tensor, position: int, max_new_tokens: int, sampling: Sampling,
-                stop_ids: tuple[int, ...], result: Generation, on_token=None, keep_logits: bool = False) -> None:
-    """Sample, append to the last device's cache, repeat: the same loop in the simulator and the runtime."""
+def decode_loop(adapter, step, logits: Tensor, position: int, max_new_tokens: int, sampling: Sampling,
+                stop_ids: tuple[int, ...], result: Generation, on_token=None, keep_logits: bool = False,
+                teacher: list[int] | None = None) -> None:
+    """Sample, run the new token through every layer with `step(layer, x, positions)`, repeat: the same
+    loop in the simulator and the runtime."""
+    if isinstance(step, DeviceExecutor):  # the device processes decode locally on their executor
+        executor = step
+
+        def step(i, x, pos):
+            return local_step(executor, i, x, pos)
     device = logits.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     for _ in range(max_new_tokens):
         if keep_logits:
             result.logits.append(logits[0].float().cpu())
         token = sampling.pick(logits, generator)  # (1,)
+        if teacher is not None:
+            token = torch.tensor([teacher[len(result.new_ids)]], device=device)
         tid = int(token)
         result.new_ids.append(tid)
         if on_token is not None:
@@ -149,9 +200,11 @@ def decode_loop(adapter, last, logits: Tensor, position: int, max_new_tokens: in
         if tid in stop_ids:
             result.stopped_by = "stop token"
             break
+        if len(result.new_ids) == max_new_tokens:
+            break  # the last token is never fed back: its logits would go unused
         pos = torch.tensor([[position]], device=device)
         x = adapter.embed({"input_ids": token.view(1, 1), "positions": pos})
         for i in range(adapter.geometry.layers):
-            x = last.decode(i, x, pos)
+            x = step(i, x, pos)
         logits = adapter.final(x)["logits"][:, -1]
         position += 1

@@ -44,7 +44,7 @@ def plan_for(batch: Batch, cfg: PrismConfig, causal: bool, sizes: tuple[int, ...
     sink = batch.sink if (prism and cfg.sinks) else torch.zeros_like(batch.sink)
     fidelity = Fidelity(cr=cfg.effective_cr, window=cfg.window, window_frac=cfg.window_frac,
                         anchor=cfg.anchor if causal else 0, topk=cfg.topk, topk_frac=cfg.topk_frac,
-                        exact_when_cheap=cfg.exact_when_cheap) if prism else Fidelity()
+                        exact_when_cheap=cfg.exact_when_cheap, tail=cfg.tail if causal else 0) if prism else Fidelity()
     return make_plan(
         batch.valid,
         sink,
