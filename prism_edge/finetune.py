@@ -1,9 +1,12 @@
 """`prism-edge finetune`: PRISM-aware fine-tuning recipes on the real data that ships here.
 
-Each recipe trains *through* the partitioned forward at the chosen P and CR (train.fit), scores the
-task before and after at that configuration on held-out data, and saves a plain Hugging Face
-checkpoint (safetensors; LoRA merged) that `prism-edge eval`, `run`, `launch` and `worker` load
-with `--model DIR`.
+Each recipe trains *through* the partitioned forward (train.fit) — at one split, or at a split drawn
+at random each step (`Splits`: P from 1 to a maximum, CR and fidelity variant from lists) — with the
+task's own loss or by distillation (KL to the frozen unpartitioned model, optionally mixed with the
+task loss), scores held-out data before and after at every split of an evaluation grid and
+unpartitioned, and saves a plain Hugging Face checkpoint (safetensors; LoRA merged) that
+`prism-edge eval`, `run`, `launch` and `worker` load with `--model DIR`, with a training record that
+says exactly what it was trained on.
 
   fashion     the bundled Fashion-MNIST ViT, all weights, on the 60 000 training images
   polarity    MiniLM + a 2-way classification head (BertForSequenceClassification), all weights, on
@@ -14,6 +17,7 @@ with `--model DIR`.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Iterator
@@ -26,7 +30,11 @@ from .config import PrismConfig
 from .eval import data
 from .eval.harness import make_task
 from .eval.tasks import polarity_split, training_prose
-from .train import TrainConfig, classification_loss, fit, lm_loss, merge_lora, save, training_record
+from .train import (Checkpoints, Splits, TrainConfig, classification_loss, distill_loss, fit, lm_loss, merge_lora,
+                    save, training_record)
+
+
+OBJECTIVES = ("task", "distill", "distill+task")
 
 
 @dataclass(frozen=True)
@@ -108,12 +116,22 @@ def classifier_from(loaded, labels: int = 2):
     return model.eval()
 
 
-def finetune(task: str, loaded, cfg: PrismConfig, tcfg: TrainConfig | None = None, out: str | Path | None = None,
-             batch_size: int | None = None, train_limit: int | None = None, eval_limit: int | None = None,
-             progress: bool = True, log=print) -> dict:
-    """Fine-tune `loaded` for `task` through the forward `cfg` describes; returns a record of what happened."""
+def finetune(task: str, loaded, cfg: "PrismConfig | Splits", tcfg: TrainConfig | None = None,
+             out: str | Path | None = None, batch_size: int | None = None, train_limit: int | None = None,
+             eval_limit: int | None = None, progress: bool = True, log=print, objective: str = "task",
+             alpha: float = 0.5, eval_grid: list[PrismConfig] | None = None, checkpoint_every: int = 0) -> dict:
+    """Fine-tune `loaded` for `task` through the forward `cfg` describes (one split, or `Splits`);
+    returns a record of what happened.
+
+    objective: task (the task's own loss), distill (KL to the frozen unpartitioned model) or
+    distill+task (alpha * distill + (1 - alpha) * task).  eval_grid: the splits scored before and
+    after (default: `cfg` itself, or for `Splits` every P in {1, 2, 4} x CR in {16, 64} at the defaults).
+    checkpoint_every: save the training state to `out` that often and resume from it.
+    """
     if task not in RECIPES:
         raise ValueError(f"no fine-tuning recipe for task {task!r}; choose one of {', '.join(RECIPES)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     recipe = RECIPES[task]
     tcfg = tcfg or recipe.train
     batch_size = batch_size or recipe.batch_size
@@ -121,33 +139,63 @@ def finetune(task: str, loaded, cfg: PrismConfig, tcfg: TrainConfig | None = Non
     if task == "polarity" and not type(loaded.model).__name__.endswith("ForSequenceClassification"):
         loaded.model = classifier_from(loaded)
     model = loaded.model
-    if task == "fashion":
-        batches, loss_fn = fashion_batches(batch_size, tcfg.seed, train_limit), classification_loss
-    elif task == "polarity":
-        batches, loss_fn = polarity_batches(loaded.tokenizer, batch_size, tcfg.seed, train_limit), classification_loss
-    else:
-        batches, loss_fn = lm_batches(loaded.tokenizer, batch_size, tcfg.seed, limit=train_limit), lm_loss
+    batches, loss_fn = _data(task, loaded, batch_size, tcfg.seed, train_limit)
+    if objective != "task":
+        teacher = copy.deepcopy(model)
+        loss_fn = distill_loss(teacher, alpha=1.0 if objective == "distill" else alpha,
+                               task_loss=loss_fn if objective == "distill+task" else None)
+    grid = eval_grid or (default_grid() if isinstance(cfg, Splits) else [cfg])
     evaluator = make_task(task, loaded, limit=eval_limit)
-    before = evaluator.evaluate(cfg).metrics
-    log(f"before: {task} at P={cfg.effective_devices} CR={cfg.effective_cr}: {_fmt(before)}")
+    before = _scores(evaluator, grid)
+    log(f"before: {task}: {_fmt_scores(before)}")
     t0 = time.perf_counter()
-    losses = fit(model, cfg, tcfg, batches, loss_fn, progress=progress)
+    checkpoints = Checkpoints(Path(out), checkpoint_every) if out is not None and checkpoint_every else None
+    losses = fit(model, cfg, tcfg, batches, loss_fn, progress=progress, checkpoints=checkpoints)
     minutes = (time.perf_counter() - t0) / 60
     merge_lora(model)  # scores below (and the saved weights) are of the merged model
     evaluator.forget_reference()  # the model changed: its unpartitioned reference too
-    after = evaluator.evaluate(cfg).metrics
-    after_full = evaluator.evaluate(None).metrics
-    log(f"after:  {task} at P={cfg.effective_devices} CR={cfg.effective_cr}: {_fmt(after)}; "
-        f"unpartitioned: {_fmt(after_full)}; loss {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} "
-        f"in {minutes:.1f} min")
+    after = _scores(evaluator, grid)
+    log(f"after:  {task}: {_fmt_scores(after)}; loss {losses[0]:.4f} -> "
+        f"{sum(losses[-10:]) / len(losses[-10:]):.4f} in {minutes:.1f} min")
     record = training_record(cfg, tcfg, losses, task=task, base_model=loaded.name, batch_size=batch_size,
-                             metrics_before=before, metrics_after=after, metrics_after_unpartitioned=after_full,
+                             objective=objective, alpha=alpha if objective == "distill+task" else None,
+                             train_items=train_limit, scores_before=before, scores_after=after,
                              eval_items=evaluator.describe(), minutes=round(minutes, 2), loss_curve=losses)
     if out is not None:
         tokenizer = loaded.tokenizer if task != "fashion" else None
         save(model, out, tokenizer=tokenizer, record=record)
         log(f"saved to {out} (load it with --model {out})")
     return record
+
+
+def default_grid(devices=(1, 2, 4), crs=(16, 64)) -> list[PrismConfig]:
+    """The splits a split-robust checkpoint is scored at: every P and CR, the model kind's defaults."""
+    return [PrismConfig(devices=p, cr=cr) if p > 1 else PrismConfig(devices=1, scheme="full")
+            for p in devices for cr in (crs if p > 1 else crs[:1])]
+
+
+def _data(task: str, loaded, batch_size: int, seed: int, limit: int | None):
+    if task == "fashion":
+        return fashion_batches(batch_size, seed, limit), classification_loss
+    if task == "polarity":
+        return polarity_batches(loaded.tokenizer, batch_size, seed, limit), classification_loss
+    return lm_batches(loaded.tokenizer, batch_size, seed, limit=limit), lm_loss
+
+
+def _label(cfg: PrismConfig) -> str:
+    return "unpartitioned" if cfg.scheme == "full" else f"P={cfg.effective_devices} CR={cfg.effective_cr}"
+
+
+def _scores(evaluator, grid: list[PrismConfig]) -> dict[str, dict[str, float]]:
+    out = {"unpartitioned": evaluator.evaluate(None).metrics}
+    for cfg in grid:
+        if cfg.scheme != "full":
+            out[_label(cfg)] = evaluator.evaluate(cfg).metrics
+    return out
+
+
+def _fmt_scores(scores: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{label}: {_fmt(m)}" for label, m in scores.items())
 
 
 def _fmt(metrics: dict[str, float]) -> str:

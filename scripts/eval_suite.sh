@@ -25,9 +25,9 @@ DECODER_B="plain+int8 sinks+w32+int8 sinks+w8+top8+int8 sinks+w16+top16+int8 sin
   sinks+w64+top64+int8 sinks+top16+int8 sinks+w16+topf0.125+int8 sinks+w32+topf0.25+int8 sinks+w64+topf0.5+int8
   anchor1+w32+top32+int8 anchor16+w16+top16+int8 anchor64+w32+top32+int8"
 DECODER_OTHER="plain sinks+w32 sinks+w16+top16+int8 sinks+w32+top32+int8 sinks+w64+top64+int8 sinks+w16+topf0.125+int8
-  sinks+w32+topf0.25+int8 sinks+w32+top32+sim+bias+int8 defaults"
+  sinks+w32+topf0.25+int8 sinks+w32+top32+sim+bias+int8"
 VISION="plain sinks+bias sinks+sim+bias sinks+top4+sim+bias+int8 sinks+top8+sim+bias+int8 sinks+top16+sim+bias+int8
-  sinks+top8+int8 sinks+topf0.125+sim+bias+int8 sinks+w8+top8+sim+bias+int8 defaults"
+  sinks+top8+int8 sinks+topf0.125+sim+bias+int8 sinks+w8+top8+sim+bias+int8"
 
 encoder() {
   pe eval --task lee --devices 2 4 --cr 16 64 --variants $ENCODER --out "$OUT"
@@ -37,10 +37,15 @@ encoder() {
 
 decoder() {
   pe eval --task perplexity --limit 4 --devices 4 --cr 16 --variants $DECODER_A --out "$OUT" --name news512-a
-  pe eval --task perplexity --limit 4 --devices 4 --cr 16 64 --variants $DECODER_B defaults --out "$OUT" --name news512-b
+  pe eval --task perplexity --limit 4 --devices 4 --cr 16 64 --variants $DECODER_B --out "$OUT" --name news512-b
   pe eval --task perplexity --length 256 --limit 8 --devices 4 --cr 16 --variants $DECODER_OTHER --out "$OUT" --name news256
   pe eval --task perplexity --length 1024 --limit 2 --devices 4 --cr 16 --variants $DECODER_OTHER --out "$OUT" --name news1024
   pe eval --task perplexity --source wiki --limit 4 --devices 4 --cr 16 --variants $DECODER_OTHER --out "$OUT" --name wiki512
+  # the shipped defaults, measured after they were chosen from the grids above
+  pe eval --task perplexity --limit 4 --devices 4 --cr 16 64 --variants defaults --out "$OUT" --name news512-defaults
+  pe eval --task perplexity --length 256 --limit 8 --devices 4 --cr 16 --variants defaults --out "$OUT" --name news256-defaults
+  pe eval --task perplexity --length 1024 --limit 2 --devices 4 --cr 16 --variants defaults --out "$OUT" --name news1024-defaults
+  pe eval --task perplexity --source wiki --limit 4 --devices 4 --cr 16 --variants defaults --out "$OUT" --name wiki512-defaults
   pe eval --task perplexity --limit 4 --devices 2 --cr 16 --variants plain sinks+w32 sinks+w32+top32+int8 defaults \
     --out "$OUT" --name news512-p2
   pe eval --task cloze --limit 16 --context-chars 600 --devices 4 --cr 16 --variants plain sinks+w32 defaults \
@@ -49,6 +54,7 @@ decoder() {
 
 vision() {
   pe eval --task fashion --limit 2000 --devices 2 4 --cr 16 64 --variants $VISION --out "$OUT"
+  pe eval --task fashion --limit 2000 --devices 2 4 --cr 16 64 --variants defaults --out "$OUT" --name defaults
   pe eval --task samples --devices 4 --cr 16 64 --variants plain defaults --out "$OUT"
 }
 

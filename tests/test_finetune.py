@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from prism_edge import PrismConfig, simulate
+from prism_edge.config import PLAIN
 from prism_edge.models.loading import load_model
 from prism_edge.train import RECORD, LoRALinear, TrainConfig, add_lora, fit, lm_loss, merge_lora, save
 
@@ -19,13 +20,13 @@ def test_fashion_recipe_lowers_loss_and_round_trips(fashion_vit, tmp_path):
     from prism_edge.finetune import finetune
 
     loaded = load_model("vit-fmnist")  # a private copy: the session fixture stays untouched
-    cfg = PrismConfig(devices=2, cr=16)
+    cfg = PrismConfig(devices=2, cr=16, **PLAIN)  # plain means: far from the unpartitioned model, much to learn
     record = finetune("fashion", loaded, cfg, TrainConfig(steps=12, lr=2e-3), out=tmp_path / "ft",
                       batch_size=32, train_limit=64, eval_limit=64, progress=False, log=lambda m: None)
     curve = record["loss_curve"]
     assert sum(curve[-4:]) / 4 < curve[0] * 0.7  # 64 images seen repeatedly: the loss must fall
     saved = json.loads((tmp_path / "ft" / RECORD).read_text())
-    assert saved["prism"]["cr"] == 16 and saved["task"] == "fashion" and "accuracy" in saved["metrics_after"]
+    assert saved["prism"]["cr"] == 16 and saved["task"] == "fashion" and "accuracy" in saved["scores_after"]["P=2 CR=16"]
     again = load_model(str(tmp_path / "ft"))
     assert type(again.model).__name__ == "ViTForImageClassification"
     px = torch.randn(3, 1, 28, 28)
@@ -77,7 +78,7 @@ def test_polarity_head_starts_from_minilm(minilm):
 
 
 def test_runtime_serves_a_finetuned_checkpoint(fashion_vit, tmp_path):
-    from prism_edge.runtime.cluster import Cluster
+    from prism_edge.app.cluster import Cluster
 
     model = load_model("vit-fmnist").model
     cfg = PrismConfig(devices=2, cr=16)
@@ -92,3 +93,40 @@ def test_runtime_serves_a_finetuned_checkpoint(fashion_vit, tmp_path):
     with Cluster(str(tmp_path / "ft"), cfg, timeout=30) as cluster:
         got = cluster(pixel_values=px).logits
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_random_splits_distillation_checkpoints_and_resumes(tmp_path):
+    """Distillation over a split drawn per step starts at zero loss at P=1 (the student is the teacher),
+    and a run resumed from its checkpoint ends where an uninterrupted one does."""
+    from prism_edge.train import Checkpoints, Splits, distill_loss
+
+    ids = (torch.arange(24) % 7 + 3).repeat(2, 1)
+    splits = Splits(max_devices=3, crs=(2, 4), variants=("plain", "sinks+w2+top1+int8"), seed=5)
+    drawn = [splits.draw(torch.Generator().manual_seed(5)) for _ in range(1)]
+    assert drawn[0].wire_dtype in ("float32", None)  # int8 is trained as float32
+    g = torch.Generator().manual_seed(0)
+    seen = {(c.devices, c.cr) for c in (splits.draw(g) for _ in range(40))}
+    assert {p for p, _ in seen} == {1, 2, 3} and {cr for _, cr in seen} == {2, 4}
+
+    def batches(stop=None):
+        for n in range(10**6):
+            if n == stop:
+                raise KeyboardInterrupt  # the run dies after `stop` steps
+            yield {"input_ids": ids}
+
+    def run(folder, stop=None):
+        model = tiny("llama-lm")
+        loss = distill_loss(tiny("llama-lm"))
+        return fit(model, splits, TrainConfig(steps=6, lr=1e-2, trainable="lora", lora_rank=2), batches(stop),
+                   loss, progress=False, checkpoints=Checkpoints(folder, every=3)), model
+
+    whole, model_whole = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop=4)  # dies during step 5; the checkpoint holds step 3
+    resumed, model_resumed = run(tmp_path / "b")
+    assert resumed == pytest.approx(whole, rel=1e-5)
+    for (n, a), (_, b) in zip(model_whole.named_parameters(), model_resumed.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    assert min(whole) >= 0 and max(whole) > 0  # KL: zero only where the split changed nothing
+    with pytest.raises(ValueError, match="unknown variant token"):
+        Splits(variants=("sinks+w",))

@@ -5,6 +5,7 @@ import torch
 
 from conftest import DECODERS, text_batch, tiny
 from prism_edge import PrismConfig, simulate
+from prism_edge.config import PLAIN
 from prism_edge.partition.plan import split_sizes
 from prism_edge.runtime.generate import Sampling, generate
 
@@ -44,7 +45,7 @@ def test_handoff_and_distributed_decode_agree_and_count_their_bytes(name):
     """Both give the new tokens exact attention over the K/V every device computed at prefill."""
     model = tiny(name)
     ids, _ = text_batch(batch=1, length=20)
-    cfg = PrismConfig(devices=3, cr=4, window=1, anchor=2)
+    cfg = PrismConfig(devices=3, cr=4, **{**PLAIN, "window": 1, "anchor": 2})  # float32 wire: lossless handoff
     runs = {m: generate(model, cfg, ids, max_new_tokens=10, keep_logits=True, decode=m)
             for m in ("local", "handoff", "distributed")}
     hand, dist = runs["handoff"], runs["distributed"]
@@ -66,7 +67,7 @@ def test_handoff_and_distributed_decode_agree_and_count_their_bytes(name):
 def test_an_exact_tail_makes_every_decode_mode_the_same():
     model = tiny("llama-lm")
     ids, _ = text_batch(batch=1, length=20)
-    cfg = PrismConfig(devices=3, cr=4, tail=4)
+    cfg = PrismConfig(devices=3, cr=4, **{**PLAIN, "tail": 4})
     runs = [generate(model, cfg, ids, max_new_tokens=8, keep_logits=True, decode=m)
             for m in ("local", "handoff", "distributed", "auto")]
     for run in runs[1:]:
@@ -80,11 +81,13 @@ def test_auto_decode_weighs_handoff_against_round_trips():
 
     model = tiny("llama-lm")
     ids, _ = text_batch(batch=1, length=30)
-    cfg = PrismConfig(devices=3, cr=4)
+    cfg = PrismConfig(devices=3, cr=4, **PLAIN)
     slow_far = generate(model, cfg, ids, max_new_tokens=4, decode="auto", link=Link(mbit=1000, ms=50))
     assert slow_far.mode == "handoff"  # round trips are dear: send the K/V once
     thin_near = generate(model, cfg, ids, max_new_tokens=1, decode="auto", link=Link(mbit=0.01, ms=0.001))
     assert thin_near.mode == "distributed"  # bandwidth is dear and only one token is wanted
+    short = generate(model, PrismConfig(devices=3, cr=4), ids, max_new_tokens=1, decode="auto")
+    assert short.mode == "local"  # the defaults sent a 30-token prompt exactly: nothing to hand off
     with pytest.raises(ValueError, match="unknown decode mode"):
         generate(model, cfg, ids, max_new_tokens=1, decode="remote")
 

@@ -80,7 +80,10 @@ def finetuned_variant(folder: str | Path) -> tuple[str, str]:
     from ..train import RECORD
 
     record = Path(folder) / RECORD
-    trained = json.loads(record.read_text())["prism"] if record.exists() else {}
+    saved = json.loads(record.read_text()) if record.exists() else {}
+    if "splits" in saved:  # trained over random splits: score it at the defaults
+        return "defaults", "+finetune(splits)"
+    trained = saved.get("prism", {})
     if "halo" in trained:  # records written before the window replaced the neighbour halo
         trained.setdefault("window", trained.pop("halo"))
     matches = (v for v in VARIANTS if v != "defaults"

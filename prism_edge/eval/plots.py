@@ -47,17 +47,19 @@ def plot_frontier(rows: list[dict], metric: str, higher: bool, path: Path, title
     for i, p in enumerate(sorted({r["devices"] for r in prism})):
         mine = [r for r in prism if r["devices"] == p]
         ax.scatter([_ratio(r) for r in mine], [r["metrics"][metric] for r in mine], marker=markers[i % 5], s=18,
-                   alpha=0.45, label=f"every variant, P={p}")
+                   alpha=0.45, color=f"C{i}", label=f"every variant, P={p}")
         front = sorted(pareto(mine, metric, higher), key=_ratio)
         ax.plot([_ratio(r) for r in front], [r["metrics"][metric] for r in front], marker=markers[i % 5],
-                linewidth=1.3, label=f"frontier, P={p}")
+                color=f"C{i}", linewidth=1.3, label=f"frontier, P={p}")
         for r in front:
             ax.annotate(f"{r['variant']} CR{r['cr']}", (_ratio(r), r["metrics"][metric]), fontsize=5.5,
                         xytext=(3, 3), textcoords="offset points", rotation=20)
-    old = sorted(pareto([r for r in prism if _old_style(r["variant"])], metric, higher), key=_ratio)
-    if old:
-        ax.plot([_ratio(r) for r in old], [r["metrics"][metric] for r in old], color="grey", linestyle="--",
-                linewidth=1, label="frontier of plain means and fixed windows (fp32)")
+    for i, p in enumerate(sorted({r["devices"] for r in prism})):
+        old = sorted(pareto([r for r in prism if r["devices"] == p and _old_style(r["variant"])], metric, higher),
+                     key=_ratio)
+        if old:
+            ax.plot([_ratio(r) for r in old], [r["metrics"][metric] for r in old], color=f"C{i}", linestyle=":",
+                    linewidth=1.2, label=f"plain means, sinks and fixed windows only (fp32), P={p}")
     shipped = [r for r in prism if r["variant"].startswith("defaults")]
     if shipped:
         ax.scatter([_ratio(r) for r in shipped], [r["metrics"][metric] for r in shipped], marker="*", s=160,

@@ -1,6 +1,8 @@
 """The tables of docs/RESULTS.md, from the JSON files `prism-edge eval` writes.
 
     python -m prism_edge.eval.report docs/results/eval/eval-lee.json docs/results/eval/eval-polarity.json
+    python -m prism_edge.eval.report --frontier news512.png eval-perplexity-news512-a.json eval-perplexity-news512-b.json
+    python -m prism_edge.eval.report --frontier lee.png --metric cosine eval-lee.json
 
 Per file: the ablation (a row per fidelity variant, fine-tuned models last, a column per (P, CR); each
 cell the headline metric with the bytes per item as a fraction of Voltage's), then the best variant
@@ -86,11 +88,39 @@ def budget_table(rows: list[dict], metric: str, higher: bool, budgets=BUDGETS) -
     return "\n".join(out) + "\n"
 
 
+def merged(paths: list[str | Path]) -> tuple[list[dict], dict]:
+    """Rows of several grids of one task (the reference and each Voltage row once) and the first's meta."""
+    rows, seen, meta = [], set(), {}
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        meta = meta or saved
+        for r in saved["rows"]:
+            key = (r["scheme"], r["model"], r["variant"], r["devices"], r["cr"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    return rows, meta
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Tables per file; with --frontier PNG, one frontier plot and budget table over all files together."""
     args = argv if argv is not None else sys.argv[1:]
     if not args:
         print(__doc__)
         return 2
+    if args[0] == "--frontier":  # --frontier PNG [--metric NAME] FILE...
+        from .plots import plot_frontier
+
+        png, files = Path(args[1]), args[2:]
+        metric = None
+        if files[:1] == ["--metric"]:
+            metric, files = files[1], files[2:]
+        rows, meta = merged(files)
+        metric = metric or meta["metric"]
+        higher = meta.get("higher_is_better", True) if metric == meta["metric"] else metric != "kl"
+        plot_frontier(rows, metric, higher, png, meta.get("title", png.stem))
+        print(budget_table(rows, metric, higher))
+        return 0
     for path in args:
         saved = json.loads(Path(path).read_text())
         print(ablation_table(path))

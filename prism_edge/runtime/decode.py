@@ -134,15 +134,21 @@ def distributed_bytes_per_token(devs: list[DeviceExecutor]) -> int:
     return g.layers * (len(devs) - 1) * (2 * g.heads * g.head_dim + g.heads) * itemsize
 
 
+def exact_view(last: DeviceExecutor) -> bool:
+    """Did the prefill send the decoding device every earlier position as itself (one device, a `tail`
+    layout, or routes that summarising would not have halved)?"""
+    return all(not bool(r.cand_valid.any()) for r in last.in_routes)
+
+
 def choose(mode: str, devs: list[DeviceExecutor], new_tokens: int, link: Link) -> str:
-    """`auto`: local when the prefill already gave the last device every earlier position exactly (a
-    `tail` layout, or one device); otherwise whichever of handoff (one transfer, overlapped with the
-    first tokens) and distributed (a round trip per layer per token) costs less time on `link`."""
+    """`auto`: local when the prefill already gave the last device every earlier position as itself
+    (`exact_view`); otherwise whichever of handoff (one transfer, overlapped with the first tokens) and
+    distributed (a round trip per layer per token) costs less time on `link`."""
     if mode not in MODES:
         raise ValueError(f"unknown decode mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode != "auto":
         return mode
-    if len(devs) == 1 or (devs[-1].cfg.tail and devs[-1].plan.causal):
+    if exact_view(devs[-1]):
         return "local"
     layers = devs[-1].geo.layers
     hand = link.seconds(handoff_bytes(devs))

@@ -116,7 +116,10 @@ def run_devices(
     if not isinstance(cfg, PrismConfig):
         raise ValueError(f"cfg must be a PrismConfig, got {type(cfg).__name__}; use PrismConfig(devices=4, cr=16)")
     adapter = adapter if adapter is not None else adapter_for(model)
+    default_wire = cfg.wire_dtype is None
     cfg = cfg.resolved(adapter.kind)
+    if default_wire and cfg.wire_dtype == "int8" and model.training and torch.is_grad_enabled():
+        cfg = cfg.replace(wire_dtype="float32")  # int8 rounding has no gradient: train the default on float32
     batch = adapter.prepare(**inputs, sink_token_ids=cfg.sink_token_ids)
     plan = plan_for(batch, cfg, adapter.geometry.causal, sizes)
     device = next(model.parameters()).device
