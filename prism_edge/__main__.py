@@ -1,5 +1,7 @@
+"""`python -m prism_edge ...`: the command line (prism_edge.app.cli)."""
+
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -9,7 +9,7 @@ Same flags as `prism-edge worker`; rank, world size and master come from torchru
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["worker", *sys.argv[1:]], hard_exit=True))

@@ -57,7 +57,7 @@ def main() -> int:
 
 def runtime_on_gpu() -> int:
     """Two device processes (sharing the GPU, gloo through host memory) against the CPU simulator."""
-    from prism_edge.runtime.cluster import Cluster
+    from prism_edge.app.cluster import Cluster
 
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     bad = 0
@@ -68,7 +68,7 @@ def runtime_on_gpu() -> int:
             model.save_pretrained(path)
             kw = dict(pixel_values=image_batch()) if name.startswith("vit") else dict(
                 zip(("input_ids", "attention_mask"), text_batch(batch=3, length=21, pad_to=[21, 15, 9])))
-            cfg = PrismConfig(devices=2, cr=4, halo=1)
+            cfg = PrismConfig(devices=2, cr=4, window=1)
             with Cluster(path, cfg, device="cuda", timeout=60) as cluster:
                 out = cluster(**kw)
             ref = simulate(model, cfg, **kw, count_flops=False)

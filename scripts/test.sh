@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up .venv (see setup.sh) and run the test suite.
+# Set up .venv (see setup.sh), type-check the package (mypy, configured in pyproject.toml) and run the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+echo "mypy: type-checking prism_edge ..." >&2
+.venv/bin/python -m mypy || { echo "mypy found type errors (above)" >&2; exit 1; }
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
-from prism_edge.cli import build_parser, config_from, main
+from prism_edge.app.cli import build_parser, main
+from prism_edge.app.flags import config_args, config_from
+from prism_edge.app.spec import LaunchSpec
 from prism_edge.config import PrismConfig
 
 TEXTS = __import__("pathlib").Path(__file__).parents[1] / "prism_edge" / "data" / "sentences.txt"
@@ -17,10 +20,53 @@ TEXTS = __import__("pathlib").Path(__file__).parents[1] / "prism_edge" / "data" 
 def test_flags_come_from_the_config_dataclass():
     args = build_parser().parse_args(["run"])
     assert config_from(args) == PrismConfig()  # every default lives in the dataclass only
-    args = build_parser().parse_args(["run", "--devices", "3", "--cr", "8", "--no-sinks", "--halo", "0",
+    args = build_parser().parse_args(["run", "--devices", "3", "--cr", "8", "--no-sinks", "--window", "0",
                                       "--weights", "2", "1", "1", "--wire-dtype", "float16"])
-    assert config_from(args) == PrismConfig(devices=3, cr=8, sinks=False, halo=0, weights=(2.0, 1.0, 1.0),
+    assert config_from(args) == PrismConfig(devices=3, cr=8, sinks=False, window=0, weights=(2.0, 1.0, 1.0),
                                             wire_dtype="float16")
+
+
+def test_launch_spec_gives_the_flags_and_the_worker_command_line():
+    """One LaunchSpec: its flags parse back to itself, and a worker started from its command line gets the
+    very same spec and config (the defaults are written once, in the dataclass)."""
+    parser = build_parser()
+    assert LaunchSpec.from_args(parser.parse_args(["launch"])) == LaunchSpec()
+    spec = LaunchSpec(model="smollm2", threads=2, timeout=7.5, overlap=False, count_flops=True, cache_dir="/c",
+                      auto_weights=True)
+    cfg = PrismConfig(devices=3, cr=8, sinks=False, wire_dtype="float16")
+    cmd = spec.worker_command(cfg, 2, 3, "10.0.0.1:29500", "10.0.0.3", ["--json"])
+    assert cmd[1:3] == ["-m", "prism_edge.worker"]
+    args = parser.parse_args(["worker", *cmd[3:]])
+    assert (args.rank, args.world_size, args.master, args.bind, args.json) == (2, 3, "10.0.0.1:29500", "10.0.0.3", True)
+    assert LaunchSpec.from_args(args) == spec
+    assert config_from(args, allow_auto=True) == cfg  # --weights auto leaves weights to the start-up probe
+    assert config_from(parser.parse_args(["run", *config_args(cfg)])) == cfg
+
+
+def test_weights_auto_is_for_device_processes_only():
+    parser = build_parser()
+    with pytest.raises(ValueError, match="needs device processes"):
+        config_from(parser.parse_args(["run", "--weights", "auto"]))
+    with pytest.raises(ValueError, match="single word auto"):
+        config_from(parser.parse_args(["launch", "--weights", "auto", "2"]), allow_auto=True)
+    with pytest.raises(ValueError, match="unknown Cluster setting"):
+        LaunchSpec.with_settings("minilm", {"thread": 2})
+    with pytest.raises(ValueError, match="unknown device 'abacus'"):
+        LaunchSpec(device="abacus")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["launch", "--help"], ["launch", "--no-such-flag"],
+                                  ["run", "--cr", "x"], ["bench", "nothing"]])
+def test_help_and_argument_errors_answer_at_once(argv):
+    """Building the parser imports neither torch nor transformers: answers come in well under a second."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "prism_edge", *argv], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == (0 if "--help" in argv else 2), proc.stderr
+    assert elapsed < 1.0, f"{argv}: {elapsed:.2f} s"
+    probe = ("import sys; from prism_edge.app.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
@@ -31,7 +77,10 @@ def test_flags_come_from_the_config_dataclass():
         (["run", "--scheme", "ring"], "invalid choice: 'ring'"),
         (["run", "--devices", "2", "--weights", "1"], "one weight per device"),
         (["run", "--model", "/nonexistent/model"], "cannot load model '/nonexistent/model'"),
-        (["eval", "--task", "lee", "--variants", "best"], "invalid choice: 'best'"),
+        (["eval", "--task", "lee", "--variants", "best"], "unknown variant token 'best'"),
+        (["eval", "--task", "nonesuch"], "unknown task 'nonesuch'; choose one of lee"),
+        (["finetune", "--task", "lee", "--out", "x"], "no fine-tuning recipe for task 'lee'"),
+        (["launch", "--weights", "auto", "1"], "single word auto"),
         (["eval", "--task", "cifar10"], "pass --model"),
         (["eval", "--task", "sst2", "--model", "minilm", "--data-dir", "/nonexistent"], "sequence classifier"),
         (["finetune", "--task", "fashion"], "the following arguments are required: --out"),
@@ -73,5 +122,6 @@ def test_eval_command_writes_results(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "| minilm | full | reference | 1 | 1 |" in out and "| minilm | prism | plain | 2 | 16 |" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "eval-lee-t-vs-bytes.png", "eval-lee-t-vs-cr.png", "eval-lee-t.csv", "eval-lee-t.json", "eval-lee-t.md"]
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"eval-lee-t.csv", "eval-lee-t.json", "eval-lee-t.md", "eval-lee-t-vs-cr.png"} <= written
+    assert all(name.startswith("eval-lee-t") for name in written)

@@ -10,6 +10,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -18,6 +19,7 @@ from ..config import PLAIN, PrismConfig
 from ..eval.data import builtin_texts
 from ..models.loading import load_model
 from ..runtime.simulator import simulate
+from ..runtime.stats import measured
 
 
 def _timed(fn) -> float:
@@ -46,10 +48,11 @@ def overhead(model, inputs: dict, repeats: int) -> dict[str, float]:
 @torch.no_grad()
 def bytes_per_layer(model, inputs: dict, devices: int, crs: list[int]) -> list[dict]:
     rows = []
-    volt = simulate(model, PrismConfig(devices=devices, scheme="voltage"), count_flops=False, **inputs).stats
+    volt = measured(simulate(model, PrismConfig(devices=devices, scheme="voltage"), count_flops=False, **inputs).stats)
     for cr in crs:
-        for label, extra in (("plain means", dict(PLAIN)), ("defaults", {})):
-            st = simulate(model, PrismConfig(devices=devices, cr=cr, **extra), count_flops=False, **inputs).stats
+        for label, extra in (("plain means", PLAIN), ("defaults", {})):
+            cfg = PrismConfig(devices=devices, cr=cr).replace(**extra)
+            st = measured(simulate(model, cfg, count_flops=False, **inputs).stats)
             rows.append({
                 "cr": cr, "variant": label,
                 "received_per_layer": list(st.received[0]), "voltage_received_per_layer": list(volt.received[0]),
@@ -61,7 +64,7 @@ def bytes_per_layer(model, inputs: dict, devices: int, crs: list[int]) -> list[d
 def main(model_name: str, out: Path, repeats: int = 20, length: int = 128, cache: Path | None = None) -> str:
     torch.set_num_threads(1)
     loaded = load_model(model_name, cache_dir=cache)
-    tok = loaded.tokenizer
+    tok: Any = loaded.tokenizer
     enc = tok(builtin_texts(), padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     times = overhead(loaded.model, inputs, repeats)

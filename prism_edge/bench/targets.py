@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -20,25 +21,29 @@ from ..config import PLAIN, PrismConfig
 from ..eval.data import builtin_texts
 from ..models.loading import load_model
 from ..runtime.simulator import simulate
+from ..runtime.stats import busiest_flops, measured
 
 CRS = (16, 64, 128)
 
 
-def _one_sequence(loaded, length: int) -> dict:
+def _one_sequence(loaded: Any, length: int) -> dict[str, Any]:
     enc = loaded.tokenizer(" ".join(builtin_texts() * 4), truncation=True, max_length=length, return_tensors="pt")
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 @torch.inference_mode()
-def byte_ratios(cache, devices: int = 4, length: int = 512) -> list[dict]:
+def byte_ratios(cache: Any, devices: int = 4, length: int = 512) -> list[dict]:
     loaded = load_model("minilm", cache_dir=cache)
     enc = _one_sequence(loaded, length)
-    volt = simulate(loaded.model, PrismConfig(devices=devices, scheme="voltage"), count_flops=False, **enc).stats
+    volt = measured(simulate(loaded.model, PrismConfig(devices=devices, scheme="voltage"), count_flops=False,
+                             **enc).stats)
     rows = []
     for cr in CRS:
-        for label, extra in (("plain fp32", dict(PLAIN)), ("plain fp16", dict(PLAIN, wire_dtype="float16")),
-                             ("defaults fp32", {})):
-            st = simulate(loaded.model, PrismConfig(devices=devices, cr=cr, **extra), count_flops=False, **enc).stats
+        variants: tuple[tuple[str, dict[str, Any]], ...] = (
+            ("plain fp32", dict(PLAIN)), ("plain fp16", dict(PLAIN, wire_dtype="float16")), ("defaults fp32", {}))
+        for label, extra in variants:
+            cfg = PrismConfig(devices=devices, cr=cr).replace(**extra)
+            st = measured(simulate(loaded.model, cfg, count_flops=False, **enc).stats)
             ratio = st.total_bytes / volt.total_bytes
             rows.append({"cr": cr, "variant": label, "ratio_to_voltage": ratio, "times_cr": ratio * cr,
                          "target": 1.02 / cr if label == "plain fp32" else None})
@@ -46,16 +51,16 @@ def byte_ratios(cache, devices: int = 4, length: int = 512) -> list[dict]:
 
 
 @torch.inference_mode()
-def flop_ratios(cache, devices: int = 4, length: int = 512) -> list[dict]:
+def flop_ratios(cache: Any, devices: int = 4, length: int = 512) -> tuple[list[dict], int, int]:
     loaded = load_model("random:bert-base", cache_dir=cache)
     enc = _one_sequence(loaded, length)
-    full = simulate(loaded.model, PrismConfig(devices=1, scheme="full"), **enc).stats.max_flops
-    volt = simulate(loaded.model, PrismConfig(devices=devices, scheme="voltage"), **enc).stats.max_flops
+    full = busiest_flops(simulate(loaded.model, PrismConfig(devices=1, scheme="full"), **enc).stats)
+    volt = busiest_flops(simulate(loaded.model, PrismConfig(devices=devices, scheme="voltage"), **enc).stats)
     rows = [{"scheme": "voltage", "cr": 1, "max_flops": volt, "vs_perfect_split": volt / (full / devices),
              "reduction_vs_voltage": 0.0}]
     for cr in CRS:
         for label, extra in (("prism plain", PLAIN), ("prism defaults", {})):
-            mx = simulate(loaded.model, PrismConfig(devices=devices, cr=cr, **extra), **enc).stats.max_flops
+            mx = busiest_flops(simulate(loaded.model, PrismConfig(devices=devices, cr=cr).replace(**extra), **enc).stats)
             rows.append({"scheme": label, "cr": cr, "max_flops": mx, "vs_perfect_split": mx / (full / devices),
                          "reduction_vs_voltage": 1 - mx / volt})
     return rows, full, int(enc["input_ids"].shape[1])
@@ -95,7 +100,7 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(out: Path, cache=None) -> str:
+def main(out: Path, cache: Any = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     steps = tqdm(total=3, desc="targets")
     br = byte_ratios(cache)

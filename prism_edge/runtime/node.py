@@ -1,10 +1,12 @@
-"""One device process: the per-request layer loop (shared by rank 0 and the workers) and the worker's serve loop.
+"""One device's work for one request: the per-request layer loop, shared by rank 0 and the workers.
 
 The loop runs exactly the simulator's DeviceExecutor; only the communicator differs.  Per layer:
 
   post receives  ->  attention input (and K/V for a kv payload)  ->  the outgoing means  ->  send
   ->  while the means travel: own Q/K/V and attention over the own keys  ->  wait for the means
   ->  attention over the received keys, log-sum-exp merge with the own part  ->  MLP
+
+How a process waits for requests and answers rank 0 is the application's business (prism_edge.app.worker).
 """
 
 from __future__ import annotations
@@ -21,13 +23,31 @@ from ..config import PrismConfig
 from ..models import Adapter
 from ..models.base import Batch
 from ..partition.plan import Plan
-from . import protocol
 from .device import DeviceExecutor
-from .simulator import plan_for
-from .stats import FlopTally
-from .transport import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS, DeviceLost, DistCommunicator
+from .stats import DeviceReport, FlopTally, peak_rss_kib
+from .transport import DistCommunicator
 
-FAULT_ENV = "PRISM_EDGE_FAULT"  # testing aid: "RANK:die@LAYER" or "RANK:hang@LAYER" (first request only)
+FAULTS = ("die", "hang")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A testing aid: make this device die (SIGKILL) or hang (alive but silent) when it reaches `layer`."""
+
+    kind: str
+    layer: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULTS or self.layer < 0:
+            raise ValueError(f"a fault is die@LAYER or hang@LAYER with LAYER >= 0, got {self.kind}@{self.layer}")
+
+    def strike(self, layer: int) -> None:
+        if layer != self.layer:
+            return
+        if self.kind == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while True:  # hang: as a stuck device would be
+            time.sleep(3600)
 
 
 @dataclass
@@ -40,24 +60,37 @@ class DeviceRun:
     executor: DeviceExecutor | None = None  # kept for decoding (GENERATE)
 
 
-def _fault(rank: int) -> tuple[str, int] | None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return None
-    who, _, what = spec.partition(":")
-    kind, _, layer = what.partition("@")
-    if not who.isdigit() or int(who) != rank or kind not in ("die", "hang") or not layer.isdigit():
-        return None
-    return kind, int(layer)
+@dataclass
+class _Loop:
+    """One request's layer loop on one device: what every layer step needs."""
 
+    dev: DeviceExecutor
+    comm: DistCommunicator
+    tally: FlopTally
+    run: DeviceRun
+    overlap: bool
+    slowdown: float
 
-def _inject(fault: tuple[str, int] | None, layer: int) -> None:
-    if fault is None or fault[1] != layer:
-        return
-    if fault[0] == "die":
-        os.kill(os.getpid(), signal.SIGKILL)
-    while True:  # hang: alive but silent, as a stuck device would be
-        time.sleep(3600)
+    def layer(self, i: int, x: Tensor) -> Tensor:
+        dev, comm, tally, rank = self.dev, self.comm, self.tally, self.comm.rank
+        t0, c0 = time.perf_counter(), time.thread_time()
+        expected = dev.expected()
+        posted = comm.post_layer(i, expected)
+        state, outgoing = tally.run(i, rank, dev.send, i, x)
+        if not self.overlap:  # the plain order: all of the layer's projections before anything is sent
+            tally.run(i, rank, dev.project, state)
+        comm.send_layer(i, outgoing)
+        # overlap: while the messages travel, Q/K/V of the own rows and attention over them
+        own = tally.run(i, rank, dev.attend_own, i, state) if self.overlap and dev.in_routes else None
+        t1 = time.perf_counter()
+        incoming = comm.collect_layer(i, posted, expected)
+        t2 = time.perf_counter()
+        x = tally.run(i, rank, dev.receive, i, state, incoming, own)
+        if self.slowdown:  # by CPU time: the work done, however long other processes kept this one waiting
+            time.sleep(self.slowdown * (time.thread_time() - c0))
+        self.run.compute_s.append((t1 - t0) + (time.perf_counter() - t2))
+        self.run.wait_s.append(t2 - t1)
+        return x
 
 
 def run_device(
@@ -70,131 +103,51 @@ def run_device(
     *,
     overlap: bool = True,
     count_flops: bool = False,
-    fault: tuple[str, int] | None = None,
+    fault: Fault | None = None,
     keep_cache: bool = False,
+    slowdown: float = 0.0,
 ) -> DeviceRun:
     """This process's device for one request: embed, every layer with its exchange, the head.
 
-    plan, batch and local inputs arrive on the CPU; they move to the model's device here.
+    plan, batch and local inputs arrive on the CPU; they move to the model's device here.  slowdown
+    (a testing aid for heterogeneous devices): after each layer, sleep `slowdown` times the CPU time the
+    layer took, so 1.0 makes this device run at half speed; the sleep counts as compute.
     """
-    rank = comm.rank
     device = next(adapter.model.parameters()).device
     if device.type != "cpu":
         plan, batch = plan.to(device), batch.to(device)
         local = {k: v.to(device) for k, v in local.items()}
-    dev = DeviceExecutor(adapter, plan, rank, cfg, batch)
+    dev = DeviceExecutor(adapter, plan, comm.rank, cfg, batch)
     dev.keep_cache = keep_cache
     tally = FlopTally(count_flops)
     run = DeviceRun(finals={}, tally=tally, executor=dev)
+    loop = _Loop(dev, comm, tally, run, overlap, slowdown)
     cpu0 = time.thread_time()
     with torch.inference_mode():
-        x = tally.run("embed", rank, dev.embed, local)
+        x = tally.run("embed", comm.rank, dev.embed, local)
         for i in range(adapter.geometry.layers):
-            _inject(fault, i)
-            t0 = time.perf_counter()
-            expected = dev.expected()
-            posted = comm.post_layer(i, expected)
-            state, outgoing = tally.run(i, rank, dev.send, i, x)
-            if not overlap:  # the plain order: all of the layer's projections before anything is sent
-                tally.run(i, rank, dev.project, state)
-            comm.send_layer(i, outgoing)
-            # overlap: while the messages travel, Q/K/V of the own rows and attention over them
-            own = tally.run(i, rank, dev.attend_own, i, state) if overlap and dev.in_routes else None
-            t1 = time.perf_counter()
-            incoming = comm.collect_layer(i, posted, expected)
-            t2 = time.perf_counter()
-            x = tally.run(i, rank, dev.receive, i, state, incoming, own)
-            run.compute_s.append((t1 - t0) + (time.perf_counter() - t2))
-            run.wait_s.append(t2 - t1)
-        run.finals = tally.run("head", rank, dev.final, x)
+            if fault is not None:
+                fault.strike(i)
+            x = loop.layer(i, x)
+        run.finals = tally.run("head", comm.rank, dev.final, x)
     run.cpu_s = time.thread_time() - cpu0
     return run
 
 
-def peak_rss_kib() -> int:
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    except (ImportError, OSError):
-        return -1
-
-
-def stats_tensor(comm: DistCommunicator, run: DeviceRun, layers: int) -> Tensor:
-    """A worker's own numbers for rank 0: per layer [sent, received, flops, compute ns, wait ns], then
-    a totals row [input bytes, output bytes, all flops, thread CPU ns, peak resident memory KiB]."""
+def device_report(comm: DistCommunicator, run: DeviceRun, layers: int) -> DeviceReport:
+    """This device's numbers for the request, from its communicator's ledger and the run."""
     rank, ledger, tally = comm.rank, comm.ledger, run.tally
-    t = torch.zeros(layers + 1, 5, dtype=torch.int64)
-    for i in range(layers):
-        flops = tally.counts.get((i, rank), 0) if tally and tally.enabled else -1
-        t[i] = torch.tensor([ledger.sent(i, rank), ledger.received(i, rank), flops,
-                             int(run.compute_s[i] * 1e9), int(run.wait_s[i] * 1e9)])
-    total = sum(v for (_, r), v in tally.counts.items() if r == rank) if tally and tally.enabled else -1
-    t[layers] = torch.tensor([ledger.received("input", rank), ledger.sent("output", rank), total,
-                              int(run.cpu_s * 1e9), peak_rss_kib()])
-    return t
+    counted = tally is not None and tally.enabled
+    counts = tally.counts if tally is not None else {}
+    return DeviceReport(
+        sent=tuple(ledger.sent(i, rank) for i in range(layers)),
+        received=tuple(ledger.received(i, rank) for i in range(layers)),
+        layer_flops=tuple(counts.get((i, rank), 0) for i in range(layers)) if counted else None,
+        compute_s=tuple(run.compute_s), wait_s=tuple(run.wait_s),
+        input_bytes=ledger.received("input", rank), output_bytes=ledger.sent("output", rank),
+        flops=sum(v for (_, r), v in counts.items() if r == rank) if counted else None,
+        cpu_s=run.cpu_s, peak_rss_kib=peak_rss_kib(),
+    )
 
 
-def decode_on_last_device(adapter: Adapter, comm: DistCommunicator, run: DeviceRun, length: int) -> None:
-    """GENERATE on the last rank: take the decode parameters, then stream each new token id to rank 0."""
-    from .generate import Generation, decode_loop, decode_request
-    from .transport import TAG_GENERATE
-
-    params = comm.recv("control", 0, [torch.zeros(16, dtype=torch.float64)], TAG_GENERATE, "decode parameters",
-                       count=False)[0]
-    max_new, sampling, stops = decode_request(params)
-    sent = [0]
-
-    def stream(tid: int) -> None:
-        comm.isend("decode", 0, [torch.tensor([tid], dtype=torch.int64)], TAG_GENERATE + 1 + sent[0], "new token")
-        sent[0] += 1
-
-    with torch.inference_mode():
-        logits = run.finals["logits"][:, -1]
-        decode_loop(adapter, run.executor, logits, length, max_new, sampling, stops,
-                    Generation(prompt_ids=torch.zeros(1, 0, dtype=torch.long)), stream)
-    comm.isend("decode", 0, [torch.tensor([-1], dtype=torch.int64)], TAG_GENERATE + 1 + sent[0], "end of generation")
-    comm.flush()
-
-
-def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, overlap: bool = True,
-                 count_flops: bool = False, log=None) -> None:
-    """Rank > 0: wait for requests from rank 0 until it says stop.
-
-    Rank 0 sends a heartbeat header whenever it is idle, so silence longer than the timeout means
-    the coordinator died or hung: DeviceLost.
-    """
-    rank, layers, causal = comm.rank, adapter.geometry.layers, adapter.geometry.causal
-    cfg = cfg.resolved(adapter.kind)
-    fault = _fault(rank)
-    served = 0
-    while True:
-        raw = comm.recv("control", 0, [protocol.empty_header()], TAG_HEADER, "request header (heartbeat)", count=False)
-        header = protocol.Header.decode(raw[0])
-        if header.op == protocol.PING:
-            continue
-        if header.op == protocol.SHUTDOWN:
-            if log:
-                log(f"rank {rank}: shut down by rank 0 after {served} request(s)")
-            return
-        comm.reset()
-        meta = comm.recv("input", 0, protocol.meta_buffers(header), TAG_META, "request plan data")
-        batch = protocol.batch_from_meta(header, meta)
-        plan = plan_for(batch, cfg, causal)
-        rows = comm.recv("input", 0, protocol.input_buffers(header, plan, rank), TAG_INPUT, "request inputs")
-        local = protocol.local_inputs(header, batch, plan, rank, rows)
-        generating = header.op == protocol.GENERATE
-        run = run_device(adapter, cfg, plan, batch, local, comm, overlap=overlap, count_flops=count_flops,
-                         fault=fault if served == 0 else None, keep_cache=generating and rank == comm.world - 1)
-        if not generating:
-            comm.isend("output", 0, protocol.output_tensors(run.finals, plan, rank, header.mode), TAG_OUTPUT,
-                       "outputs")
-        comm.isend("control", 0, [stats_tensor(comm, run, layers)], TAG_STATS, "statistics", count=False)
-        comm.flush()
-        if generating and rank == comm.world - 1:
-            decode_on_last_device(adapter, comm, run, header.length)
-        served += 1
-
-
-__all__ = ["DeviceLost", "DeviceRun", "run_device", "serve_worker", "stats_tensor", "FAULT_ENV"]
+__all__ = ["DeviceRun", "Fault", "device_report", "run_device"]

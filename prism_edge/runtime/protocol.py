@@ -21,11 +21,11 @@ from torch import Tensor
 
 from ..models.base import Batch
 from ..partition.plan import Plan
+from .modes import OUTPUT_MODES
 
 HEADER_LEN = 16
 MAGIC = 0x5052534D  # "PRSM": a desynchronised or foreign peer fails loudly, not silently
 PING, FORWARD, SHUTDOWN, GENERATE = 1, 2, 3, 4  # GENERATE: a FORWARD (prefill), then the last device decodes
-OUTPUT_MODES = ("all", "pooled", "last", "mean")
 INPUT_KEYS = ("input_ids", "token_type_ids", "patches")  # position in this tuple is the wire code
 MAX_KEYS = 3
 
@@ -177,7 +177,7 @@ def assemble(parts: list[list[Tensor]], names: list[str], plan: Plan, mode: str,
         elif mode == "last":
             out[name] = parts[plan.world - 1][i].unsqueeze(1)
         elif mode == "mean":
-            count = sum(sl.owned.sum(1) for sl in plan.devices).clamp(min=1)
-            total = sum(part[i] for part in parts)
+            count = torch.stack([sl.owned.sum(1) for sl in plan.devices]).sum(0).clamp(min=1)  # (B,)
+            total = torch.stack([part[i] for part in parts]).sum(0)  # (B, w)
             out[name] = (total / count.unsqueeze(-1).to(total.dtype)).unsqueeze(1)
     return out

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from .comm import ByteLedger
@@ -39,13 +41,13 @@ class FlopTally:
         self.enabled = enabled
         self.counts: dict[tuple[object, int], int] = {}
 
-    def run(self, stage: object, rank: int, fn, *args):
-        counter = flop_counter() if self.enabled else nullcontext()
-        with counter:
+    def run(self, stage: object, rank: int, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self.enabled:
+            return fn(*args)
+        with flop_counter() as counter:
             out = fn(*args)
-        if self.enabled:
-            key = (stage, rank)
-            self.counts[key] = self.counts.get(key, 0) + counter.get_total_flops()
+        key = (stage, rank)
+        self.counts[key] = self.counts.get(key, 0) + counter.get_total_flops()
         return out
 
 
@@ -79,13 +81,28 @@ class Stats:
     def collect(cls, world: int, layers: int, ledger: ByteLedger, tally: FlopTally) -> "Stats":
         sent = tuple(tuple(ledger.sent(i, p) for p in range(world)) for i in range(layers))
         received = tuple(tuple(ledger.received(i, p) for p in range(world)) for i in range(layers))
-        io = {"input_bytes": tuple(ledger.received("input", p) for p in range(world)),
-              "output_bytes": tuple(ledger.sent("output", p) for p in range(world))}
+        inputs = tuple(ledger.received("input", p) for p in range(world))
+        outputs = tuple(ledger.sent("output", p) for p in range(world))
         if not tally.enabled:
-            return cls(world, sent, received, None, None, **io)
+            return cls(world, sent, received, None, None, input_bytes=inputs, output_bytes=outputs)
         layer_flops = tuple(tuple(tally.counts.get((i, p), 0) for p in range(world)) for i in range(layers))
         flops = tuple(sum(v for (_, r), v in tally.counts.items() if r == p) for p in range(world))
-        return cls(world, sent, received, layer_flops, flops, **io)
+        return cls(world, sent, received, layer_flops, flops, input_bytes=inputs, output_bytes=outputs)
+
+    @classmethod
+    def from_reports(cls, reports: Sequence["DeviceReport"], wall_s: float) -> "Stats":
+        """The multi-process runtime's statistics: one report per device (rank order) and rank 0's wall time."""
+        layers = len(reports[0].sent)
+        per = lambda name: tuple(tuple(getattr(r, name)[i] for r in reports) for i in range(layers))  # noqa: E731
+        counted = all(r.flops is not None for r in reports)
+        return cls(
+            world=len(reports), sent=per("sent"), received=per("received"),
+            layer_flops=per("layer_flops") if counted else None,
+            flops=tuple(int(r.flops or 0) for r in reports) if counted else None,
+            input_bytes=tuple(r.input_bytes for r in reports), output_bytes=tuple(r.output_bytes for r in reports),
+            compute_s=per("compute_s"), wait_s=per("wait_s"), wall_s=wall_s,
+            cpu_s=tuple(r.cpu_s for r in reports), peak_rss_mib=tuple(r.peak_rss_kib / 1024 for r in reports),
+        )
 
     @property
     def layers(self) -> int:
@@ -132,7 +149,8 @@ class Stats:
 
     def table(self) -> str:
         """Per device: exchange bytes, request input/output bytes, FLOPs and (runtime) compute/wait time."""
-        timed = self.compute_s is not None and self.wait_s is not None
+        compute, wait = self.compute_s, self.wait_s
+        timed = compute is not None and wait is not None
         head = "device  exchange sent  exchange recv  input recv  output sent  GFLOPs"
         rows = [head + ("  compute s  wait s" if timed else "")]
         for p in range(self.world):
@@ -141,7 +159,88 @@ class Stats:
             out = "n/a" if self.output_bytes is None else f"{self.output_bytes[p]:,}"
             row = (f"{p:>6}  {self.bytes_sent(p):>13,}  {self.bytes_received(p):>13,}  {inp:>10}  {out:>11}"
                    f"  {gf:>6}")
-            if timed:
-                row += f"  {sum(l[p] for l in self.compute_s):>9.3f}  {sum(l[p] for l in self.wait_s):>6.3f}"
+            if compute is not None and wait is not None:
+                row += f"  {sum(layer[p] for layer in compute):>9.3f}  {sum(layer[p] for layer in wait):>6.3f}"
             rows.append(row)
         return "\n".join(rows)
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB); -1 where unknown."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    except (ImportError, OSError):
+        return -1
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """One device's own numbers for one request, as a worker reports them to rank 0.
+
+    Per layer: bytes sent / received in the exchange, FLOPs (None when not counted), seconds of compute and
+    of waiting for the exchange.  Per request: input bytes received from rank 0, output bytes sent back,
+    all FLOPs, the device thread's CPU time and the process's peak resident memory.
+
+    It travels as one int64 tensor (nothing is pickled): `to_tensor` / `from_tensor` are the only code
+    that knows the layout, (layers + 1, COLUMNS): a row per layer, then a totals row.  Times travel in
+    nanoseconds; a FLOP count of -1 means "not counted".
+    """
+
+    sent: tuple[int, ...]
+    received: tuple[int, ...]
+    layer_flops: tuple[int, ...] | None
+    compute_s: tuple[float, ...]
+    wait_s: tuple[float, ...]
+    input_bytes: int
+    output_bytes: int
+    flops: int | None
+    cpu_s: float
+    peak_rss_kib: int
+
+    COLUMNS = 5  # layer rows: sent, received, flops, compute ns, wait ns; totals: input, output, flops, cpu ns, rss
+
+    @staticmethod
+    def buffer(layers: int) -> Tensor:
+        """An empty tensor of the wire shape, to receive a report into."""
+        return torch.zeros(layers + 1, DeviceReport.COLUMNS, dtype=torch.int64)
+
+    def to_tensor(self) -> Tensor:
+        layers = len(self.sent)
+        t = self.buffer(layers)
+        flops = self.layer_flops if self.layer_flops is not None else (-1,) * layers
+        for i in range(layers):
+            t[i] = torch.tensor([self.sent[i], self.received[i], flops[i], round(self.compute_s[i] * 1e9),
+                                 round(self.wait_s[i] * 1e9)])
+        t[layers] = torch.tensor([self.input_bytes, self.output_bytes, -1 if self.flops is None else self.flops,
+                                  round(self.cpu_s * 1e9), self.peak_rss_kib])
+        return t
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> "DeviceReport":
+        rows = t.tolist()
+        layers, total = rows[:-1], rows[-1]
+        counted = total[2] >= 0
+        return cls(
+            sent=tuple(r[0] for r in layers), received=tuple(r[1] for r in layers),
+            layer_flops=tuple(r[2] for r in layers) if counted else None,
+            compute_s=tuple(r[3] * 1e-9 for r in layers), wait_s=tuple(r[4] * 1e-9 for r in layers),
+            input_bytes=total[0], output_bytes=total[1], flops=total[2] if counted else None,
+            cpu_s=total[3] * 1e-9, peak_rss_kib=total[4],
+        )
+
+
+def measured(stats: Stats | None) -> Stats:
+    """The statistics of a result that has them (the simulator and the runtime always fill them in)."""
+    if stats is None:
+        raise AssertionError("this result carries no statistics")
+    return stats
+
+
+def busiest_flops(stats: Stats | None) -> int:
+    """FLOPs of the busiest device of a run that counted them."""
+    flops = measured(stats).max_flops
+    if flops is None:
+        raise AssertionError("FLOPs were not counted (count_flops=False)")
+    return flops

@@ -9,11 +9,11 @@ of step into a `DeviceLost` error that names the peer and the stage, within a bo
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ TAG_HEADER, TAG_META, TAG_INPUT, TAG_OUTPUT, TAG_STATS = 32, 64, 96, 128, 160
 TAG_LAYER = 256  # tensor j of layer i's message travels with tag TAG_LAYER + LAYER_TAGS * i + j
 LAYER_TAGS = 4  # tensors per layer message at most: rows, int8 scales, group sizes (one spare)
 TAG_GENERATE = 1 << 20  # decode parameters to the last device; new token t comes back with tag + 1 + t
+TAG_DECODE_CONTROL = 3 << 19  # rank 0 -> last device: go on / stop, the c-th time with tag + c
 
 
 class DeviceLost(RuntimeError):
@@ -49,10 +50,9 @@ class Endpoint:
         return cls(host.strip("[]"), int(port), bind, iface)
 
 
-def open_store(endpoint: Endpoint, rank: int, world: int, timeout: float, is_master: bool | None = None) -> dist.TCPStore:
-    """The rendezvous store: rank 0 hosts it unless torchrun's agent already does (then all are clients)."""
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    master = (rank == 0 and not agent) if is_master is None else is_master
+def open_store(endpoint: Endpoint, rank: int, world: int, timeout: float, agent_store: bool = False) -> dist.TCPStore:
+    """The rendezvous store: rank 0 hosts it unless torchrun's agent already does (agent_store: all are clients)."""
+    master = rank == 0 and not agent_store
     try:
         store = dist.TCPStore(endpoint.master_addr, endpoint.master_port, world, master,
                               timeout=timedelta(seconds=timeout), wait_for_workers=False)
@@ -65,7 +65,7 @@ def open_store(endpoint: Endpoint, rank: int, world: int, timeout: float, is_mas
 
 def join_group(store: dist.Store, endpoint: Endpoint, rank: int, world: int, timeout: float) -> dist.ProcessGroup:
     """A gloo process group of `world` ranks, bound to the endpoint's interface when one is given."""
-    opts = dist.ProcessGroupGloo._Options()
+    opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # gloo's options have no stubs
     if endpoint.iface:
         device = dist.ProcessGroupGloo.create_device(interface=endpoint.iface)
     elif endpoint.bind:
@@ -76,7 +76,7 @@ def join_group(store: dist.Store, endpoint: Endpoint, rank: int, world: int, tim
     opts._timeout = timedelta(seconds=timeout)
     opts._threads = 2
     try:
-        return dist.ProcessGroupGloo(dist.PrefixStore("prism-edge/", store), rank, world, opts)
+        return cast(dist.ProcessGroup, dist.ProcessGroupGloo(dist.PrefixStore("prism-edge/", store), rank, world, opts))
     except RuntimeError as err:
         raise DeviceLost(f"rank {rank}: could not connect to all {world} ranks within {timeout:g} s "
                          f"({str(err).splitlines()[0]}); are all ranks started with --world-size {world}?") from None
@@ -94,10 +94,16 @@ def _describe(err: Exception) -> str:
 class DistCommunicator:
     """Point-to-point exchange over a process group, every byte counted, every wait bounded."""
 
-    def __init__(self, group: dist.ProcessGroup, rank: int, world: int, timeout: float = 30.0) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, rank: int, world: int, timeout: float = 30.0) -> None:
+        """group None: a communicator of one device (world 1), which never sends anything."""
         self.group, self.rank, self.world, self.timeout = group, rank, world, timeout
         self.ledger = ByteLedger()
         self._sends: list[tuple[object, int, str, Tensor]] = []
+
+    def _group(self) -> dist.ProcessGroup:
+        if self.group is None:
+            raise RuntimeError(f"rank {self.rank}: this communicator has no process group (closed, or one device)")
+        return self.group
 
     def reset(self) -> None:
         """A new request: a fresh ledger."""
@@ -111,11 +117,11 @@ class DistCommunicator:
             t = t.detach().cpu().contiguous()  # gloo moves host memory: a GPU device stages through it
             if count:
                 self.ledger.record(stage, self.rank, dst, t)
-            work = self._guard(lambda: self.group.send([t], dst, tag + j), dst, what)
+            work = self._guard(lambda: self._group().send([t], dst, tag + j), dst, what)
             self._sends.append((work, dst, what, t))  # keep t alive until the send completes
 
     def irecv(self, src: int, buffers: list[Tensor], tag: int, what: str) -> list[tuple[object, Tensor]]:
-        return [(self._guard(lambda b=b, j=j: self.group.recv([b], src, tag + j), src, what), b)
+        return [(self._guard(lambda b=b, j=j: self._group().recv([b], src, tag + j), src, what), b)
                 for j, b in enumerate(buffers) if b.numel() > 0]
 
     def wait_recv(self, stage: object, src: int, posted: list[tuple[object, Tensor]], what: str,

@@ -12,29 +12,29 @@ Medians over interleaved repeats; compare ratios from one run (the machine is sh
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ..config import PrismConfig
-from ..eval.data import builtin_texts
-from ..models.loading import load_model
-from ..runtime.cluster import Cluster
-from ..runtime.simulator import simulate
+from ...bench.links import EmulatedNetwork, available, parse_link
+from ...config import PrismConfig
+from ...eval.data import builtin_texts
+from ...eval.fidelity import mean_pool
+from ...models.loading import load_model
+from ...runtime.simulator import simulate
+from ...runtime.stats import measured
+from ..cluster import Cluster
+from ..requests import builtin_request
+from ..spec import LaunchSpec
+from .common import Placement, free_port, run_ranks
 
 
-def _inputs(loaded, length: int) -> dict:
-    enc = loaded.tokenizer(builtin_texts(), padding=True, truncation=True, max_length=length, return_tensors="pt")
-    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -46,7 +46,7 @@ def _median_time(fn, repeats: int) -> float:
 def loopback(model: str, devices: list[int], cr: int, repeats: int, length: int, cache: Path | None) -> list[dict]:
     torch.set_num_threads(1)
     loaded = load_model(model, cache_dir=cache)
-    inputs = _inputs(loaded, length)
+    inputs = builtin_request(loaded, length)
     rows = []
     with torch.inference_mode():
         hf = _median_time(lambda: loaded.model(**inputs), repeats)
@@ -54,13 +54,13 @@ def loopback(model: str, devices: list[int], cr: int, repeats: int, length: int,
         cfg = PrismConfig(devices=p, cr=cr)
         with torch.inference_mode():
             sim = _median_time(lambda: simulate(loaded.model, cfg, count_flops=False, **inputs), repeats)
-        with Cluster(model, cfg, threads=1, cache_dir=cache) as cluster:
+        with Cluster(model, cfg, threads=1, cache_dir=str(cache) if cache else None) as cluster:
             cluster(**inputs, outputs="mean")  # warm-up
-            walls, stats = [], None
-            for _ in range(repeats):
-                out = cluster(**inputs, outputs="mean")
-                walls.append(out.stats.wall_s)
-                stats = out.stats
+            outs = [cluster(**inputs, outputs="mean") for _ in range(repeats)]
+        walls = [o.stats.wall_s for o in outs if o.stats is not None and o.stats.wall_s is not None]
+        stats = outs[-1].stats
+        assert stats is not None and stats.input_bytes is not None and stats.output_bytes is not None
+        assert stats.wait_s is not None and stats.compute_s is not None
         rows.append({
             "devices": p, "cr": cr, "runtime_s": statistics.median(walls), "simulator_s": sim, "hf_forward_s": hf,
             "exchange_bytes": stats.total_bytes, "input_bytes": sum(stats.input_bytes),
@@ -72,65 +72,53 @@ def loopback(model: str, devices: list[int], cr: int, repeats: int, length: int,
 
 def wire_precision(model: str, devices: int, cr: int, length: int, cache: Path | None) -> list[dict]:
     """Fidelity cost of a narrower wire dtype (simulated: the runtime sends the very same tensors)."""
-    from ..eval.fidelity import mean_pool
-
     loaded = load_model(model, cache_dir=cache)
-    inputs = _inputs(loaded, length)
+    inputs = builtin_request(loaded, length)
     mask = inputs["attention_mask"]
     rows = []
     with torch.inference_mode():
         full = loaded.model(**inputs).last_hidden_state
-        base = None
+        base: torch.Tensor | None = None
         for wire in ("float32", "float16", "bfloat16"):
             out = simulate(loaded.model, PrismConfig(devices=devices, cr=cr, wire_dtype=wire), count_flops=False,
                            **inputs)
-            base = out if base is None else base
+            hidden = out.last_hidden_state
+            assert hidden is not None  # an encoder's output
+            base = hidden if base is None else base
             valid = mask.bool()
             rows.append({
-                "wire": wire, "exchange_bytes": out.stats.total_bytes,
-                "cosine_to_full": float((mean_pool(out.last_hidden_state, mask) * mean_pool(full, mask)).sum(-1).mean()),
-                "max_abs_vs_fp32_wire": float((out.last_hidden_state - base.last_hidden_state)[valid].abs().max()),
+                "wire": wire, "exchange_bytes": measured(out.stats).total_bytes,
+                "cosine_to_full": float((mean_pool(hidden, mask) * mean_pool(full, mask)).sum(-1).mean()),
+                "max_abs_vs_fp32_wire": float((hidden - base)[valid].abs().max()),
             })
     return rows
 
 
-def _emulated_run(net, model: str, devices: int, cfg_args: list[str], overlap: bool, repeats: int,
-                  length: int) -> dict:
+def _emulated_run(net: EmulatedNetwork, spec: LaunchSpec, cfg: PrismConfig, repeats: int, length: int) -> dict:
     """One cluster, every rank in its own namespace, rank 0 prints its JSON report."""
-    from .schemes import free_port
-
-    port = free_port()
-    procs = []
-    for rank in range(devices):
-        cmd = net.wrap(rank, [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size",
-                              str(devices), "--master", f"{net.address(0)}:{port}", "--bind", net.address(rank),
-                              "--model", model, "--repeat", str(repeats), "--json", "--max-length", str(length),
-                              "--overlap" if overlap else "--no-overlap", *cfg_args])
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        if p.returncode != 0:
-            raise RuntimeError(f"emulated-link run failed (rank exit {p.returncode}): {err.strip()[-800:]}")
-    return json.loads(outs[0][0].strip().splitlines()[-1])
+    place, master = Placement(net), f"{net.address(0)}:{free_port()}"
+    request = ["--repeat", str(repeats), "--json", "--max-length", str(length)]
+    world = cfg.effective_devices
+    commands = [spec.worker_command(cfg, rank, world, master, place.address(rank), request) for rank in range(world)]
+    return json.loads(run_ranks(place, commands, timeout=600))
 
 
-def overlap(model: str, link_name: str, devices: int, cr: int, repeats: int, rounds: int, length: int) -> dict:
-    from .links import EmulatedNetwork, available, parse_link
-
+def overlap(model: str, link_name: str, devices: int, cr: int, repeats: int, rounds: int, length: int,
+            cache: Path | None = None) -> dict:
     ok, why = available()
     if not ok:
         return {"skipped": f"link emulation unavailable here: {why}"}
     link = parse_link(link_name)
-    cfg_args = ["--devices", str(devices), "--cr", str(cr)]
+    cfg = PrismConfig(devices=devices, cr=cr)
+    spec = LaunchSpec(model=model, cache_dir=str(cache) if cache else None)
     walls: dict[bool, list[float]] = {True: [], False: []}
     waits: dict[bool, list[float]] = {True: [], False: []}
-    report = None
+    report: dict[str, Any] = {}
     with EmulatedNetwork(devices, link, allow_no_delay=True) as net:
         before = [net.counters(p) for p in range(devices)]
         for _ in tqdm(range(rounds), desc=f"overlap on/off over {link_name}"):
             for on in (True, False):  # interleaved
-                report = _emulated_run(net, model, devices, cfg_args, on, repeats, length)
+                report = _emulated_run(net, spec.replace(overlap=on), cfg, repeats, length)
                 walls[on] += report["wall_s"][1:]  # the first request warms up
                 waits[on].append(sum(map(sum, report["stats"]["wait_s"])) / devices)
         after = [net.counters(p) for p in range(devices)]
@@ -146,8 +134,8 @@ def overlap(model: str, link_name: str, devices: int, cr: int, repeats: int, rou
     }
 
 
-def main(model: str, out: Path, devices: list[int], cr: int, repeats: int, length: int, links: list[str],
-         rounds: int, cache: Path | None) -> str:
+def main(model: str, out: Path, devices: list[int], cr: int, repeats: int = 20, length: int = 128,
+         links: Sequence[str] = (), rounds: int = 3, cache: Path | None = None) -> str:
     rows = loopback(model, devices, cr, repeats, length, cache)
     lines = [f"## Multi-process runtime on loopback — {model}, {len(builtin_texts())} built-in texts (≤ {length} "
              f"tokens), CR={cr}, 1 thread per device, 2 cores, median of {repeats}", "",
@@ -165,11 +153,11 @@ def main(model: str, out: Path, devices: list[int], cr: int, repeats: int, lengt
               "|---|---|---|---|---|"]
     lines += [f"| {w['wire']} | {w['exchange_bytes']:,} | {w['exchange_bytes'] / wires[0]['exchange_bytes']:.3f} | "
               f"{w['cosine_to_full']:.5f} | {w['max_abs_vs_fp32_wire']:.2e} |" for w in wires]
-    result = {"model": model, "loopback": rows, "wire_precision": wires}
-    result["overlap"] = []
+    overlaps: list[dict[str, Any]] = []
+    result = {"model": model, "loopback": rows, "wire_precision": wires, "overlap": overlaps}
     for link in links:
-        ov = overlap(model, link, 2, cr, repeats, rounds, length)
-        result["overlap"].append(ov)
+        ov = overlap(model, link, 2, cr, repeats, rounds, length, cache)
+        overlaps.append(ov)
         lines += [""]
         if "skipped" in ov:
             lines.append(f"Overlap on an emulated link ({link}): not measured ({ov['skipped']}).")

@@ -1,7 +1,7 @@
 """Side by side: PRISM (several CR, fp16 wire), Voltage, one device and tensor parallelism, on one link.
 
 Every scheme serves the same request (the built-in texts, as `prism-edge worker` builds it) from
-real device processes: the runtime's workers for full / Voltage / PRISM, `prism_edge.bench.tp` for
+real device processes: the runtime's workers for full / Voltage / PRISM, `prism_edge.app.bench.tp` for
 tensor parallelism.  With an emulated link (root) every device process runs in its own network
 namespace behind `tc tbf` (+ a user-space delay), and the interface counters cross-check the
 ledger; without one (or without root) the devices talk over loopback.
@@ -16,19 +16,24 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ..config import PrismConfig
-from ..eval.harness import variant_config, variant_options
+from ...bench.links import EmulatedNetwork, available, parse_link
+from ...config import PrismConfig
+from ...eval.harness import variant_config, variant_options
+from ...models.loading import load_model
+from ...runtime.simulator import simulate
+from ...runtime.stats import busiest_flops
+from ..requests import builtin_request
+from ..spec import LaunchSpec
+from .common import Placement, free_port, run_ranks
 
 
 @dataclass(frozen=True)
@@ -71,67 +76,16 @@ DEFAULT_SCHEMES = ("full", "voltage", "tp", "prism:16", "prism:64", "prism:16:fp
                    "prism:128:plain")
 
 
-def _cli_flags(cfg: PrismConfig) -> list[str]:
-    from ..runtime.cluster import config_args
-
-    return config_args(cfg)
-
-
-def free_port() -> int:
-    """A TCP port free on this machine right now (for a rendezvous master)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Placement:
-    """Where device processes run: loopback, or one network namespace each (an EmulatedNetwork)."""
-
-    def __init__(self, net=None) -> None:
-        self.net = net
-
-    def wrap(self, rank: int, argv: list[str]) -> list[str]:
-        return self.net.wrap(rank, argv) if self.net else argv
-
-    def address(self, rank: int) -> str:
-        return self.net.address(rank) if self.net else "127.0.0.1"
-
-    def iface(self, rank: int) -> str:
-        return self.net.interface(rank) if self.net else "lo"
-
-    def tx_bytes(self, ranks: int) -> int | None:
-        return sum(self.net.counters(p)[0] for p in range(ranks)) if self.net else None
-
-
-def _run_ranks(place: Placement, world: int, argv_for, env_for=None, timeout: float = 900) -> str:
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_for(rank) if env_for else {})}
-        procs.append(subprocess.Popen(place.wrap(rank, argv_for(rank)), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=env))
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs):
-        if p.returncode != 0:
-            raise RuntimeError(f"a device process failed (exit {p.returncode}): {err.strip()[-1200:]}")
-    return outs[0][0].strip().splitlines()[-1]
-
-
-def run_runtime(place: Placement, model: str, cfg: PrismConfig, repeats: int, length: int) -> dict:
+def run_runtime(place: Placement, model: str, cfg: PrismConfig, repeats: int, length: int,
+                spec: LaunchSpec | None = None) -> dict[str, Any]:
+    """One group of worker processes (rank 0 runs the built-in request repeats + 1 times, the first to warm up)."""
     world = cfg.effective_devices
-    port = free_port()
-
-    def argv(rank: int) -> list[str]:
-        return [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),
-                "--master", f"{place.address(0)}:{port}", "--bind", place.address(rank), "--model", model,
-                "--repeat", str(repeats + 1), "--json", "--max-length", str(length), *_cli_flags(cfg)]
-
+    master = f"{place.address(0)}:{free_port()}"
+    spec = spec or LaunchSpec(model=model)
+    request = ["--repeat", str(repeats + 1), "--json", "--max-length", str(length)]
+    commands = [spec.worker_command(cfg, rank, world, master, place.address(rank), request) for rank in range(world)]
     before = place.tx_bytes(world)
-    report = json.loads(_run_ranks(place, world, argv))
+    report = json.loads(run_ranks(place, commands))
     after = place.tx_bytes(world)
     st = report["stats"]
     layers = len(st["wait_s"])
@@ -143,23 +97,21 @@ def run_runtime(place: Placement, model: str, cfg: PrismConfig, repeats: int, le
         "compute_per_layer_s": statistics.mean(sum(l) / world for l in st["compute_s"]) if layers else 0.0,
         "wait_per_layer_s": statistics.mean(sum(l) / world for l in st["wait_s"]) if layers else 0.0,
         "cpu_s": max(st["cpu_s"]), "peak_rss_mib": max(st["peak_rss_mib"]),
-        "wire_tx_per_request": None if before is None else (after - before) / (repeats + 1),
+        "wire_tx_per_request": None if before is None or after is None else (after - before) / (repeats + 1),
     }
 
 
-def run_tp(place: Placement, model: str, devices: int, repeats: int, length: int) -> dict:
+def run_tp(place: Placement, model: str, devices: int, repeats: int, length: int) -> dict[str, Any]:
     port = free_port()
 
     def env(rank: int) -> dict:
         return {"RANK": str(rank), "WORLD_SIZE": str(devices), "LOCAL_RANK": "0", "MASTER_ADDR": place.address(0),
                 "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": place.iface(rank)}
 
-    def argv(rank: int) -> list[str]:
-        return [sys.executable, "-m", "prism_edge.bench.tp", "--model", model, "--repeat", str(repeats),
-                "--max-length", str(length)]
-
+    argv = [sys.executable, "-m", "prism_edge.app.bench.tp", "--model", model, "--repeat", str(repeats),
+            "--max-length", str(length)]
     before = place.tx_bytes(devices)
-    row = json.loads(_run_ranks(place, devices, argv, env))
+    row = json.loads(run_ranks(place, [argv] * devices, env))
     after = place.tx_bytes(devices)
     if "error" in row:
         return {"error": row["error"]}
@@ -170,34 +122,29 @@ def run_tp(place: Placement, model: str, devices: int, repeats: int, length: int
         "compute_per_layer_s": None, "wait_per_layer_s": None, "cpu_s": row["cpu_s"],
         "peak_rss_mib": row["peak_rss_mib"], "tp_flops_per_device": row["flops_per_device"],
         # the TP run includes an untimed FLOP-counting pass, a warm-up, and `repeats` timed requests
-        "wire_tx_per_request": None if before is None else (after - before) / (repeats + 2),
+        "wire_tx_per_request": None if before is None or after is None else (after - before) / (repeats + 2),
     }
 
 
-def flops(model_name: str, schemes: list[Scheme], devices: int, length: int, cache) -> dict[str, dict]:
+def flops(model_name: str, schemes: list[Scheme], devices: int, length: int, cache: Any) -> dict[str, dict]:
     """Per-device FLOPs of each scheme on the same request, counted by the simulator."""
-    from ..cli import builtin_request
-    from ..models.loading import load_model
-    from ..runtime.simulator import simulate
-
     loaded = load_model(model_name, cache_dir=cache)
     enc = builtin_request(loaded, length)
     out = {}
     with torch.inference_mode():
-        full = simulate(loaded.model, PrismConfig(devices=1, scheme="full"), **enc).stats.max_flops
+        full = busiest_flops(simulate(loaded.model, PrismConfig(devices=1, scheme="full"), **enc).stats)
         for s in schemes:
-            if s.kind == "tp":
+            cfg = s.config(devices)
+            if cfg is None:  # tp: counted by its own processes
                 continue
-            st = simulate(loaded.model, s.config(devices), **enc).stats
-            out[s.name] = {"max_flops": st.max_flops, "vs_perfect_split": st.max_flops / (full / s.config(devices).effective_devices)}
+            busiest = busiest_flops(simulate(loaded.model, cfg, **enc).stats)
+            out[s.name] = {"max_flops": busiest, "vs_perfect_split": busiest / (full / cfg.effective_devices)}
     out["_full"] = {"max_flops": full}
     return out
 
 
 def run(model: str, link: str | None, devices: int, schemes: list[Scheme], repeats: int, length: int,
-        cache=None) -> tuple[list[dict], str]:
-    from .links import EmulatedNetwork, available, parse_link
-
+        cache: Any = None) -> tuple[list[dict], str]:
     note = "loopback"
     net = None
     if link and link != "loopback":
@@ -217,7 +164,8 @@ def run(model: str, link: str | None, devices: int, schemes: list[Scheme], repea
             if s.kind == "tp":
                 r = run_tp(place, model, devices, repeats, length)
             else:
-                r = run_runtime(place, model, s.config(devices), repeats, length)
+                r = run_runtime(place, model, s.config(devices), repeats, length,
+                                LaunchSpec(model=model, cache_dir=str(cache) if cache else None))
             row = {"scheme": s.name, "link": note, "devices": 1 if s.kind == "full" else devices, **r}
             if s.kind == "tp" and "tp_flops_per_device" in r:
                 row["max_flops"] = r["tp_flops_per_device"]
@@ -309,8 +257,8 @@ def plot(all_rows: list[dict], out: Path, model: str) -> list[Path]:
     return files
 
 
-def main(model: str, out: Path, links: list[str], devices: int, scheme_specs: list[str], repeats: int,
-         length: int, cache=None) -> str:
+def main(model: str, out: Path, links: list[str], devices: int, scheme_specs: list[str], repeats: int = 5,
+         length: int = 128, cache: Any = None) -> str:
     schemes = [parse_scheme(s) for s in scheme_specs]
     out.mkdir(parents=True, exist_ok=True)
     all_rows, parts = [], []

@@ -20,10 +20,20 @@ import statistics
 import sys
 import time
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ...models import adapter_for
+from ...models.loading import Loaded, load_model
+from ...runtime.stats import flop_counter, peak_rss_kib
+from .. import env
+from ..requests import builtin_request, hf_config
 
 # family -> (per-layer column-wise linears, per-layer row-wise linears), names inside one block
 TP_PLANS = {
@@ -49,12 +59,8 @@ class CollectiveBytes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def tp_plan(model: nn.Module, family: str) -> dict:
+def tp_plan(model: nn.Module, family: str) -> dict[str, ParallelStyle]:
     """The parallelize_module plan for `model`, or a ValueError naming why the family cannot run."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    from ..models import adapter_for
-
     if family not in TP_PLANS:
         raise ValueError(f"{family} cannot run under torch tensor parallelism here: its attention uses a fused "
                          "Conv1D (GPT-2's c_attn), which ColwiseParallel/RowwiseParallel do not support")
@@ -62,7 +68,7 @@ def tp_plan(model: nn.Module, family: str) -> dict:
     col, row = TP_PLANS[family]
     layers = adapter.layers()
     prefix = {id(m): n for n, m in model.named_modules()}[id(layers)]
-    plan = {}
+    plan: dict[str, ParallelStyle] = {}
     for i in range(len(layers)):
         plan.update({f"{prefix}.{i}.{name}": ColwiseParallel() for name in col})
         plan.update({f"{prefix}.{i}.{name}": RowwiseParallel() for name in row})
@@ -70,7 +76,7 @@ def tp_plan(model: nn.Module, family: str) -> dict:
 
 
 def check_divisible(model: nn.Module, devices: int) -> None:
-    cfg = model.config
+    cfg: Any = model.config
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     if heads % devices or kv % devices:
@@ -78,49 +84,41 @@ def check_divisible(model: nn.Module, devices: int) -> None:
                          f"P={devices}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prism_edge.bench.tp")
-    parser.add_argument("--model", default="minilm")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--max-length", type=int, default=128)
-    args = parser.parse_args(argv)
+def _timed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rank: int, repeat: int
+           ) -> tuple[list[float], list[float]]:
+    """Wall and thread-CPU seconds of `repeat` + 1 requests (the first warms up); rank 0 broadcasts each."""
+    walls, cpus = [], []
+    for _ in range(repeat + 1):
+        dist.barrier()
+        t, c = time.perf_counter(), time.thread_time()
+        buf = torch.stack([ids, mask]) if rank == 0 else torch.empty(2, *ids.shape, dtype=ids.dtype)  # (2, B, N)
+        dist.broadcast(buf, 0)  # the request enters at rank 0
+        model(input_ids=buf[0], attention_mask=buf[1])
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.thread_time() - c)
+    return walls, cpus
 
-    from ..cli import cache_dir
-    from ..models.loading import load_model
-    from ..runtime.node import peak_rss_kib
-    from ..runtime.stats import flop_counter
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import parallelize_module
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
-    loaded = load_model(args.model, cache_dir=cache_dir())
+
+def measure(loaded: Loaded, plan: dict, world: int, rank: int, repeat: int, length: int) -> dict[str, Any]:
+    """Shard the model, count one request's FLOPs and collectives, then time `repeat` requests."""
     model = loaded.model
-    family = model.config.model_type
-    try:
-        check_divisible(model, world)
-        plan = tp_plan(model, family)
-    except ValueError as err:
-        if rank == 0:
-            print(json.dumps({"error": str(err)}))
-        dist.destroy_process_group()
-        return 0
     sharded: list[int] = []
 
-    def count(module, inputs, output):  # a sharded linear's global FLOPs, divided by P below
+    def count(module: nn.Module, inputs: tuple, output: Any) -> None:  # a sharded linear's global FLOPs, / P below
         sharded.append(2 * inputs[0].numel() // inputs[0].shape[-1] * module.in_features * module.out_features)
 
     hooks = [model.get_submodule(name).register_forward_hook(count) for name in plan]
     parallelize_module(model, init_device_mesh("cpu", (world,)), plan)
-    from ..cli import builtin_request
-
     # the very request `prism-edge worker` builds for the same flags (decoders read the texts as one document)
-    enc = builtin_request(loaded, args.max_length)
+    enc = builtin_request(loaded, length)
     ids = enc["input_ids"]
     mask = enc.get("attention_mask", torch.ones_like(ids))
-    walls, cpus = [], []
     with torch.inference_mode():
         counter, comms = flop_counter(), CollectiveBytes()
         with counter, comms:
@@ -128,29 +126,37 @@ def main(argv: list[str] | None = None) -> int:
         counted, global_linear = counter.get_total_flops(), sum(sharded)
         for h in hooks:
             h.remove()
-        for _ in range(args.repeat + 1):  # the first one warms up
-            dist.barrier()
-            t, c = time.perf_counter(), time.thread_time()
-            buf = torch.stack([ids, mask]) if rank == 0 else torch.empty(2, *ids.shape, dtype=ids.dtype)
-            dist.broadcast(buf, 0)  # the request enters at rank 0
-            model(input_ids=buf[0], attention_mask=buf[1])
-            walls.append(time.perf_counter() - t)
-            cpus.append(time.thread_time() - c)
-    slowest = torch.tensor([statistics.median(walls[1:])])
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    ring = 2 * (world - 1) / world
-    row = {
-        "scheme": "tp", "devices": world, "family": family, "requests": args.repeat,
-        "wall_s": float(slowest), "cpu_s": statistics.median(cpus[1:]),
+        walls, cpus = _timed(model, ids, mask, rank, repeat)
+    return {
+        "scheme": "tp", "devices": world, "family": hf_config(model).model_type, "requests": repeat,
+        "wall_s": _max_over_ranks(statistics.median(walls[1:])), "cpu_s": statistics.median(cpus[1:]),
         "all_reduces": len(comms.all_reduce), "all_reduced_bytes": sum(comms.all_reduce),
-        "exchange_sent_per_device": int(ring * sum(comms.all_reduce)),
+        "exchange_sent_per_device": int(2 * (world - 1) / world * sum(comms.all_reduce)),  # a ring all-reduce
         "input_bytes_per_device": ids.numel() * ids.element_size() * 2,
         "flops_per_device": int(counted - global_linear + global_linear / world),
-        "peak_rss_mib": peak_rss_kib() / 1024,
+        "peak_rss_mib": _max_over_ranks(peak_rss_kib() / 1024),
     }
-    rss = torch.tensor([row["peak_rss_mib"]])
-    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
-    row["peak_rss_mib"] = float(rss)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank (torchrun's environment says which); rank 0 prints one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m prism_edge.app.bench.tp")
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--cache-dir", help="folder for converted weights (default: $PRISM_EDGE_CACHE)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    loaded = load_model(args.model, cache_dir=args.cache_dir or env.cache_dir())
+    try:
+        check_divisible(loaded.model, world)
+        plan = tp_plan(loaded.model, hf_config(loaded.model).model_type)
+    except ValueError as err:
+        row: dict[str, Any] = {"error": str(err)}
+    else:
+        row = measure(loaded, plan, world, rank, args.repeat, args.max_length)
     if rank == 0:
         print(json.dumps(row))
     dist.destroy_process_group()

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import PrismConfig
+from ..runtime.transport import DeviceLost
+from ..version import __version__
 
 
 class HandshakeError(ValueError):
@@ -39,14 +41,16 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
-def identity(model: nn.Module, cfg: PrismConfig, model_name: str) -> dict:
+def identity(model: nn.Module, cfg: PrismConfig, model_name: str, auto_weights: bool = False) -> dict:
+    """What a rank is: versions, config (weights "auto" when they are still to be measured), model fingerprint."""
     import transformers
 
-    from .. import __version__
-
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    if auto_weights:  # every rank must take part in timing the devices, or the start-up would hang
+        config["weights"] = "auto"
     return {
         "prism_edge": __version__,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
+        "config": config,
         "model": {"class": type(model).__name__, "fingerprint": fingerprint(model),
                   "parameters": sum(p.numel() for p in model.parameters())},
         "model_name": model_name,  # informative only: the same weights may live at different paths
@@ -89,8 +93,6 @@ def differences(reference: dict, other: dict) -> list[str]:
 
 def check(group: dist.ProcessGroup, rank: int, world: int, ident: dict, timeout: float) -> list[dict]:
     """All-gather every rank's identity; raise HandshakeError on any rank if one differs from rank 0."""
-    from .transport import DeviceLost
-
     try:
         raw = _gather(group, world, json.dumps(ident, sort_keys=True).encode(), timeout)
     except RuntimeError as err:

@@ -1,0 +1,54 @@
+"""What every HTTP endpoint shares: errors in OpenAI's shape, checked request fields, streamed replies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Emit = Callable[[dict[str, Any]], bool]  # sends one server-sent event; False once the client is gone
+_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "list": "a list",
+          "dict": "an object"}
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's fields: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.headers = status, param, code, headers or {}
+
+    @property
+    def kind(self) -> str:
+        return "invalid_request_error" if self.status < 500 else "server_error"
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class BadField(ValueError):
+    """A request field that is missing or wrong: `param` names it (the server answers 400 with it)."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """body[name] if present and of the right JSON type (a bool is not a number), else default / BadField."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = " or ".join(_NAMES[k.__name__] for k in kinds)
+        raise BadField(name, f'"{name}" must be {names}, got {value!r}')
+    return value
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A reply sent as server-sent events: `run(emit)` emits each chunk; `data: [DONE]` follows."""
+
+    run: Callable[[Emit], None]

@@ -1,0 +1,235 @@
+"""`prism-edge`: the command line.
+
+  prism-edge launch              the bundled default: real MiniLM-L6 across 4 local device processes
+  prism-edge launch --serve 127.0.0.1:8000    keep the devices up and serve HTTP (JSON and OpenAI-compatible)
+  prism-edge worker --rank R --world-size W --master HOST:PORT    one device of a multi-machine group
+  prism-edge run                 the in-process simulator: full vs Voltage vs PRISM on the same input
+  prism-edge generate "prompt"   stream text from SmolLM2 split across devices (prefill + KV-cache decode)
+  prism-edge eval --task lee      accuracy against compression on real data (grid of P, CR, fidelity options)
+  prism-edge finetune --task fashion --out DIR   PRISM-aware fine-tuning through the partitioned forward
+  prism-edge bench schemes --link wifi slow   PRISM vs Voltage vs tensor parallelism vs one device
+  prism-edge bench hetero        one of two devices at half speed: equal slices vs --weights auto
+
+This module holds argument tables only and imports nothing heavy: each command's code (and torch)
+loads when the command runs, so `--help` and a mistyped flag answer at once.  Choices that live in
+heavy modules (task names, recipes) are checked by the command itself, with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import typing
+
+from ..runtime.modes import OUTPUT_MODES
+from .flags import add_config_flags
+from .spec import LaunchSpec
+
+BENCHES = ("schemes", "targets", "generation", "overhead", "runtime", "hetero")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, non-zero exit
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _command(parser: argparse.ArgumentParser, target: str) -> None:
+    """The command's code as "module:function", imported only when it runs."""
+    parser.set_defaults(fn=target)
+
+
+def add_input_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text", action="append", help="input text (repeatable); default: built-in texts")
+    parser.add_argument("--text-file", help="file with one input text per line (lines starting with # skipped)")
+    parser.add_argument("--image", nargs="+", help="image file(s) for ViT models")
+    parser.add_argument("--max-length", type=int, default=512, help="truncate inputs to this many tokens")
+    parser.add_argument("--show", type=int, default=6, help="result lines to print")
+
+
+def add_request_flags(parser: argparse.ArgumentParser) -> None:
+    add_input_flags(parser)
+    parser.add_argument("--outputs", choices=OUTPUT_MODES,
+                        help="what comes back to rank 0 (default: mean for encoders, last for LMs, pooled for "
+                             "classifiers)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the request this many times (median wall time)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--serve", metavar="HOST:PORT", help="serve HTTP (JSON and OpenAI-compatible) instead of "
+                        "running one request")
+
+
+def _threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def _simulator_commands(sub: typing.Any) -> None:
+    run = sub.add_parser("run", help="run a model split across devices (simulator) and compare with Voltage")
+    run.add_argument("--model", default="minilm", help="alias (minilm, smollm2), hub name or local folder")
+    add_input_flags(run)
+    run.add_argument("--json", action="store_true", help="print the report as JSON")
+    _threads(run)
+    add_config_flags(run)
+    _command(run, "prism_edge.app.commands:cmd_run")
+
+    gen = sub.add_parser("generate", help="generate text with a decoder split across devices, streaming")
+    gen.add_argument("prompt", nargs="?", default="The river burst its banks after three days of rain, and",
+                     help="the prompt (default: a built-in news sentence)")
+    gen.add_argument("--model", default="smollm2", help="a causal LM: alias (smollm2), hub name or local folder")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--stop-id", type=int, nargs="*", default=[], help="extra stop token ids (EOS always stops)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--quiet-prompt", action="store_true", help="print only the generated text")
+    gen.add_argument("--decode", help="what new tokens see of the earlier devices' positions: local (what the last "
+                     "device received at prefill), handoff, distributed or auto (runtime/decode.py; default: the "
+                     "simulator's auto; device processes decode local)")
+    gen.add_argument("--launch", action="store_true",
+                     help="run on real local device processes (multi-process runtime) instead of the simulator")
+    _threads(gen)
+    add_config_flags(gen)
+    _command(gen, "prism_edge.app.commands:cmd_generate")
+
+
+def _device_commands(sub: typing.Any) -> None:
+    launch = sub.add_parser("launch", help="start one process per device on this machine and run requests")
+    add_request_flags(launch)
+    LaunchSpec.add_flags(launch)
+    add_config_flags(launch)
+    _command(launch, "prism_edge.app.launch:cmd_launch")
+
+    worker = sub.add_parser("worker", help="one device process of a group (also: python -m prism_edge.worker)")
+    worker.add_argument("--rank", type=int, help="this device's rank (default: $RANK, as set by torchrun)")
+    worker.add_argument("--world-size", type=int, help="number of devices (default: $WORLD_SIZE)")
+    worker.add_argument("--master", help="rank 0's HOST:PORT (default: $MASTER_ADDR:$MASTER_PORT)")
+    worker.add_argument("--bind", help="local address whose interface gloo uses (default: the hostname's)")
+    worker.add_argument("--iface", help="network interface gloo uses, e.g. eth0 (like GLOO_SOCKET_IFNAME)")
+    add_request_flags(worker)
+    LaunchSpec.add_flags(worker)
+    add_config_flags(worker)
+    worker.set_defaults(devices=None)  # the group's size
+    _command(worker, "prism_edge.app.worker:cmd_worker")
+
+
+def _eval_command(sub: typing.Any) -> None:
+    ev = sub.add_parser("eval", help="accuracy against compression: a task over a grid of P, CR and fidelity options")
+    ev.add_argument("--task", required=True, help="what to score: lee, polarity, perplexity, cloze, fashion, samples, "
+                    "or a data set of the paper (see docs/RESULTS.md)")
+    ev.add_argument("--model", help="alias, hub name or folder (default: the task's bundled model)")
+    ev.add_argument("--devices", type=int, nargs="+", default=[2, 4], help="device counts of the grid")
+    ev.add_argument("--cr", type=int, nargs="+", default=[4, 16, 64, 128], help="compression rates of the grid")
+    ev.add_argument("--variants", nargs="+", default=["plain", "sinks", "sinks+w32", "defaults"],
+                    help="fidelity options, each a named variant or tokens joined by + (sinks, bias, sim, cheap, "
+                    "fp16, bf16, int8, wN, wfF, anchorN, topN, topfF; see prism_edge/eval/harness.py); defaults = "
+                    "the model kind's defaults")
+    ev.add_argument("--finetuned", action="append", help="a folder from `prism-edge finetune` to score on the same "
+                    "grid (repeatable)")
+    ev.add_argument("--limit", type=int, help="items to score (documents, chunks, images, questions)")
+    ev.add_argument("--length", type=int, help="perplexity: tokens per chunk (default 512)")
+    ev.add_argument("--source", choices=["lee", "wiki"], help="perplexity: which prose (default lee)")
+    ev.add_argument("--data-dir", help="local copy of the data set (see eval/datasets.py for the layout)")
+    ev.add_argument("--split", help="data set split (default: validation / test)")
+    ev.add_argument("--cbt-config", help="cbt: CN, NE, P or V (default CN)")
+    ev.add_argument("--context-chars", type=int, help="cloze: longest context, in characters (default 1500)")
+    ev.add_argument("--dataset", help="samples: which sample set (imagenet, cifar10, cifar100, fashionMNIST, mnist)")
+    ev.add_argument("--batch-size", type=int, help="items per forward")
+    ev.add_argument("--voltage", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run Voltage per device count (exact; the bytes baseline)")
+    ev.add_argument("--name", help="suffix for the output files")
+    _threads(ev)
+    ev.add_argument("--out", default="results", help="folder for CSV / JSON / Markdown / PNG")
+    _command(ev, "prism_edge.app.commands:cmd_eval")
+
+
+def _finetune_command(sub: typing.Any) -> None:
+    ft = sub.add_parser("finetune", help="PRISM-aware fine-tuning: train through the partitioned forward")
+    ft.add_argument("--task", required=True, help="recipe (data, loss, held-out score): fashion, polarity, perplexity")
+    ft.add_argument("--model", help="starting model (default: the recipe's)")
+    ft.add_argument("--out", required=True, help="folder to save the fine-tuned checkpoint (safetensors)")
+    ft.add_argument("--steps", type=int, help="optimiser steps (default: the recipe's)")
+    ft.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    ft.add_argument("--batch-size", type=int, help="items per step (default: the recipe's)")
+    ft.add_argument("--trainable", help="which weights move: all, lora, head, attention (default: the recipe's)")
+    ft.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA updates (--trainable lora)")
+    ft.add_argument("--train-limit", type=int, help="use only this many training items")
+    ft.add_argument("--eval-limit", type=int, help="held-out items scored before and after")
+    ft.add_argument("--seed", type=int, default=0)
+    _threads(ft)
+    add_config_flags(ft)
+    _command(ft, "prism_edge.app.commands:cmd_finetune")
+
+
+def _bench_command(sub: typing.Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print a table and write results")
+    bench.add_argument("what", choices=BENCHES)
+    bench.add_argument("--out", default="results", help="folder for the JSON/markdown results")
+    bench.add_argument("--model", default="minilm", help="model alias or path (schemes, runtime, overhead, hetero)")
+    bench.add_argument("--repeats", type=int, help="timed repeats (default: the bench's own: overhead and runtime "
+                       "20, schemes and hetero 5)")
+    bench.add_argument("--length", type=int, default=128, help="tokens per sequence")
+    bench.add_argument("--devices", type=int, default=2, help="devices (schemes)")
+    bench.add_argument("--schemes", nargs="+",
+                       help="schemes: full, voltage, tp, prism:CR[:VARIANT] (VARIANT as in eval --variants, e.g. "
+                            "prism:128:plain, prism:16:fp16; default: a standard set)")
+    bench.add_argument("--device-counts", type=int, nargs="+", default=[1, 2, 4], help="runtime: device counts")
+    bench.add_argument("--cr", type=int, default=16, help="runtime, hetero: compression rate")
+    bench.add_argument("--link", nargs="*", default=[],
+                       help="schemes: links to bench on (loopback, wifi, slow, lan or RATEmbit[,DELAYms]; emulated "
+                            "links need root); runtime: also measure overlap on these links")
+    bench.add_argument("--rounds", type=int, default=3, help="runtime, hetero: interleaved rounds")
+    _command(bench, "prism_edge.app.commands:cmd_bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="prism-edge", description="Run one Transformer across several devices with PRISM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _simulator_commands(sub)
+    _device_commands(sub)
+    _eval_command(sub)
+    _finetune_command(sub)
+    _bench_command(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None, hard_exit: bool | None = None) -> int:
+    """The CLI.  hard_exit (default: when reading sys.argv) ends launch/worker processes with os._exit."""
+    args = build_parser().parse_args(argv)
+    if args.command in ("launch", "worker") and (argv is None if hard_exit is None else hard_exit):
+        # device processes leave at once when done: torch's C++ runtime can abort in its static destructors
+        # after a distributed run ("terminate called without an active exception"), turning success into 134
+        code = _run(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    module, _, name = args.fn.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)(args)
+    except ValueError as err:
+        print(f"prism-edge: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # unreadable --text-file / --image and the like
+        print(f"prism-edge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prism-edge: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as err:  # a lost device: by then the runtime (and torch) is loaded anyway
+        from ..runtime.transport import DeviceLost
+        from .cluster.errors import ClusterError
+
+        if not isinstance(err, (DeviceLost, ClusterError)):
+            raise
+        print(f"prism-edge: error: {err}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Cluster: rank 0 of a PRISM device group, the Python API of the runtime.
+
+    with Cluster("minilm", PrismConfig(devices=4, cr=16)) as cluster:   # spawns 3 local workers
+        out = cluster(**tokenizer(texts, padding=True, return_tensors="pt"))
+        out.last_hidden_state, out.stats.table()
+
+The process that builds the Cluster is rank 0: it holds the request's inputs, computes device 0's
+slice, sends every other device only its own slice, and gathers what the output mode needs.  With
+`spawn=False` it joins an existing group instead (the other ranks started by `prism-edge worker` or
+`torchrun` on other machines).  The parts, one job each: procs (local worker processes), startup
+(rendezvous, handshake, --weights auto), heartbeat, dispatch (requests), generation.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...config import PrismConfig
+from ...models import adapter_for
+from ...models.loading import load_model
+from ...runtime import protocol
+from ...runtime.generate import Generation, Sampling, check_prompt, encode_request
+from ...runtime.simulator import PrismOutput
+from ...runtime.transport import DeviceLost, DistCommunicator, Endpoint
+from ..spec import LaunchSpec
+from .dispatch import Coordinator
+from .errors import ClusterError
+from .generation import TokenCallback, run_generation
+from .heartbeat import Heartbeat
+from .procs import LocalWorkers
+from .startup import Agreement, agree, open_group
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _config(config: PrismConfig | None, devices: int | None, spec: LaunchSpec) -> PrismConfig:
+    cfg = config if config is not None else PrismConfig()
+    if not isinstance(cfg, PrismConfig):
+        raise ValueError(f"config must be a PrismConfig, got {type(cfg).__name__}")
+    cfg = cfg.replace(devices=devices) if devices is not None else cfg
+    if spec.auto_weights and cfg.weights is not None:
+        raise ValueError(f"auto_weights=True measures the weights; leave config.weights unset (got {cfg.weights})")
+    return cfg
+
+
+class Cluster:
+    """Rank 0 of a PRISM device group: keeps workers and weights loaded and serves many requests, one at a time.
+
+    model: an alias (minilm, smollm2), hub name or local folder that every rank can load.  settings: any
+    LaunchSpec field (threads, timeout, startup_timeout, overlap, count_flops, device, cache_dir, verbose,
+    auto_weights), with LaunchSpec's defaults; or the whole LaunchSpec as `spec`.  spawn: start the other devices as local processes (False:
+    they join from elsewhere through `endpoint`); worker_env: extra environment for spawned workers.
+    This process's own torch threads and exit hooks are the caller's: set_threads=True sets them to
+    `threads` until close(), and close_at_exit=True closes the cluster when the interpreter exits.
+    """
+
+    def __init__(self, model: str | None = None, config: PrismConfig | None = None, *, devices: int | None = None,
+                 spec: LaunchSpec | None = None, spawn: bool = True, endpoint: Endpoint | None = None,
+                 log: Callable[[str], None] | None = None, worker_env: dict[str, str] | None = None,
+                 set_threads: bool = False, close_at_exit: bool = False, **settings: Any) -> None:
+        if spec is not None and (model is not None or settings):
+            raise ValueError("pass either spec=LaunchSpec(...) or a model and settings, not both")
+        self.spec = spec if spec is not None else LaunchSpec.with_settings(model, settings)
+        cfg = _config(config, devices, self.spec)
+        self.device = self.spec.torch_device()
+        self.log = log or _quiet
+        self.world = cfg.effective_devices
+        self.workers = LocalWorkers()
+        self._lock = threading.RLock()
+        self._broken: str | None = None
+        self._closed = False
+        self._restore_threads = torch.get_num_threads() if set_threads else None
+        if set_threads:
+            torch.set_num_threads(self.spec.threads)
+        self._comm: DistCommunicator | None = None
+        t0 = time.perf_counter()
+        try:
+            self._start(cfg, spawn, endpoint, worker_env)
+        except BaseException:
+            self._teardown()
+            raise
+        self.startup_s = time.perf_counter() - t0
+        self._heartbeat = Heartbeat(self._lock, self.spec.timeout / 3, self._beat).start()
+        self._at_exit = close_at_exit
+        if close_at_exit:
+            atexit.register(self.close)
+
+    def _start(self, cfg: PrismConfig, spawn: bool, endpoint: Endpoint | None, worker_env: dict[str, str] | None) -> None:
+        self.loaded = load_model(self.spec.model, cache_dir=self.spec.cache_dir)  # first: workers hit a warm cache
+        self.model, self.tokenizer = self.loaded.model.to(self.device), self.loaded.tokenizer
+        self.adapter = adapter_for(self.model)
+        cfg = cfg.resolved(self.adapter.kind)  # workers get every option spelled out
+        self._comm = DistCommunicator(None, 0, 1, self.spec.timeout)  # alone: no group
+        self.agreement = Agreement(cfg, [])
+        if self.world > 1:
+            group = open_group(self.spec, cfg, endpoint, self.workers, spawn, worker_env, self.log)
+            self._comm = DistCommunicator(group, 0, self.world, self.spec.timeout)
+            self.agreement = agree(group, 0, self.world, self.model, self.adapter, cfg, self.spec)
+            if self.agreement.probe_s is not None:
+                ms = " / ".join(f"{t * 1e3:.1f}" for t in self.agreement.probe_s)
+                self.log(f"weights auto: a {self.world}-device probe took {ms} ms per device -> weights "
+                         + ", ".join(f"{w:g}" for w in self.agreement.cfg.weights or ()))
+        self.cfg = self.agreement.cfg
+        self.coordinator = Coordinator(self.adapter, self.cfg, self._comm, overlap=self.spec.overlap,
+                                       count_flops=self.spec.count_flops)
+
+    # ------------------------------------------------------------------ requests
+    def __call__(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                 pixel_values: Tensor | None = None, outputs: str = "all") -> PrismOutput:
+        """Run one (batched) request across the devices.
+
+        outputs: "all" (every position, like the model / simulate), "last" (each sequence's last real
+        position: logits for the next token), "mean" (mean over real positions: sentence embeddings),
+        "pooled" (pooler / classifier outputs only).  last and mean return (B, 1, width) tensors.
+        """
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                      position_ids=position_ids, pixel_values=pixel_values)
+        with self._lock:
+            self._check_usable()
+            req = self.coordinator.prepare(inputs, outputs)  # a bad request stops here, nothing sent
+            with self._guard("request"):
+                return self.coordinator.forward(req)
+
+    def generate(self, input_ids: Tensor, *, max_new_tokens: int = 32, sampling: Sampling | None = None,
+                 stop_ids: tuple[int, ...] = (), on_token: TokenCallback | None = None) -> Generation:
+        """Prefill one prompt (1, N) across the devices, then decode on the last device, which streams each
+        new token id back (8 bytes per token).  on_token(id) is called as each arrives; returning True stops
+        the generation (the last device stops within a few tokens).  Returns a Generation."""
+        sampling = sampling or Sampling()
+        check_prompt(self.adapter, input_ids, max_new_tokens)
+        params = encode_request(max_new_tokens, sampling, tuple(stop_ids))
+        with self._lock:
+            self._check_usable()
+            req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=protocol.GENERATE)
+            with self._guard("generation"):
+                return run_generation(self.coordinator, req, params, input_ids, on_token, self.spec.timeout / 3)
+
+    def check_generate(self, input_ids: Tensor, max_new_tokens: int) -> None:
+        """Raise the ValueError `generate` would raise for this prompt, without running anything."""
+        check_prompt(self.adapter, input_ids, max_new_tokens)
+        self.coordinator.prepare({"input_ids": input_ids}, "last", op=protocol.GENERATE)
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Anything that goes wrong once the devices heard of a request leaves them out of step: take them down."""
+        try:
+            yield
+        except DeviceLost as err:
+            self._fail(str(err))
+            raise ClusterError(self._broken) from None
+        except BaseException as err:
+            self._fail(f"rank 0 failed mid-{what}: {type(err).__name__}: {err}")
+            raise
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise ClusterError(f"the cluster is down ({self._broken}); create a new Cluster")
+        if self._closed:
+            raise ClusterError("the cluster is closed; create a new Cluster")
+
+    # ------------------------------------------------------------------ liveness and teardown
+    def _beat(self) -> None:
+        if self._broken or self._closed or self.world == 1:
+            return
+        try:
+            self.coordinator.tell(protocol.PING, range(1, self.world), "heartbeat")
+        except DeviceLost as err:
+            self._fail(str(err))
+
+    def _fail(self, reason: str) -> None:
+        """A device is lost: note which local process died (if one did) and take the rest down."""
+        dead = self.workers.crashed()
+        self._broken = reason + (f" [{'; '.join(dead)}]" if dead else "")
+        self.log(f"cluster down: {self._broken}")
+        self._teardown(grace=2.0)
+
+    def _teardown(self, grace: float = 10.0) -> None:
+        if getattr(self, "_heartbeat", None) is not None:
+            self._heartbeat.stop()
+        self.workers.stop(grace)
+        if self._comm is not None:
+            self._comm.close(abort=self._broken is not None)
+        if self._restore_threads is not None:
+            torch.set_num_threads(self._restore_threads)
+            self._restore_threads = None
+
+    def close(self) -> None:
+        """Tell every worker to stop, wait for the local ones, and release the group."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._broken and self.world > 1:
+                try:
+                    self.coordinator.tell(protocol.SHUTDOWN, range(1, self.world), "shutdown")
+                except DeviceLost:
+                    pass
+            self._teardown()
+        if self._at_exit:
+            atexit.unregister(self.close)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ read-only views
+    model_name = property(lambda self: self.spec.model)
+    threads = property(lambda self: self.spec.threads)
+    timeout = property(lambda self: self.spec.timeout)
+    overlap = property(lambda self: self.spec.overlap)
+    count_flops = property(lambda self: self.spec.count_flops)
+    requests = property(lambda self: self.coordinator.requests)
+
+    @property
+    def pids(self) -> dict[int, int]:
+        return {0: os.getpid(), **self.workers.pids}
+
+    @property
+    def alive(self) -> bool:
+        return not (self._broken or self._closed)
+
+    def describe(self) -> dict[str, Any]:
+        g = self.adapter.geometry
+        return {"model": self.model_name, "class": type(self.model).__name__, "devices": self.world,
+                "layers": g.layers, "hidden": g.hidden, "config": dataclasses.asdict(self.cfg),
+                "threads": self.threads, "timeout_s": self.timeout, "overlap": self.overlap, "device": str(self.device),
+                "auto_weights": self.spec.auto_weights, "requests": self.requests, "alive": self.alive,
+                "error": self._broken}

@@ -1,0 +1,228 @@
+"""The commands that run in this one process: run, generate, eval, finetune, bench.
+
+Each imports only what it needs when it runs (the command line itself stays light).  Environment
+reads happen here, at the edge (env.cache_dir()), and are handed down as arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.loading import load_model
+from . import env
+from .flags import config_from
+from .report import fmt_bytes
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..eval.compare import compare
+    from ..models import adapter_for
+    from .requests import build_request
+
+    cfg = config_from(args)
+    _threads(args)
+    _log(f"loading {args.model} ...")
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, cache_dir=env.cache_dir())
+    adapter = adapter_for(loaded.model)  # refuse unsupported models before tokenising
+    inputs, labels = build_request(loaded, args.text, args.text_file, args.image, args.max_length)
+    _log(f"loaded in {time.perf_counter() - t0:.1f} s; running full, Voltage and PRISM ...")
+    report = compare(loaded.model, cfg, inputs, labels)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), default=str, indent=1))
+        return 0
+    g = adapter.geometry
+    print(f"model    {args.model}: {type(loaded.model).__name__}, {g.layers} layers, hidden {g.hidden}, "
+          f"{g.heads} heads ({g.kv_heads} KV)")
+    print(f"split    {cfg.resolved(adapter.kind).describe()}")
+    print(f"input    {len(report.positions)} sequence(s), {min(report.positions)}-{max(report.positions)} positions")
+    print("\nresult (PRISM against the unpartitioned model)")
+    for line in report.details[: args.show]:
+        print("  " + line)
+    if len(report.details) > args.show:
+        print(f"  ... {len(report.details) - args.show} more (--show N)")
+    for name, value in report.quality.items():
+        print(f"  {name:<38} {value:.4f}")
+    print("\ncost per request            Voltage        PRISM          saved")
+    print(f"  bytes between devices   {fmt_bytes(report.bytes['voltage']):>12}  {fmt_bytes(report.bytes['prism']):>12}"
+          f"  {100 * report.saved(report.bytes):>6.1f} %")
+    print(f"  busiest device GFLOPs   {report.max_flops['voltage'] / 1e9:>12.3f}  {report.max_flops['prism'] / 1e9:>12.3f}"
+          f"  {100 * report.saved(report.max_flops):>6.1f} %")
+    print(f"  (one device alone: {report.full_flops / 1e9:.3f} GFLOPs; perfect {cfg.devices}-way split "
+          f"{report.full_flops / cfg.devices / 1e9:.3f})")
+    return 0
+
+
+class _Printer:
+    """Prints each new token as it comes (decoding the whole tail keeps multi-byte characters whole)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, tid: int) -> None:
+        self.ids.append(tid)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        print(text[len(self.shown):], end="", flush=True)
+        self.shown = text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..runtime.generate import Sampling, generate
+    from .requests import check_ids, prompt_ids
+
+    cfg = config_from(args, allow_auto=args.launch)
+    if args.launch and args.decode not in (None, "local"):
+        raise ValueError(f"device processes decode locally for now; drop --decode {args.decode} or use --decode local")
+    _threads(args)
+    sampling = Sampling(args.sample, args.temperature, args.top_k, args.top_p, args.seed)
+    _log(f"loading {args.model} ...")
+    loaded = load_model(args.model, cache_dir=env.cache_dir())
+    tok: Any = loaded.tokenizer
+    if tok is None:
+        raise ValueError(f"model {args.model!r} ships no tokenizer; generation needs one")
+    ids = check_ids(prompt_ids(tok, args.prompt, chat=args.chat))
+    stops = tuple(i for i in {getattr(tok, "eos_token_id", None), *args.stop_id} if isinstance(i, int))
+    if not args.quiet_prompt:
+        print(tok.decode(ids[0], skip_special_tokens=False) if args.chat else args.prompt, end="", flush=True)
+    printer = _Printer(tok)
+    t0 = time.perf_counter()
+    if args.launch:  # real device processes: prefill over gloo, the last process decodes and streams ids back
+        gen = _generate_on_cluster(args, cfg, ids, sampling, stops, printer)
+    else:
+        decode = {"decode": args.decode} if args.decode else {}  # else the simulator's default
+        gen = generate(loaded.model, cfg, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       stop_ids=stops, on_token=printer, **decode)
+    wall = time.perf_counter() - t0
+    print()
+    st = gen.prefill_stats
+    _log(f"\n{len(gen.new_ids)} new tokens ({gen.stopped_by}) in {wall:.2f} s, {len(gen.new_ids) / wall:.1f} tokens/s "
+         f"including prefill; prompt {ids.shape[1]} tokens over {cfg.effective_devices} devices, CR={cfg.effective_cr}; "
+         f"prefill exchanged {fmt_bytes(st.total_bytes if st else 0)}; decode: {gen.decode_bytes_per_token:g} B per "
+         "token (new tokens join the last device)")
+    return 0
+
+
+def _generate_on_cluster(args: argparse.Namespace, cfg: Any, ids: torch.Tensor, sampling: Any, stops: tuple[int, ...],
+                         printer: _Printer) -> Any:
+    from .cluster import Cluster
+    from .flags import auto_weights
+
+    with Cluster(args.model, cfg, threads=args.threads or 1, cache_dir=str(env.cache_dir()),
+                 auto_weights=auto_weights(args), log=_log) as cluster:
+        return cluster.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stops,
+                                on_token=printer)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..eval.harness import finetuned_variant, grid, make_task, markdown, write
+    from ..eval.tasks import TASKS
+
+    _threads(args)
+    if args.task not in TASKS:
+        raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+    model_name = args.model or TASKS[args.task].default_model
+    if not model_name:
+        raise ValueError(f"task {args.task} has no bundled model; pass --model (a classifier for that data set)")
+    options = {"length": args.length, "source": args.source, "data_dir": args.data_dir, "split": args.split,
+               "config": args.cbt_config, "dataset": args.dataset, "batch_size": args.batch_size,
+               "context_chars": args.context_chars}
+    _log(f"loading {model_name} ...")
+    task = make_task(args.task, load_model(model_name, cache_dir=env.cache_dir()), limit=args.limit, **options)
+    _log(task.describe())
+    rows = grid(task, Path(model_name).name, args.devices, args.cr, args.variants, voltage=args.voltage)
+    for folder in args.finetuned or []:
+        # at the fidelity options it was trained with, over the same grid of P and CR, with its own
+        # Voltage rows: a fine-tuned head may score other items (e.g. the held-out quarter)
+        variant, suffix = finetuned_variant(folder)
+        ft_task = make_task(args.task, load_model(folder, cache_dir=env.cache_dir()), limit=args.limit, **options)
+        rows += grid(ft_task, Path(folder).name, args.devices, args.cr, [variant], voltage=args.voltage,
+                     label_suffix=suffix)
+    stem = f"eval-{args.task}" + (f"-{args.name}" if args.name else "")
+    meta = {"task": args.task, "model": model_name, "data": task.describe(), "limit": args.limit,
+            "command": "prism-edge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None,
+            "title": f"{args.task} ({task.data}), {Path(model_name).name}", "higher_is_better": task.higher_is_better}
+    paths = write(rows, task.metric, Path(args.out), stem, meta)
+    print(markdown(rows, task.metric))
+    _log("written: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..finetune import RECIPES, finetune
+    from ..train import TRAINABLE, TrainConfig
+
+    _threads(args)
+    if args.task not in RECIPES:
+        raise ValueError(f"no fine-tuning recipe for task {args.task!r}; choose one of {', '.join(RECIPES)}")
+    if args.trainable is not None and args.trainable not in TRAINABLE:
+        raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE)}, got {args.trainable!r}")
+    cfg = config_from(args)
+    recipe = RECIPES[args.task]
+    base = recipe.train
+    steps = args.steps or base.steps
+    tcfg = TrainConfig(steps=steps, lr=args.lr or base.lr, warmup=min(base.warmup, steps - 1),
+                       trainable=args.trainable or base.trainable, lora_rank=args.lora_rank, seed=args.seed)
+    model_name = args.model or recipe.model
+    _log(f"loading {model_name} ...")
+    loaded = load_model(model_name, cache_dir=env.cache_dir())
+    finetune(args.task, loaded, cfg, tcfg, out=args.out, batch_size=args.batch_size, train_limit=args.train_limit,
+             eval_limit=args.eval_limit, log=_log)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    out, cache = Path(args.out), env.cache_dir()
+    repeats = {} if args.repeats is None else {"repeats": args.repeats}  # else: each bench's own default
+    if args.what == "generation":
+        from ..bench.generation import main as generation
+
+        text = generation(out, cache)
+    elif args.what == "targets":
+        from ..bench.targets import main as targets
+
+        text = targets(out, cache)
+    elif args.what == "overhead":
+        from ..bench.overhead import main as overhead
+
+        text = overhead(args.model, out, length=args.length, cache=cache, **repeats)
+    else:
+        text = _process_bench(args, out, cache, repeats)
+    print(text)
+    _log(f"results written to {out}/")
+    return 0
+
+
+def _process_bench(args: argparse.Namespace, out: Path, cache: Path, repeats: dict[str, int]) -> str:
+    """The benches that run device processes (prism_edge.app.bench)."""
+    if args.what == "schemes":
+        from .bench.schemes import DEFAULT_SCHEMES, main as schemes
+
+        return schemes(args.model, out, args.link, args.devices, args.schemes or list(DEFAULT_SCHEMES),
+                       length=args.length, cache=cache, **repeats)
+    if args.what == "runtime":
+        from .bench.runtime import main as runtime
+
+        return runtime(args.model, out, args.device_counts, args.cr, length=args.length, links=args.link,
+                       rounds=args.rounds, cache=cache, **repeats)
+    from .bench.hetero import main as hetero
+
+    return hetero(args.model, out, args.cr, length=args.length, rounds=args.rounds, cache=cache, **repeats)

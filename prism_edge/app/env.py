@@ -1,0 +1,58 @@
+"""Every environment variable prism-edge reads, in one place; only the entry points (CLI, worker) call these.
+
+Library code takes what these return as arguments: nothing below the application layer reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+CACHE_ENV = "PRISM_EDGE_CACHE"  # folder for converted weights (default: $XDG_CACHE_HOME/prism-edge)
+FAULT_ENV = "PRISM_EDGE_FAULT"  # testing: "RANK:die@LAYER" or "RANK:hang@LAYER" (that worker's first request)
+SLOW_ENV = "PRISM_EDGE_SLOW"  # testing: "RANK:FACTOR", e.g. "1:1": rank 1 sleeps as long as it computed (half speed)
+
+
+def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    root = environ.get(CACHE_ENV) or os.path.join(
+        environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prism-edge")
+    return Path(root)
+
+
+def torchrun_seat(environ: Mapping[str, str] = os.environ) -> tuple[int | None, int | None, str, bool]:
+    """Rank, world size, master HOST:PORT and whether torchrun's agent hosts the store, as torchrun sets them."""
+    rank, world = environ.get("RANK"), environ.get("WORLD_SIZE")
+    master = f"{environ.get('MASTER_ADDR', '127.0.0.1')}:{environ.get('MASTER_PORT', '29500')}"
+    return (int(rank) if rank else None, int(world) if world else None, master,
+            environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
+def _for_rank(name: str, rank: int, environ: Mapping[str, str]) -> str | None:
+    """The part after "RANK:" of a testing variable, when it names this rank."""
+    who, _, what = environ.get(name, "").partition(":")
+    return what if who.isdigit() and int(who) == rank else None
+
+
+def fault(rank: int, environ: Mapping[str, str] = os.environ) -> tuple[str, int] | None:
+    """(kind, layer) of the fault this rank should simulate, from PRISM_EDGE_FAULT; None when none."""
+    what = _for_rank(FAULT_ENV, rank, environ)
+    kind, _, layer = (what or "").partition("@")
+    if what is None or kind not in ("die", "hang") or not layer.isdigit():
+        return None
+    return kind, int(layer)
+
+
+def slowdown(rank: int, environ: Mapping[str, str] = os.environ) -> float:
+    """How much slower this rank should run, from PRISM_EDGE_SLOW (0: full speed, 1: half speed)."""
+    what = _for_rank(SLOW_ENV, rank, environ)
+    if what is None:
+        return 0.0
+    try:
+        factor = float(what)
+    except ValueError:
+        raise ValueError(f"{SLOW_ENV} must be RANK:FACTOR with FACTOR >= 0 (e.g. 1:1), got {what!r}") from None
+    if not factor >= 0:
+        raise ValueError(f"{SLOW_ENV} must be RANK:FACTOR with FACTOR >= 0 (e.g. 1:1), got {what!r}")
+    return factor

@@ -1,0 +1,98 @@
+"""`prism-edge launch`: start one process per device on this machine and run (or serve) requests.
+
+  prism-edge launch --devices 4                          4 local device processes, the bundled default request
+  prism-edge launch --devices 2 --serve 127.0.0.1:8000   keep serving over HTTP (JSON and OpenAI-compatible)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+from . import env
+from ..runtime.stats import measured
+from .cluster import Cluster
+from .flags import config_from
+from .native import default_mode
+from .report import describe_result, fmt_bytes
+from .requests import build_request
+from .spec import LaunchSpec
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    spec = LaunchSpec.from_args(args)
+    spec = spec.replace(cache_dir=spec.cache_dir or str(env.cache_dir()))
+    cfg = config_from(args, allow_auto=True)
+    torch.set_num_threads(spec.threads)  # this process is device 0
+    log(f"starting {cfg.effective_devices} device process(es) for {spec.model} ...")
+    with Cluster(config=cfg, spec=spec, log=log) as cluster:
+        return drive(cluster, args)
+
+
+def serve(cluster: Cluster, address: str) -> int:
+    """Serve HTTP on HOST:PORT until Ctrl-C or a lost device."""
+    from .http import make_server
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"--serve must be HOST:PORT (e.g. 127.0.0.1:8000), got {address!r}")
+    server = make_server(cluster, host or "127.0.0.1", int(port))
+    h, p = server.server_address[:2]
+    h = h.decode() if isinstance(h, bytes) else h
+    log(f"serving on http://{h}:{p}  (GET /health, /v1/models; POST /v1/forward, /v1/generate, /v1/completions, "
+        "/v1/chat/completions, /v1/embeddings); Ctrl-C stops every device")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0 if cluster.alive else 1
+
+
+def drive(cluster: Cluster, args: argparse.Namespace) -> int:
+    """Rank 0's work once the cluster is up: serve HTTP, or run the request `repeat` times and print the result."""
+    if args.serve:
+        return serve(cluster, args.serve)
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    inputs, _ = build_request(cluster.loaded, args.text, args.text_file, args.image, args.max_length)
+    mode = args.outputs or default_mode(cluster)
+    outs = [cluster(**inputs, outputs=mode) for _ in range(args.repeat)]
+    stats = measured(outs[-1].stats)
+    walls = [measured(o.stats).wall_s or 0.0 for o in outs]
+    if args.json:
+        print(json.dumps({"cluster": cluster.describe(), "mode": mode, "wall_s": walls, "stats": stats.to_dict()}))
+        return 0
+    for line in _summary(cluster, inputs, mode, walls):
+        print(line)
+    for line in describe_result(cluster.model, cluster.tokenizer, inputs, outs[-1], mode)[: args.show]:
+        print("result   " + line)
+    print("\nper device, one request (bytes counted from the tensors sent):")
+    print(stats.table())
+    print(f"\non the wire: {fmt_bytes(stats.request_bytes)} = exchange {fmt_bytes(stats.total_bytes)} + inputs "
+          f"{fmt_bytes(sum(stats.input_bytes or ()))} + outputs {fmt_bytes(sum(stats.output_bytes or ()))}")
+    return 0
+
+
+def _summary(cluster: Cluster, inputs: dict[str, torch.Tensor], mode: str, walls: list[float]) -> list[str]:
+    g, cfg = cluster.adapter.geometry, cluster.cfg
+    valid = inputs.get("attention_mask")
+    lengths = valid.sum(1).tolist() if valid is not None else [next(iter(inputs.values())).shape[-1]]
+    pids = cluster.pids
+    where = (f"pids {', '.join(map(str, pids.values()))}" if len(pids) == cluster.world
+             else f"rank 0 is pid {os.getpid()}, the others joined over the network")
+    repeat = f" (median of {len(walls)})" if len(walls) > 1 else ""
+    return [f"cluster  {cluster.world} device processes ({where}), gloo, {cluster.threads} thread(s) each, "
+            f"up in {cluster.startup_s:.1f} s",
+            f"model    {cluster.model_name}: {type(cluster.model).__name__}, {g.layers} layers, hidden {g.hidden}; "
+            f"{cfg.describe()}, overlap {'on' if cluster.overlap else 'off'}",
+            f"request  {len(lengths)} input(s), {min(lengths)}-{max(lengths)} positions, outputs={mode}: "
+            f"{statistics.median(walls) * 1e3:.1f} ms wall{repeat}"]

@@ -1,0 +1,125 @@
+"""LaunchSpec: how device processes run, one frozen dataclass that gives both their flags and their command line.
+
+The way PrismConfig gives the config flags (prism_edge.app.flags), LaunchSpec gives the runtime flags
+(`add_flags`), reads them back (`from_args`), and writes the command line that starts a worker with
+the very same settings (`worker_command`), so every runtime default is written once, here.  Torch-free:
+the command line builds its parser from it without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import PrismConfig
+from .flags import config_args
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Runtime settings every device process of a cluster shares (the PrismConfig says what to compute)."""
+
+    model: str = _help("alias (minilm, smollm2), hub name or local folder every rank can load", default="minilm")
+    threads: int = _help("torch threads per device process", default=1)
+    timeout: float = _help("seconds a device may stay silent before every other device stops", default=30.0)
+    startup_timeout: float = _help("seconds to wait for every rank to join and load the model", default=300.0)
+    overlap: bool = _help("attend to the own positions while the means are in flight", default=True)
+    count_flops: bool = _help("count FLOPs per device (slower)", default=False)
+    device: str = _help("where a device process's model runs: cpu, cuda, cuda:N", default="cpu")
+    cache_dir: str | None = _help("folder for converted weights (default: $PRISM_EDGE_CACHE or "
+                                  "~/.cache/prism-edge)", default=None)
+    verbose: bool = _help("log each worker's shutdown", default=False)
+    # set by `--weights auto` (a PrismConfig flag), not a flag of its own
+    auto_weights: bool = field(default=False, metadata={"flag": False})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}; pass e.g. threads=1")
+        if not (self.timeout > 0 and self.startup_timeout > 0):
+            raise ValueError(f"timeouts must be > 0 seconds, got timeout={self.timeout}, "
+                             f"startup_timeout={self.startup_timeout}")
+        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
+            raise ValueError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be an alias, hub name or folder, got {self.model!r}")
+
+    # ------------------------------------------------------------------ flags
+    @staticmethod
+    def flag_fields() -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(LaunchSpec) if f.metadata.get("flag", True)]
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser, model_default: str | None = None) -> None:
+        """One flag per field; defaults from the dataclass (model_default: a command's own default model)."""
+        hints = typing.get_type_hints(cls)
+        for f in cls.flag_fields():
+            default = model_default if f.name == "model" and model_default else f.default
+            kw: dict[str, Any] = {"dest": f.name, "default": default,
+                                  "help": f.metadata["help"] + (f" (default {default})" if default is not None else "")}
+            kind = ([a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]])[0]
+            if kind is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = kind
+            parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LaunchSpec":
+        from .flags import auto_weights
+
+        return cls(**{f.name: getattr(args, f.name) for f in cls.flag_fields()}, auto_weights=auto_weights(args))
+
+    @classmethod
+    def with_settings(cls, model: str | None, settings: Mapping[str, Any]) -> "LaunchSpec":
+        """The spec for `Cluster(model, **settings)`: unknown names are refused, with the known ones listed."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise ValueError(f"unknown Cluster setting(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+        values = dict(settings)
+        if model is not None:
+            values["model"] = model
+        return cls(**values)
+
+    def flags(self) -> list[str]:
+        """The flags that give this spec back (through add_flags + from_args) in another process."""
+        out: list[str] = []
+        for f in self.flag_fields():
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if value is None:
+                continue
+            out += ([flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)])
+        return out + (["--weights", "auto"] if self.auto_weights else [])
+
+    def worker_command(self, cfg: PrismConfig, rank: int, world: int, master: str, bind: str | None = None,
+                       extra: Sequence[str] = ()) -> list[str]:
+        """The command line of device process `rank` (`python -m prism_edge.worker ...`) with this spec and cfg;
+        extra: request flags for a rank 0 started this way (--repeat, --json, ...)."""
+        cmd = [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),
+               "--master", master, *(["--bind", bind] if bind else []), *self.flags(), *config_args(cfg)]
+        return cmd + list(extra)
+
+    # ------------------------------------------------------------------ use
+    def torch_device(self) -> Any:
+        """The torch device to run on, or a ValueError when this machine cannot (imports torch)."""
+        import torch
+
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but this torch has no usable CUDA; use --device cpu")
+        return dev
+
+    def replace(self, **changes: Any) -> "LaunchSpec":
+        return dataclasses.replace(self, **changes)

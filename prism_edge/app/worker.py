@@ -1,0 +1,163 @@
+"""One device process of a group (`prism-edge worker`, `python -m prism_edge.worker`, torchrun).
+
+Rank 0 is the coordinator and device 0: it runs a Cluster that joins the group instead of spawning
+(and then serves HTTP or runs the request flags).  Every other rank joins, loads the model, takes
+part in the start-up agreement (handshake, --weights auto) and then serves rank 0 until told to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from ..config import PrismConfig
+from ..models import Adapter, adapter_for
+from ..models.loading import load_model
+from ..runtime import protocol
+from ..runtime.node import Fault, device_report, run_device
+from ..runtime.simulator import plan_for
+from ..runtime.transport import (
+    TAG_HEADER,
+    TAG_INPUT,
+    TAG_META,
+    TAG_OUTPUT,
+    TAG_STATS,
+    DeviceLost,
+    DistCommunicator,
+    Endpoint,
+    join_group,
+    open_store,
+)
+from . import env
+from .cluster import Cluster
+from .cluster.generation import decode_on_last_device
+from .cluster.startup import agree
+from .flags import config_from
+from .launch import drive, log
+from .spec import LaunchSpec
+
+
+@dataclass(frozen=True)
+class Seat:
+    """Where this process sits in the group: its rank, the group's size and where the group meets."""
+
+    rank: int
+    world: int
+    master: str  # rank 0's HOST:PORT
+    bind: str | None = None
+    iface: str | None = None
+    agent_store: bool = False  # torchrun's agent hosts the rendezvous store
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"need 0 <= --rank < --world-size (or torchrun's RANK/WORLD_SIZE); got rank {self.rank}, "
+                             f"world size {self.world}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Seat":
+        """The flags, with torchrun's environment filling in what they leave out."""
+        rank, world, master, agent = env.torchrun_seat()
+        rank = args.rank if args.rank is not None else rank
+        world = args.world_size if args.world_size is not None else world
+        return cls(-1 if rank is None else rank, 0 if world is None else world, args.master or master, args.bind,
+                   args.iface, agent)
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint.parse(self.master, self.bind, self.iface)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    seat = Seat.from_args(args)
+    if args.devices is None:
+        args.devices = seat.world
+    spec, cfg = LaunchSpec.from_args(args).replace(cache_dir=args.cache_dir or str(env.cache_dir())), \
+        config_from(args, allow_auto=True)
+    if cfg.effective_devices != seat.world:
+        raise ValueError(f"the config has devices={cfg.effective_devices} but the group has {seat.world} ranks; "
+                         f"pass --devices {seat.world}")
+    torch.set_num_threads(spec.threads)  # this process is a device: its threads are ours to set
+    if seat.rank == 0:
+        with Cluster(config=cfg, spec=spec, spawn=False, endpoint=seat.endpoint(), log=log) as cluster:
+            return drive(cluster, args)
+    fault = env.fault(seat.rank)
+    return serve_rank(seat, spec, cfg, fault=Fault(*fault) if fault else None, slowdown=env.slowdown(seat.rank))
+
+
+def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | None = None,
+               slowdown: float = 0.0) -> int:
+    """Rank > 0: join, load the model, agree with the others, serve.  A lost peer ends the process with code 3."""
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar (rank 0's) is enough
+    endpoint = seat.endpoint()
+    store = open_store(endpoint, seat.rank, seat.world, spec.startup_timeout, agent_store=seat.agent_store)
+    group = join_group(store, endpoint, seat.rank, seat.world, spec.startup_timeout)
+    try:
+        loaded = load_model(spec.model, cache_dir=spec.cache_dir)
+        loaded.model.to(spec.torch_device())
+        adapter = adapter_for(loaded.model)
+        # as rank 0 does: the handshake compares resolved configs
+        agreed = agree(group, seat.rank, seat.world, loaded.model, adapter, cfg.resolved(adapter.kind), spec, slowdown)
+    except BaseException:
+        group.shutdown()
+        raise
+    comm = DistCommunicator(group, seat.rank, seat.world, spec.timeout)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if spec.verbose else None
+    try:
+        serve_worker(adapter, agreed.cfg, comm, overlap=spec.overlap, count_flops=spec.count_flops,
+                     fault=fault, slowdown=slowdown, log=log)
+    except DeviceLost as err:
+        # the group is broken and may hold stuck operations: report and leave at once, never hang on exit
+        print(f"prism-edge: error: {err}", file=sys.stderr, flush=True)
+        os._exit(3)
+    except Exception:  # a bug or a resource error mid-request: the peers see a closed connection
+        traceback.print_exc()
+        print(f"prism-edge: error: rank {seat.rank} failed (traceback above); stopping", file=sys.stderr, flush=True)
+        os._exit(1)
+    comm.close()
+    return 0
+
+
+def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, overlap: bool = True,
+                 count_flops: bool = False, fault: Fault | None = None, slowdown: float = 0.0,
+                 log: Callable[[str], None] | None = None) -> None:
+    """Rank > 0: wait for requests from rank 0 until it says stop.
+
+    Rank 0 sends a heartbeat header whenever it is idle, so silence longer than the timeout means the
+    coordinator died or hung: DeviceLost.  fault (testing) strikes in the first request only.
+    """
+    rank, layers, causal, last = comm.rank, adapter.geometry.layers, adapter.geometry.causal, comm.world - 1
+    cfg = cfg.resolved(adapter.kind)
+    served = 0
+    while True:
+        raw = comm.recv("control", 0, [protocol.empty_header()], TAG_HEADER, "request header (heartbeat)", count=False)
+        header = protocol.Header.decode(raw[0])
+        if header.op == protocol.PING:
+            continue
+        if header.op == protocol.SHUTDOWN:
+            if log:
+                log(f"rank {rank}: shut down by rank 0 after {served} request(s)")
+            return
+        comm.reset()
+        batch = protocol.batch_from_meta(header, comm.recv("input", 0, protocol.meta_buffers(header), TAG_META,
+                                                           "request plan data"))
+        plan = plan_for(batch, cfg, causal)
+        rows = comm.recv("input", 0, protocol.input_buffers(header, plan, rank), TAG_INPUT, "request inputs")
+        local = protocol.local_inputs(header, batch, plan, rank, rows)
+        generating = header.op == protocol.GENERATE
+        run = run_device(adapter, cfg, plan, batch, local, comm, overlap=overlap, count_flops=count_flops,
+                         fault=fault if served == 0 else None, keep_cache=generating and rank == last,
+                         slowdown=slowdown)
+        if not generating:
+            comm.isend("output", 0, protocol.output_tensors(run.finals, plan, rank, header.mode), TAG_OUTPUT,
+                       "outputs")
+        comm.isend("control", 0, [device_report(comm, run, layers).to_tensor()], TAG_STATS, "statistics", count=False)
+        comm.flush()
+        if generating and rank == last:
+            decode_on_last_device(adapter, comm, run, header.length)
+        served += 1
