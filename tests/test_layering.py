@@ -8,7 +8,7 @@ Layers, lowest first (a module may import its own layer or lower ones, never a h
   3 runtime      per-device execution, messages, communicators, simulator, stats, generation, protocol
   4 measurement  eval, train, finetune, bench (pure measurement)
   5 app          command line, launch spec, workers, Cluster, HTTP / OpenAI serving, process-running benches,
-                 and the entry modules prism_edge.__main__, prism_edge.worker, prism_edge.cli (an alias)
+                 and the entry modules prism_edge.__main__ and prism_edge.worker
 
 The package root (prism_edge/__init__.py) is a facade: at run time it imports only the foundation
 (everything else loads on first use through its __getattr__), and no module imports it.  Every import
@@ -27,7 +27,7 @@ LAYERS = (
     ("partition", ("prism_edge.partition",)),
     ("runtime", ("prism_edge.runtime",)),
     ("measurement", ("prism_edge.eval", "prism_edge.train", "prism_edge.finetune", "prism_edge.bench")),
-    ("app", ("prism_edge.app", "prism_edge.__main__", "prism_edge.worker", "prism_edge.cli")),
+    ("app", ("prism_edge.app", "prism_edge.__main__", "prism_edge.worker")),
 )
 
 

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import PrismConfig
-from ..eval.harness import variant_config
+from ..eval.variants import variant_config
 from ..eval.tasks import heldout_prose
 from ..runtime.generate import Generation, generate
 

@@ -13,66 +13,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import PLAIN, PrismConfig
+from ..config import PrismConfig
 from .plots import plot_frontier, plot_vs_cr
 from .report import budget_table
 from .tasks import TASKS, Task
-
-# Named variants of the ablation; any other "+"-joined spelling is parsed by `variant_options`.
-VARIANTS: dict[str, str] = {
-    "plain": "plain",
-    "plain+bias": "plain+bias",
-    "sinks": "sinks",
-    "sinks+w8": "sinks+w8",
-    "sinks+w32": "sinks+w32",
-    "sinks+w32+bias": "sinks+w32+bias",
-    "sinks+w64": "sinks+w64",
-    "defaults": "defaults",
-}
-_TOKENS: list[tuple[str, str, type]] = [  # (prefix, field, value type); longest prefixes first
-    ("anchor", "anchor", int), ("topf", "topk_frac", float), ("top", "topk", int), ("tail", "tail", int),
-    ("wf", "window_frac", float), ("w", "window", int),
-]
-_FLAGS: dict[str, dict] = {
-    "sinks": dict(sinks=True), "nosinks": dict(sinks=False), "bias": dict(count_bias=True),
-    "nobias": dict(count_bias=False), "sim": dict(grouping="similarity"), "contig": dict(grouping="contiguous"),
-    "cheap": dict(exact_when_cheap=True), "nocheap": dict(exact_when_cheap=False),
-    "fp32": dict(wire_dtype="float32"), "fp16": dict(wire_dtype="float16"), "bf16": dict(wire_dtype="bfloat16"),
-    "int8": dict(wire_dtype="int8"),
-}
-
-
-def variant_options(variant: str) -> dict:
-    """PrismConfig fields of a variant spelled as "+"-joined tokens.
-
-    It starts from `plain` (every fidelity option off) unless its first token is `defaults` (the model
-    kind's defaults).  Tokens: sinks, bias, sim (similarity grouping), cheap (exact when cheap), fp16 |
-    bf16 | int8 (wire), wN (window N), wfF (window fraction F), anchorN, topN (top-k), topfF (top-k
-    fraction), tailN (a short last slice with an exact view); `no`-prefixed flags turn one off.  E.g. "sinks+w16+top8+int8", "defaults+anchor4".
-    """
-    tokens = VARIANTS.get(variant, variant).split("+")
-    out: dict = {} if tokens[0] == "defaults" else dict(PLAIN)
-    for token in tokens[1:] if tokens[0] in ("defaults", "plain") else tokens:
-        out.update(_token(token, variant))
-    return out
-
-
-def _token(token: str, variant: str) -> dict:
-    if token in _FLAGS:
-        return _FLAGS[token]
-    for prefix, name, kind in _TOKENS:
-        if token.startswith(prefix):
-            try:
-                return {name: kind(token[len(prefix):])}
-            except ValueError:
-                break
-    raise ValueError(f"unknown variant token {token!r} in {variant!r}; use sinks, bias, sim, cheap, fp16, bf16, int8, "
-                     f"wN, wfF, anchorN, topN, topfF, tailN (joined by +), or one of {', '.join(VARIANTS)}")
-
-
-def variant_config(variant: str, devices: int, cr: int, **extra) -> PrismConfig:
-    return PrismConfig(devices=devices, cr=cr, **{**variant_options(variant), **extra})
-
+from .variants import VARIANTS, variant_config, variant_options
 
 def finetuned_variant(folder: str | Path) -> tuple[str, str]:
     """(variant, row-label suffix) of a `prism-edge finetune` checkpoint: the fidelity options its

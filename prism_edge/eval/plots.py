@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import pareto
 
 
 def _pyplot():
@@ -71,6 +70,19 @@ def plot_frontier(rows: list[dict], metric: str, higher: bool, path: Path, title
         ax.set_yscale("log")
     ax.set_xlabel("bytes exchanged ÷ Voltage's (log)")
     return _finish(fig, ax, metric, title, path, legend_cols=1)
+
+
+def pareto(rows: list[dict], metric: str, higher: bool) -> list[dict]:
+    """The rows no other row beats on both bytes and the metric (ties on bytes keep the better metric)."""
+    sign = 1 if higher else -1
+    ranked = sorted((r for r in rows if _ratio(r) is not None),
+                    key=lambda r: (_ratio(r), -sign * r["metrics"][metric]))
+    front, best = [], None
+    for r in ranked:
+        if best is None or sign * r["metrics"][metric] > sign * best:
+            front.append(r)
+            best = r["metrics"][metric]
+    return front
 
 
 def _old_style(variant: str) -> bool:

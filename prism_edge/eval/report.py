@@ -54,19 +54,6 @@ def _ratio(r: dict) -> float | None:
     return r["bytes_per_item"] / r["voltage_bytes_per_item"] if r.get("voltage_bytes_per_item") else None
 
 
-def pareto(rows: list[dict], metric: str, higher: bool) -> list[dict]:
-    """The rows no other row beats on both bytes and the metric (ties on bytes keep the better metric)."""
-    sign = 1 if higher else -1
-    ranked = sorted((r for r in rows if _ratio(r) is not None),
-                    key=lambda r: (_ratio(r), -sign * r["metrics"][metric]))
-    front, best = [], None
-    for r in ranked:
-        if best is None or sign * r["metrics"][metric] > sign * best:
-            front.append(r)
-            best = r["metrics"][metric]
-    return front
-
-
 def budget_table(rows: list[dict], metric: str, higher: bool, budgets=BUDGETS) -> str:
     """Markdown: per device count, the best PRISM variant whose bytes stay within each budget."""
     prism = [r for r in rows if r["scheme"] == "prism" and metric in r["metrics"] and _ratio(r) is not None]

@@ -116,6 +116,15 @@ class Adapter:
         return {}
 
     # --- shared helpers -----------------------------------------------------------------------
+    def vocab_size(self) -> int:
+        return int(getattr(self.config, "vocab_size", None) or 2**31)
+
+    def max_positions(self) -> int | None:
+        """The longest input the model's position table covers (None: rotary, no table)."""
+        if self.geometry.rotary:
+            return None
+        return getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+
     def special_ids(self) -> set[int]:
         ids = set()
         for name in ("bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id"):
@@ -125,6 +134,33 @@ class Adapter:
             elif isinstance(value, (list, tuple)):
                 ids.update(v for v in value if isinstance(v, int))
         return ids
+
+
+def check_ids(t, name: str, bound: int, what: str, shape: tuple[int, ...] | None = None) -> None:
+    """An integer tensor of (batch, length) with every value in [0, bound), or a ValueError naming the field."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}; use return_tensors='pt'")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers, got {t.dtype}; pass token ids as a LongTensor")
+    if t.dim() != 2 or (shape is not None and tuple(t.shape) != shape):
+        want = f"shape {shape}" if shape is not None else "(batch, length)"
+        raise ValueError(f"{name} must be {want}, got {tuple(t.shape)}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+        raise ValueError(f"{name} values must lie in [0, {bound}) ({what}); got {int(t.min())}..{int(t.max())}")
+
+
+def check_pixels(pixel_values, channels: int) -> None:
+    """A finite float (batch, channels, height, width) tensor, or a ValueError naming the field."""
+    if not isinstance(pixel_values, Tensor) or not pixel_values.dtype.is_floating_point:
+        raise ValueError(f"pixel_values must be a float tensor, got {getattr(pixel_values, 'dtype', type(pixel_values))}"
+                         "; use the model's image processor")
+    if pixel_values.dim() != 4 or 0 in pixel_values.shape:
+        raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+    if pixel_values.shape[1] != channels:
+        raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels but the model takes {channels}; "
+                         "convert the images (e.g. .convert('RGB') or 'L')")
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("pixel_values holds NaN or infinite values")
 
 
 def _require(value, name: str, family: str, hint: str):
@@ -148,21 +184,38 @@ class TextAdapter(Adapter):
         if pixel_values is not None:
             raise ValueError(f"{self.family} models take input_ids, not pixel_values; tokenize the text first")
         ids = _require(input_ids, "input_ids", self.family, "pass input_ids=tokenizer(texts)['input_ids']")
-        if not isinstance(ids, Tensor) or ids.dim() != 2:
-            raise ValueError(f"input_ids must be a (batch, length) LongTensor, got {type(ids).__name__} "
-                             f"{tuple(getattr(ids, 'shape', ()))}; use return_tensors='pt'")
+        check_ids(ids, "input_ids", self.vocab_size(), "the model's vocabulary")
         batch, length = ids.shape
+        if length == 0:
+            raise ValueError("input_ids is empty (length 0); give every sequence at least one token")
+        limit = self.max_positions()
+        if limit and length > limit:
+            raise ValueError(f"input_ids has {length} positions but the model takes at most {limit}; shorten the "
+                             "text or tokenize with truncation=True, max_length=" + str(limit))
         if attention_mask is None:
             valid = torch.ones(batch, length, dtype=torch.bool, device=ids.device)
         else:
-            if attention_mask.shape != ids.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
-                                 f"{tuple(ids.shape)}; pass the mask the tokenizer returned with these ids")
+            if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(ids.shape):
+                raise ValueError(f"attention_mask shape {tuple(getattr(attention_mask, 'shape', ()))} does not match "
+                                 f"input_ids {tuple(ids.shape)}; pass the mask the tokenizer returned with these ids")
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
             valid = attention_mask.bool()
+            if not bool(valid.any(1).all()):
+                raise ValueError("attention_mask leaves a sequence with no real token; drop empty sequences")
         if position_ids is None:
             positions = torch.arange(length, device=ids.device).expand(batch, -1)
         else:
+            check_ids(position_ids, "position_ids", limit or 2**31, "the model's positions", shape=None)
+            if position_ids.shape[-1] != length or position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch):
+                raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not fit input_ids "
+                                 f"{tuple(ids.shape)}; pass (batch, length) or (1, length)")
             positions = position_ids.expand(batch, -1)
+        if token_type_ids is not None:
+            types = getattr(self.config, "type_vocab_size", None)
+            if not types:
+                raise ValueError(f"{self.family} models take no token_type_ids; drop them")
+            check_ids(token_type_ids, "token_type_ids", types, "the model's token types", shape=tuple(ids.shape))
         first = valid & (valid.long().cumsum(1) == 1)  # the first real token: BOS / [CLS]
         special = torch.tensor(sorted(self.special_ids() | set(sink_token_ids)), dtype=ids.dtype)
         sink = first | (torch.isin(ids, special.to(ids.device)) & valid)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Batch, Geometry
+from .base import Adapter, Batch, Geometry, check_pixels
 
 SIZE_COLUMNS = 2  # (height, width) of the image in pixels, appended to every patch row
 
@@ -60,12 +60,9 @@ class Dinov2Adapter(Adapter):
                              "pixel_values=image_processor(images)['pixel_values']")
         if input_ids is not None or attention_mask is not None:
             raise ValueError("dinov2 models take pixel_values only; drop input_ids / attention_mask")
-        if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+        check_pixels(pixel_values, self.config.num_channels)
         batch, channels, height, width = pixel_values.shape
         ph, pw = _pair(self.dinov2.embeddings.patch_embeddings.patch_size)
-        if channels != self.config.num_channels:
-            raise ValueError(f"pixel_values has {channels} channels but the model takes {self.config.num_channels}")
         if height < ph or width < pw:
             raise ValueError(f"image {height}x{width} is smaller than one {ph}x{pw} patch; resize it")
         # (B, C, H, W) -> (B, H/p * W/p, C*ph*pw), the patch order of the HF conv (which also drops

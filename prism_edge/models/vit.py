@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Batch, Geometry
+from .base import Adapter, Batch, Geometry, check_pixels
 
 
 class ViTAdapter(Adapter):
@@ -43,8 +43,7 @@ class ViTAdapter(Adapter):
         if input_ids is not None or attention_mask is not None:
             raise ValueError("vit models take pixel_values only; drop input_ids / attention_mask")
         emb = self.vit.embeddings
-        if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+        check_pixels(pixel_values, self.config.num_channels)
         batch, channels, height, width = pixel_values.shape
         size = tuple(emb.image_size) if isinstance(emb.image_size, (tuple, list)) else (emb.image_size,) * 2
         if (height, width) != size:

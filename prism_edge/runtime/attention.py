@@ -60,3 +60,17 @@ def partial_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask  # (B, H, n, keys)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     return Partial(torch.matmul(torch.exp(scores - lse), v), lse)
+
+
+@torch.no_grad()
+def importance(q: Tensor, k: Tensor, observe: Tensor, observe_valid: Tensor, own_mask: Tensor, scale: float) -> Tensor:
+    """(B, n) attention the observing queries (rows `observe`, (B, o), of q (B, H, n, hd)) pay each own key
+    of k (B, H, n, hd), summed over heads and queries: a sender's local guess at what a receiver beyond
+    those queries would attend to (SnapKV's observation window).  own_mask: (B, 1, n, n) additive."""
+    b, heads, _, hd = q.shape
+    idx = observe.view(b, 1, -1, 1)
+    q = torch.gather(q, 2, idx.expand(-1, heads, -1, hd))  # (B, H, o, hd)
+    mask = torch.gather(own_mask, 2, idx.expand(-1, 1, -1, own_mask.shape[-1]))  # (B, 1, o, n)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale + mask  # (B, H, o, n)
+    weights = logits.float().softmax(-1) * observe_valid.view(b, 1, -1, 1)
+    return weights.sum(dim=(1, 2))  # (B, n)

@@ -23,9 +23,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from ..config import PrismConfig
 from ..models.base import Adapter, Batch
 from ..partition import masks
-from ..partition.plan import Plan, Route
+from ..partition.plan import Plan
 from . import message
-from .attention import Partial, expand_kv, merge_heads, partial_attention, split_heads
+from .attention import Partial, expand_kv, importance, merge_heads, partial_attention, split_heads
 from .message import Codec
 
 
@@ -167,23 +167,11 @@ class DeviceExecutor:
         for r in self.out_routes:
             side = r.dst > self.rank
             if r.k_max and side not in scores:
-                scores[side] = self.importance(state, r)
+                k, _ = self._expand_kv(state.k, state.v)  # (B, H, n, hd)
+                scores[side] = importance(state.q, k, r.observe, r.observe_valid, self.own_mask(k.dtype),
+                                          self.adapter.scale(index))
             outgoing[r.dst] = message.pack(r, source, scores.get(side), self.codec)
         return state, outgoing
-
-    @torch.no_grad()
-    def importance(self, state: LayerState, route: Route) -> Tensor:
-        """(B, n) attention the route's observing queries (the own rows nearest its destination) pay
-        each own row, summed over heads and queries: the sender's local guess at what dst would attend to."""
-        k, _ = self._expand_kv(state.k, state.v)  # (B, H, n, hd)
-        obs = route.observe  # (B, o)
-        q = torch.gather(state.q, 2, obs.view(obs.shape[0], 1, -1, 1).expand(-1, state.q.shape[1], -1,
-                                                                            state.q.shape[-1]))  # (B, H, o, hd)
-        mask = self.own_mask(q.dtype)
-        mask = torch.gather(mask, 2, obs.view(obs.shape[0], 1, -1, 1).expand(-1, 1, -1, mask.shape[-1]))
-        logits = torch.matmul(q, k.transpose(-1, -2)) * self.adapter.scale(state.index) + mask  # (B, H, o, n)
-        weights = logits.float().softmax(-1) * route.observe_valid.view(obs.shape[0], 1, -1, 1)
-        return weights.sum(dim=(1, 2))  # (B, n)
 
     def project(self, state: LayerState) -> LayerState:
         """The own rows' Q (and K, V where send did not need them): runs while the messages travel."""
@@ -251,7 +239,7 @@ class DeviceExecutor:
         keys, values, slots = self._remote_kv(layer, incoming, state.x)
         remote_mask = self.remote_mask(slots, state.q.dtype)
         if self.keep_cache:
-            self._keep(state, keys, values, remote_mask)
+            self.cache.append(layer_cache(state, self.slice.valid, keys, values, remote_mask))
         if own is not None:
             if keys:
                 remote = self._partial(index, state.q, torch.cat(keys, dim=2), torch.cat(values, dim=2), remote_mask)
@@ -274,12 +262,14 @@ class DeviceExecutor:
     def final(self, x: Tensor) -> dict[str, Tensor]:
         return self.adapter.final(x)
 
-    # ------------------------------------------------------------------ decoding (KV cache)
-    def _keep(self, state: LayerState, keys: list[Tensor], values: list[Tensor], remote_mask: Tensor) -> None:
-        n, dtype = self.slice.rows, state.q.dtype
-        empty = state.k[:, :, :0]
-        own = torch.zeros(remote_mask.shape[0], 1, 1, n, dtype=dtype, device=remote_mask.device)
-        own = own.masked_fill(~self.slice.valid.view(-1, 1, 1, n).to(own.device), torch.finfo(dtype).min)
-        # in a decoder every owned row sees the same received rows: the last row's mask serves new tokens
-        self.cache.append(LayerCache(state.k, state.v, own, torch.cat(keys, 2) if keys else empty,
-                                     torch.cat(values, 2) if values else empty, remote_mask[:, :, -1:, :]))
+
+def layer_cache(state: LayerState, valid: Tensor, keys: list[Tensor], values: list[Tensor],
+                remote_mask: Tensor) -> LayerCache:
+    """What a device keeps of one layer for decoding: its own K/V and what it received, with masks."""
+    n, dtype = valid.shape[1], state.q.dtype
+    empty = state.k[:, :, :0]
+    own = torch.zeros(remote_mask.shape[0], 1, 1, n, dtype=dtype, device=remote_mask.device)
+    own = own.masked_fill(~valid.view(-1, 1, 1, n).to(own.device), torch.finfo(dtype).min)
+    # in a decoder every owned row sees the same received rows: the last row's mask serves new tokens
+    return LayerCache(state.k, state.v, own, torch.cat(keys, 2) if keys else empty,
+                      torch.cat(values, 2) if values else empty, remote_mask[:, :, -1:, :])

@@ -14,6 +14,7 @@ devices only through the prefill's compressed rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from ..config import PrismConfig
 from ..models import adapter_for
+from ..models.base import check_ids
 from .comm import ByteLedger
 from .device import DeviceExecutor
 from .decode import Link, choose, distributed_step, handoff, local_step
@@ -42,10 +44,22 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
+        def number(name: str, value) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            return float(value)
+
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}")
+        if number("temperature", self.temperature) <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
+        if not 0 < number("top_p", self.top_p) <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}; 1 turns it off")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}; 0 turns it off")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     def pick(self, logits: Tensor, generator: torch.Generator | None) -> Tensor:
         """(B, V) -> (B,) next token ids."""
@@ -124,8 +138,11 @@ def check_prompt(adapter, input_ids: Tensor, max_new_tokens: int) -> None:
         raise ValueError(f"generation needs a causal LM (GPT2LMHeadModel, LlamaForCausalLM), got {type(model).__name__}")
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError("generate takes one prompt: input_ids of shape (1, length); loop over prompts for more")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_ids(input_ids, "input_ids", adapter.vocab_size(), "the model's vocabulary")
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty; give at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit and input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceed the model's "

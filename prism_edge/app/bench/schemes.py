@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ...bench.links import EmulatedNetwork, available, parse_link
 from ...config import PrismConfig
-from ...eval.harness import variant_config, variant_options
+from ...eval.variants import variant_config, variant_options
 from ...models.loading import load_model
 from ...runtime.simulator import simulate
 from ...runtime.stats import busiest_flops
