@@ -355,30 +355,60 @@ def test_bad_runtime_arguments_are_refused_clearly(saved):
 
 @pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm"])
 def test_runtime_generation_equals_simulator_token_for_token(saved, name):
+    from prism_edge.config import PLAIN
     from prism_edge.runtime.generate import Sampling, generate
 
     model = tiny(name)
     ids, _ = text_batch(batch=1, length=13)
-    cfg = PrismConfig(devices=3, cr=8, window=1)
+    cfg = PrismConfig(devices=3, cr=8, **{**PLAIN, "window": 1, "anchor": 2})  # summaries reach the last device
     with Cluster(saved[name], cfg, timeout=20) as cluster:
-        for sampling in (Sampling(), Sampling(do_sample=True, temperature=0.9, top_k=7, seed=5)):
-            want = generate(model, cfg, ids, max_new_tokens=12, sampling=sampling, decode="local")
-            streamed = []
-            got = cluster.generate(ids, max_new_tokens=12, sampling=sampling, on_token=streamed.append)
-            assert got.new_ids == want.new_ids == streamed
-            assert got.prefill_stats.sent == want.prefill_stats.sent
-        stop = want.new_ids[3]
-        cut = cluster.generate(ids, max_new_tokens=12, sampling=sampling, stop_ids=(stop,))
+        for mode in ("local", "handoff", "distributed"):
+            for sampling in (Sampling(), Sampling(do_sample=True, temperature=0.9, top_k=7, seed=2**40 + 5)):
+                want = generate(model, cfg, ids, max_new_tokens=12, sampling=sampling, decode=mode)
+                streamed = []
+                got = cluster.generate(ids, max_new_tokens=12, sampling=sampling, on_token=streamed.append,
+                                       decode=mode)
+                assert got.new_ids == want.new_ids == streamed, mode
+                assert got.mode == mode and got.prefill_stats.sent == want.prefill_stats.sent
+                assert (got.handoff_bytes, got.decode_bytes) == (want.handoff_bytes, want.decode_bytes), mode
+        stop = want.new_ids[3]  # distributed: the earlier devices must hear that the last token was the last
+        cut = cluster.generate(ids, max_new_tokens=12, sampling=sampling, stop_ids=(stop,), decode="distributed")
         assert cut.new_ids[-1] == stop and cut.stopped_by == "stop token"
         # rank 0 stops it (as for a stop string): on_token says so, the last device stops within a few tokens
         seen = []
-        early = cluster.generate(ids, max_new_tokens=12, sampling=sampling,
+        early = cluster.generate(ids, max_new_tokens=12, sampling=sampling, decode="distributed",
                                  on_token=lambda tid: seen.append(tid) or len(seen) == 2)
         assert early.new_ids == seen == want.new_ids[:2] and early.stopped_by == "stop"
+        assert cluster.generate(ids, max_new_tokens=0, decode="distributed").new_ids == []
         # the cluster still serves forward requests after generating
         ids2, mask2 = text_batch(batch=2, length=9)
         _assert_same(cluster(input_ids=ids2, attention_mask=mask2),
                      simulate(model, cfg, input_ids=ids2, attention_mask=mask2, count_flops=False))
+
+
+def test_int8_handoff_and_a_device_lost_while_decoding(saved):
+    from prism_edge.config import PLAIN
+    from prism_edge.runtime.generate import generate
+
+    model = tiny("llama-lm")
+    ids, _ = text_batch(batch=1, length=13)
+    cfg = PrismConfig(devices=3, cr=8, **{**PLAIN, "window": 1, "wire_dtype": "int8"})
+    with Cluster(saved["llama-lm"], cfg, timeout=10) as cluster:
+        want = generate(model, cfg, ids, max_new_tokens=8, decode="handoff")
+        got = cluster.generate(ids, max_new_tokens=8, decode="handoff")
+        assert got.new_ids == want.new_ids and got.handoff_bytes == want.handoff_bytes > 0
+        worker = cluster.pids[1]
+        t0 = time.monotonic()
+
+        def kill_rank1(tid: int) -> None:
+            if not killed:
+                killed.append(tid)
+                os.kill(worker, signal.SIGKILL)  # rank 1 answers every query of a distributed decode
+
+        killed: list[int] = []
+        with pytest.raises(ClusterError, match="rank 1"):
+            cluster.generate(ids, max_new_tokens=40, decode="distributed", on_token=kill_rank1)
+        assert time.monotonic() - t0 < 15 and not cluster.alive
 
 
 def test_http_generate(saved):

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..runtime.modes import DECODE_MODES as MODES
+
 Emit = Callable[[dict[str, Any]], bool]  # sends one server-sent event; False once the client is gone
 _NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "list": "a list",
           "dict": "an object"}
@@ -52,3 +54,11 @@ class Stream:
     """A reply sent as server-sent events: `run(emit)` emits each chunk; `data: [DONE]` follows."""
 
     run: Callable[[Emit], None]
+
+
+def decode_mode(body: dict[str, Any]) -> str:
+    """The optional "decode" field of a generation request (runtime.decode.MODES)."""
+    mode = field(body, "decode", str, "auto")
+    if mode not in MODES:
+        raise BadField("decode", f'"decode" must be one of {", ".join(MODES)}, got {mode!r}')
+    return mode

@@ -23,7 +23,7 @@ import os
 import sys
 import typing
 
-from ..runtime.modes import OUTPUT_MODES
+from ..runtime.modes import DECODE_MODES, OUTPUT_MODES
 from .flags import add_config_flags
 from .spec import LaunchSpec
 
@@ -85,9 +85,10 @@ def _simulator_commands(sub: typing.Any) -> None:
     gen.add_argument("--stop-id", type=int, nargs="*", default=[], help="extra stop token ids (EOS always stops)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--quiet-prompt", action="store_true", help="print only the generated text")
-    gen.add_argument("--decode", help="what new tokens see of the earlier devices' positions: local (what the last "
-                     "device received at prefill), handoff, distributed or auto (runtime/decode.py; default: the "
-                     "simulator's auto; device processes decode local)")
+    gen.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                     help="what new tokens see of the earlier devices' positions: local (what the last device received "
+                     "at prefill), handoff (their K/V once), distributed (a query per token and layer) or auto (by a "
+                     "cost model; runtime/decode.py)")
     gen.add_argument("--launch", action="store_true",
                      help="run on real local device processes (multi-process runtime) instead of the simulator")
     _threads(gen)

@@ -90,8 +90,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .requests import check_ids, prompt_ids
 
     cfg = config_from(args, allow_auto=args.launch)
-    if args.launch and args.decode not in (None, "local"):
-        raise ValueError(f"device processes decode locally for now; drop --decode {args.decode} or use --decode local")
     _threads(args)
     sampling = Sampling(args.sample, args.temperature, args.top_k, args.top_p, args.seed)
     _log(f"loading {args.model} ...")
@@ -108,16 +106,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.launch:  # real device processes: prefill over gloo, the last process decodes and streams ids back
         gen = _generate_on_cluster(args, cfg, ids, sampling, stops, printer)
     else:
-        decode = {"decode": args.decode} if args.decode else {}  # else the simulator's default
         gen = generate(loaded.model, cfg, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                       stop_ids=stops, on_token=printer, **decode)
+                       stop_ids=stops, on_token=printer, decode=args.decode)
     wall = time.perf_counter() - t0
     print()
     st = gen.prefill_stats
     _log(f"\n{len(gen.new_ids)} new tokens ({gen.stopped_by}) in {wall:.2f} s, {len(gen.new_ids) / wall:.1f} tokens/s "
          f"including prefill; prompt {ids.shape[1]} tokens over {cfg.effective_devices} devices, CR={cfg.effective_cr}; "
-         f"prefill exchanged {fmt_bytes(st.total_bytes if st else 0)}; decode: {gen.decode_bytes_per_token:g} B per "
-         "token (new tokens join the last device)")
+         f"prefill exchanged {fmt_bytes(st.total_bytes if st else 0)}; decode mode {gen.mode}: hand-off "
+         f"{fmt_bytes(gen.handoff_bytes)}, {gen.decode_bytes_per_token:,.0f} B per token (new tokens join the last device)")
     return 0
 
 
@@ -129,7 +126,7 @@ def _generate_on_cluster(args: argparse.Namespace, cfg: Any, ids: torch.Tensor, 
     with Cluster(args.model, cfg, threads=args.threads or 1, cache_dir=str(env.cache_dir()),
                  auto_weights=auto_weights(args), log=_log) as cluster:
         return cluster.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stops,
-                                on_token=printer)
+                                on_token=printer, decode=args.decode)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

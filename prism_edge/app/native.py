@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..runtime.generate import Sampling
-from .api import BadField, field
+from .api import BadField, decode_mode, field
 from .cluster import Cluster
 from .requests import check_ids, encode_texts, prompt_ids
 
@@ -97,8 +97,10 @@ def handle_generate(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
     eos = getattr(tok, "eos_token_id", None) if tok is not None else None
     stops = tuple(int(i) for i in field(body, "stop_ids", list, [])) + ((eos,) if isinstance(eos, int) else ())
     gen = cluster.generate(ids, max_new_tokens=field(body, "max_new_tokens", int, 32), sampling=sampling,
-                           stop_ids=stops)
+                           stop_ids=stops, decode=decode_mode(body))
     text = tok.decode(gen.new_ids, skip_special_tokens=True) if tok is not None else None
     assert gen.prefill_stats is not None
-    return {"text": text, "token_ids": gen.new_ids, "stopped_by": gen.stopped_by,
-            "prefill_stats": gen.prefill_stats.to_dict(), "decode_bytes_per_token": gen.decode_bytes_per_token}
+    return {"text": text, "token_ids": gen.new_ids, "stopped_by": gen.stopped_by, "decode": gen.mode,
+            "prefill_stats": gen.prefill_stats.to_dict(), "bytes": gen.phases(),
+            "decode_bytes_per_token": gen.decode_bytes_per_token}
+

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..runtime.generate import TOKEN_ID_BYTES, Generation, Sampling
 from ..runtime.stats import Stats
 from .cluster import Cluster
-from .api import ApiError, BadField, Emit, Stream, field
+from .api import ApiError, BadField, Emit, Stream, decode_mode, field
 from .requests import chat_ids, check_ids
 from .textstream import TextStream
 
@@ -63,17 +63,20 @@ def list_models(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
     return {"object": "list", "data": [card]}
 
 
-def prism_figures(cluster: Cluster, stats: Stats | None, decoded: int = 0) -> dict[str, Any]:
+def prism_figures(cluster: Cluster, stats: Stats | None, gen: Generation | None = None) -> dict[str, Any]:
     """What PRISM did for the request: the split, and the bytes of every phase (counted from the tensors sent)."""
     cfg = cluster.cfg
     out: dict[str, Any] = {"devices": cluster.world, "scheme": cfg.scheme, "cr": cfg.effective_cr,
                            "weights": list(cfg.weights) if cfg.weights else None}
     if stats is not None:
         out["bytes"] = {"inputs": sum(stats.input_bytes or ()), "exchange": stats.total_bytes,
-                        "outputs": sum(stats.output_bytes or ()), "decode": decoded * TOKEN_ID_BYTES}
+                        "outputs": sum(stats.output_bytes or ())}
+        if gen is not None:
+            out["bytes"].update(handoff=gen.handoff_bytes, decode=gen.decode_bytes + TOKEN_ID_BYTES * len(gen.new_ids))
+            out["decode"] = gen.mode
         out["exchange_per_device"] = {"sent": [stats.bytes_sent(p) for p in range(stats.world)],
                                       "received": [stats.bytes_received(p) for p in range(stats.world)]}
-        out["prefill_s" if decoded else "wall_s"] = stats.wall_s
+        out["prefill_s" if gen is not None else "wall_s"] = stats.wall_s
     return out
 
 
@@ -86,6 +89,7 @@ class Params:
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
+    decode: str = "auto"  # an extension: how new tokens see the earlier devices (runtime.decode)
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float, open_low: bool = False) -> float:
@@ -122,7 +126,7 @@ def parse_params(body: dict[str, Any]) -> Params:
                         seed=field(body, "seed", int))
     options = field(body, "stream_options", dict, {})
     return Params(max_tokens, sampling, _stops(body), field(body, "stream", bool, False),
-                  bool(options.get("include_usage")))
+                  bool(options.get("include_usage")), decode_mode(body))
 
 
 @dataclass
@@ -156,13 +160,14 @@ def generate(cluster: Cluster, ids: Tensor, params: Params, show: Callable[[str]
 
     eos = getattr(tok, "eos_token_id", None)
     gen: Generation = cluster.generate(ids, max_new_tokens=params.max_tokens, sampling=params.sampling,
-                                       stop_ids=(eos,) if isinstance(eos, int) else (), on_token=on_token)
+                                       stop_ids=(eos,) if isinstance(eos, int) else (), on_token=on_token,
+                                       decode=params.decode)
     rest = text.flush()
     if rest and show is not None and not gone:
         show(rest)
     finish = "stop" if text.stopped or gen.stopped_by == "stop token" else "length"
     return Outcome(text.text, finish, int(ids.shape[1]), len(gen.new_ids),
-                   prism_figures(cluster, gen.prefill_stats, len(gen.new_ids)))
+                   prism_figures(cluster, gen.prefill_stats, gen))
 
 
 def _checked(cluster: Cluster, ids: Tensor, params: Params) -> Tensor:

@@ -37,7 +37,7 @@ from ..runtime.transport import (
 )
 from . import env
 from .cluster import Cluster
-from .cluster.generation import decode_on_last_device
+from .cluster.generation import serve_generation
 from .cluster.startup import agree
 from .flags import config_from
 from .launch import drive, log
@@ -151,13 +151,13 @@ def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, 
         local = protocol.local_inputs(header, batch, plan, rank, rows)
         generating = header.op == protocol.GENERATE
         run = run_device(adapter, cfg, plan, batch, local, comm, overlap=overlap, count_flops=count_flops,
-                         fault=fault if served == 0 else None, keep_cache=generating and rank == last,
+                         fault=fault if served == 0 else None, keep_cache=generating,
                          slowdown=slowdown)
         if not generating:
             comm.isend("output", 0, protocol.output_tensors(run.finals, plan, rank, header.mode), TAG_OUTPUT,
                        "outputs")
         comm.isend("control", 0, [device_report(comm, run, layers).to_tensor()], TAG_STATS, "statistics", count=False)
         comm.flush()
-        if generating and rank == last:
-            decode_on_last_device(adapter, comm, run, header.length)
+        if generating:
+            serve_generation(adapter, comm, run, plan, batch.positions, header.length)
         served += 1

@@ -4,7 +4,7 @@ In a decoder nothing ever attends to a later position, so the earlier devices ne
 tokens; the question is only what the new tokens see of the prompt positions the earlier devices own:
 
   local        what the last device received at prefill (summaries, unless the prefill gave it an
-               exact view with `tail`); no traffic while decoding.
+               exact view); no traffic while decoding.
   handoff      once, after prefill, the earlier devices send the last device the K/V they computed for
                their own positions (every layer, at the wire dtype); then decoding is local.
   distributed  every device keeps its own K/V; per new token and layer the query goes to the earlier
@@ -12,6 +12,9 @@ tokens; the question is only what the new tokens see of the prompt positions the
                (Star Attention's phase 2, Tree Attention).
 Handoff and distributed give every new token exact attention over the K/V the devices computed at
 prefill (at a float32 wire: the same tokens).  `auto` picks by a cost model (see `choose`).
+
+The pieces here know nothing of how tensors travel: the simulator hands them over in process
+(`handoff`, `distributed_step`), the device processes over torch.distributed (app.cluster.generation).
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import torch
 from torch import Tensor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .attention import Partial, partial_attention
+from ..models.base import Geometry
+from ..partition.plan import Plan
+from .attention import Partial
 from .comm import ByteLedger
 from .device import DeviceExecutor
 from .message import FLOAT_WIRES, Codec, decode, encode
+from .modes import DECODE_MODES
 
-MODES = ("auto", "local", "handoff", "distributed")
+MODES = DECODE_MODES
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Link:
         return nbytes * 8 / (self.mbit * 1e6) + trips * self.ms / 1e3
 
 
+# --------------------------------------------------------------------------- the decoding device's step
 def new_token(dev: DeviceExecutor, index: int, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     """The new position's attention input and query (B, H, 1, hd); its K/V join the device's cache."""
     g, layer, c = dev.geo, dev.adapter.layers()[index], dev.cache[index]
@@ -62,85 +69,128 @@ def local_step(dev: DeviceExecutor, index: int, x: Tensor, positions: Tensor) ->
     k = torch.cat([c.remote_k, c.k], 2)
     v = torch.cat([c.remote_v, c.v], 2)
     ctx = dev._partial(index, q, k, v, torch.cat([c.remote_mask, c.own_mask], -1)).out
+    return finish(dev, index, x, h, ctx)
+
+
+def own_partial(dev: DeviceExecutor, index: int, q: Tensor) -> Partial:
+    """The decoding device's partial attention over its own cache (prompt slice and new tokens)."""
+    c = dev.cache[index]
+    return dev._partial(index, q, c.k, c.v, c.own_mask)
+
+
+def finish(dev: DeviceExecutor, index: int, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
     return dev.adapter.after_attention(dev.adapter.layers()[index], x, h, dev._flat(ctx))
 
 
-def shared_rows(dev: DeviceExecutor, last: DeviceExecutor) -> Tensor:
-    """(B, n) the rows of `dev` the decoding device needs from it: its own slice, less the positions
-    the decoding device recomputed itself (anchor copies)."""
-    first = torch.tensor(last.slice.anchors, device=dev.positions.device).unsqueeze(1)  # (B, 1)
-    return dev.slice.owned.to(dev.positions.device) & (dev.positions >= first)
+# --------------------------------------------------------------------------- what earlier devices provide
+def shared_mask(plan: Plan, positions: Tensor, src: int) -> Tensor:
+    """(B, n_src) the rows of device `src` the decoding (last) device needs: its own slice, less the
+    positions the decoding device recomputed itself (anchor copies).  positions: the request's (B, N)."""
+    sl, last = plan.devices[src], plan.devices[-1]
+    mine = torch.gather(positions, 1, sl.index.to(positions.device))
+    first = torch.tensor(last.anchors, device=positions.device).unsqueeze(1)  # (B, 1)
+    return sl.owned.to(positions.device) & (mine >= first)
 
 
-def handoff(devs: list[DeviceExecutor], ledger: ByteLedger) -> None:
-    """The earlier devices' own K/V of every layer, at the wire dtype, replace what the last device
-    received at prefill (counted under the ledger stage "handoff")."""
-    last = devs[-1]
-    g = last.geo
-    codec = Codec(last.codec.wire, "contiguous", quant_group=g.head_dim, cluster_width=g.kv_width)
-    for i, cache in enumerate(last.cache):
-        keys, values = [], []
-        for p, dev in enumerate(devs[:-1]):
-            rows = shared_rows(dev, last)[0]  # generation runs one prompt (B = 1)
-            c = dev.cache[i]
-            kv = torch.cat([c.k[0, :, rows].transpose(0, 1).flatten(1), c.v[0, :, rows].transpose(0, 1).flatten(1)],
-                           dim=-1)  # (R, 2 * kv_width)
-            sent = encode(kv, codec)
-            for t in sent:
+def kv_codec(geo: Geometry, wire: str) -> Codec:
+    return Codec(wire, "contiguous", quant_group=geo.head_dim, cluster_width=geo.kv_width)
+
+
+def handoff_message(dev: DeviceExecutor, index: int, shared: Tensor) -> list[Tensor]:
+    """One layer's K/V of the shared rows (generation: B = 1), encoded for the wire: (R, 2 * kv_width)."""
+    c, rows = dev.cache[index], shared[0]
+    kv = torch.cat([c.k[0, :, rows].transpose(0, 1).flatten(1), c.v[0, :, rows].transpose(0, 1).flatten(1)], dim=-1)
+    return encode(kv, kv_codec(dev.geo, dev.codec.wire))
+
+
+def handoff_shapes(geo: Geometry, wire: str, rows: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of one layer's hand-off message of `rows` rows."""
+    width = 2 * geo.kv_width
+    if wire == "int8":
+        return [((rows, width), torch.int8), ((rows, width // geo.head_dim), torch.float16)]
+    return [((rows, width), FLOAT_WIRES[wire])]
+
+
+def install_handoff(last: DeviceExecutor, index: int, messages: list[list[Tensor]]) -> None:
+    """Replace what the last device received at prefill for layer `index` by the handed-off K/V."""
+    g, cache = last.geo, last.cache[index]
+    rows = [decode(m, kv_codec(g, last.codec.wire), cache.k.dtype).to(cache.k.device) for m in messages]
+    k, v = torch.cat(rows).split(g.kv_width, dim=-1)  # (R, kv_width) each
+    cache.remote_k = k.view(1, -1, g.kv_heads, g.head_dim).transpose(1, 2)
+    cache.remote_v = v.view(1, -1, g.kv_heads, g.head_dim).transpose(1, 2)
+    cache.remote_mask = cache.remote_mask.new_zeros(1, 1, 1, cache.remote_k.shape[2])
+
+
+def query_wire(wire: str) -> torch.dtype:
+    """Queries and partial attentions travel as floats (int8 is for K/V rows)."""
+    return FLOAT_WIRES.get(wire, torch.float16)
+
+
+def partial_message(dev: DeviceExecutor, index: int, q: Tensor, shared: Tensor) -> list[Tensor]:
+    """An earlier device's answer to a query (B, H, 1, hd): its partial attention over its shared rows."""
+    c = dev.cache[index]
+    mask = torch.zeros_like(c.own_mask).masked_fill(~shared.view(1, 1, 1, -1), torch.finfo(c.k.dtype).min)
+    part = dev._partial(index, q.to(c.k.dtype), c.k, c.v, mask)
+    wire = query_wire(dev.codec.wire)
+    return [part.out.to(wire), part.lse.to(wire)]
+
+
+def partial_shapes(geo: Geometry, wire: str) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    dtype = query_wire(wire)
+    return [((1, geo.heads, 1, geo.head_dim), dtype), ((1, geo.heads, 1, 1), dtype)]
+
+
+# --------------------------------------------------------------------------- the simulator's hand-overs
+def handoff(devs: list[DeviceExecutor], positions: Tensor, ledger: ByteLedger) -> None:
+    """Every earlier device's own K/V of every layer replaces what the last device received at prefill
+    (counted under the ledger stage "handoff")."""
+    last, plan = devs[-1], devs[-1].plan
+    shared = [shared_mask(plan, positions, p) for p in range(len(devs) - 1)]
+    for i in range(len(last.cache)):
+        messages = [handoff_message(dev, i, shared[p]) for p, dev in enumerate(devs[:-1])]
+        for p, message in enumerate(messages):
+            for t in message:
                 ledger.record("handoff", p, last.rank, t)
-            k, v = decode(sent, codec, c.k.dtype).split(g.kv_width, dim=-1)
-            keys.append(k.view(1, -1, g.kv_heads, g.head_dim).transpose(1, 2))
-            values.append(v.view(1, -1, g.kv_heads, g.head_dim).transpose(1, 2))
-        cache.remote_k, cache.remote_v = torch.cat(keys, 2), torch.cat(values, 2)
-        cache.remote_mask = cache.remote_mask.new_zeros(1, 1, 1, cache.remote_k.shape[2])
+        install_handoff(last, i, messages)
 
 
-def distributed_step(devs: list[DeviceExecutor], index: int, x: Tensor, positions: Tensor,
+def distributed_step(devs: list[DeviceExecutor], positions: Tensor, index: int, x: Tensor, pos: Tensor,
                      ledger: ByteLedger) -> Tensor:
     """One new position: the last device's own partial attention, merged with every earlier device's
-    partial over its own cached K/V for the query it was sent (counted under the stage "decode")."""
+    partial over its shared rows for the query it was sent (counted under the stage "decode")."""
     last = devs[-1]
-    h, q = new_token(last, index, x, positions)
-    c = last.cache[index]
-    merged = last._partial(index, q, c.k, c.v, c.own_mask)
-    wire = FLOAT_WIRES.get(last.codec.wire, torch.float16)  # queries and partials travel as floats
+    h, q = new_token(last, index, x, pos)
+    merged = own_partial(last, index, q)
+    sent = q.to(query_wire(last.codec.wire))
     for p, dev in enumerate(devs[:-1]):
-        sent = q.to(wire)
         ledger.record("decode", last.rank, p, sent)
-        theirs = dev.cache[index]
-        allowed = shared_rows(dev, last).view(1, 1, 1, -1)
-        mask = torch.zeros_like(theirs.own_mask).masked_fill(~allowed, torch.finfo(q.dtype).min)
-        part = dev._partial(index, sent.to(q.dtype), theirs.k, theirs.v, mask)
-        back = [part.out.to(wire), part.lse.to(wire)]
+        back = partial_message(dev, index, sent, shared_mask(last.plan, positions, p))
         for t in back:
             ledger.record("decode", p, last.rank, t)
         merged = merged.join(Partial(back[0].to(q.dtype), back[1].to(q.dtype)))
-    return last.adapter.after_attention(last.adapter.layers()[index], x, h, last._flat(merged.out))
+    return finish(last, index, x, h, merged.out)
 
 
-def handoff_bytes(devs: list[DeviceExecutor]) -> int:
-    """What a handoff would send: every earlier device's shared rows, every layer, 2 * kv_width values."""
-    last = devs[-1]
-    g = last.geo
-    rows = sum(int(shared_rows(d, last).sum()) for d in devs[:-1])
-    per_value = 1 if last.codec.wire == "int8" else FLOAT_WIRES[last.codec.wire].itemsize
-    scales = 2 * 2 * g.kv_heads if last.codec.wire == "int8" else 0  # one float16 scale per head of K and of V
-    return g.layers * rows * (2 * g.kv_width * per_value + scales)
-
-
-def distributed_bytes_per_token(devs: list[DeviceExecutor]) -> int:
-    g = devs[-1].geo
-    itemsize = FLOAT_WIRES.get(devs[-1].codec.wire, torch.float16).itemsize
-    return g.layers * (len(devs) - 1) * (2 * g.heads * g.head_dim + g.heads) * itemsize
-
-
-def exact_view(last: DeviceExecutor) -> bool:
+# --------------------------------------------------------------------------- choosing a mode
+def exact_view(plan: Plan) -> bool:
     """Did the prefill send the decoding device every earlier position as itself (one device, a `tail`
     layout, or routes that summarising would not have halved)?"""
-    return all(not bool(r.cand_valid.any()) for r in last.in_routes)
+    return all(not bool(r.cand_valid.any()) for r in plan.routes_to(plan.world - 1))
 
 
-def choose(mode: str, devs: list[DeviceExecutor], new_tokens: int, link: Link) -> str:
+def handoff_bytes(plan: Plan, positions: Tensor, geo: Geometry, wire: str) -> int:
+    """What a handoff sends: every earlier device's shared rows, every layer, K and V."""
+    rows = sum(int(shared_mask(plan, positions, p).sum()) for p in range(plan.world - 1))
+    return geo.layers * sum(torch.Size(s).numel() * d.itemsize for s, d in handoff_shapes(geo, wire, rows))
+
+
+def distributed_bytes_per_token(plan: Plan, geo: Geometry, wire: str) -> int:
+    query = geo.heads * geo.head_dim * query_wire(wire).itemsize
+    answer = sum(torch.Size(s).numel() * d.itemsize for s, d in partial_shapes(geo, wire))
+    return geo.layers * (plan.world - 1) * (query + answer)
+
+
+def choose(mode: str, plan: Plan, positions: Tensor, geo: Geometry, wire: str, new_tokens: int, link: Link) -> str:
     """`auto`: local when the prefill already gave the last device every earlier position as itself
     (`exact_view`); otherwise whichever of handoff (one transfer, overlapped with the first tokens) and
     distributed (a round trip per layer per token) costs less time on `link`."""
@@ -148,9 +198,8 @@ def choose(mode: str, devs: list[DeviceExecutor], new_tokens: int, link: Link) -
         raise ValueError(f"unknown decode mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode != "auto":
         return mode
-    if exact_view(devs[-1]):
+    if exact_view(plan):
         return "local"
-    layers = devs[-1].geo.layers
-    hand = link.seconds(handoff_bytes(devs))
-    dist = new_tokens * (link.seconds(distributed_bytes_per_token(devs), trips=2 * layers))
+    hand = link.seconds(handoff_bytes(plan, positions, geo, wire))
+    dist = new_tokens * link.seconds(distributed_bytes_per_token(plan, geo, wire), trips=2 * geo.layers)
     return "handoff" if hand <= dist else "distributed"

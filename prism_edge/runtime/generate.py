@@ -25,8 +25,7 @@ from ..config import PrismConfig
 from ..models import adapter_for
 from ..models.base import check_ids
 from .comm import ByteLedger
-from .device import DeviceExecutor
-from .decode import Link, choose, distributed_step, handoff, local_step
+from .decode import MODES, Link, choose, distributed_step, handoff, local_step
 from .simulator import run_devices
 from .stats import Stats
 
@@ -77,24 +76,28 @@ class Sampling:
 
 
 MAX_STOPS = 8
+PARAMS = 10 + MAX_STOPS  # [max_new, do_sample, temperature, top_k, top_p, seed high, seed low, stops, mode, -, stop ids]
 
 
-def encode_request(max_new_tokens: int, sampling: Sampling, stop_ids: tuple[int, ...]) -> Tensor:
-    """The decode parameters as one float64 tensor (what rank 0 sends the last device)."""
+def encode_request(max_new_tokens: int, sampling: Sampling, stop_ids: tuple[int, ...], mode: str = "local") -> Tensor:
+    """The decode parameters as one float64 tensor (what rank 0 sends every device after the prefill).
+    The seed travels as two 32-bit halves, which float64 holds exactly."""
     if len(stop_ids) > MAX_STOPS:
         raise ValueError(f"at most {MAX_STOPS} stop token ids, got {len(stop_ids)}")
-    t = torch.zeros(8 + MAX_STOPS, dtype=torch.float64)
-    t[:7] = torch.tensor([max_new_tokens, float(sampling.do_sample), sampling.temperature, sampling.top_k,
-                          sampling.top_p, -1 if sampling.seed is None else sampling.seed, len(stop_ids)],
-                         dtype=torch.float64)
-    t[8 : 8 + len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.float64)
+    seed = sampling.seed
+    t = torch.zeros(PARAMS, dtype=torch.float64)
+    t[:10] = torch.tensor([max_new_tokens, float(sampling.do_sample), sampling.temperature, sampling.top_k,
+                           sampling.top_p, -1 if seed is None else seed >> 32, 0 if seed is None else seed & 0xFFFFFFFF,
+                           len(stop_ids), MODES.index(mode), 0], dtype=torch.float64)
+    t[10 : 10 + len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.float64)
     return t
 
 
-def decode_request(t: Tensor) -> tuple[int, Sampling, tuple[int, ...]]:
+def decode_request(t: Tensor) -> tuple[int, Sampling, tuple[int, ...], str]:
     v = t.tolist()
-    seed = None if v[5] < 0 else int(v[5])
-    return int(v[0]), Sampling(bool(v[1]), v[2], int(v[3]), v[4], seed), tuple(int(x) for x in v[8 : 8 + int(v[6])])
+    seed = None if v[5] < 0 else (int(v[5]) << 32) | int(v[6])
+    stops = tuple(int(x) for x in v[10 : 10 + int(v[7])])
+    return int(v[0]), Sampling(bool(v[1]), v[2], int(v[3]), v[4], seed), stops, MODES[int(v[8])]
 
 
 @dataclass
@@ -174,17 +177,18 @@ def generate(
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
     out, devs = run_devices(model, cfg, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
-    mode = choose(decode, devs, max_new_tokens, link or Link())
+    last, positions = devs[-1], devs[-1].positions.new_tensor(range(input_ids.shape[1])).unsqueeze(0)
+    mode = choose(decode, last.plan, positions, last.geo, last.codec.wire, max_new_tokens, link or Link())
     result = Generation(prompt_ids=input_ids.cpu(), prefill_stats=out.stats, mode=mode)
     ledger = ByteLedger()
     if mode == "handoff":
-        handoff(devs, ledger)
+        handoff(devs, positions, ledger)
     if mode == "distributed":
         def step(i, x, pos):
-            return distributed_step(devs, i, x, pos, ledger)
+            return distributed_step(devs, positions, i, x, pos, ledger)
     else:
         def step(i, x, pos):
-            return local_step(devs[-1], i, x, pos)
+            return local_step(last, i, x, pos)
     decode_loop(adapter, step, out.logits[:, -1], input_ids.shape[1], max_new_tokens, sampling, stop_ids,
                 result, on_token, keep_logits, teacher)
     result.handoff_bytes = sum(b for (stage, _, _), b in ledger.entries.items() if stage == "handoff")
@@ -197,11 +201,6 @@ def decode_loop(adapter, step, logits: Tensor, position: int, max_new_tokens: in
                 teacher: list[int] | None = None) -> None:
     """Sample, run the new token through every layer with `step(layer, x, positions)`, repeat: the same
     loop in the simulator and the runtime."""
-    if isinstance(step, DeviceExecutor):  # the device processes decode locally on their executor
-        executor = step
-
-        def step(i, x, pos):
-            return local_step(executor, i, x, pos)
     device = logits.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     for _ in range(max_new_tokens):

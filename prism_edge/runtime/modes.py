@@ -7,3 +7,6 @@
 """
 
 OUTPUT_MODES = ("all", "pooled", "last", "mean")
+
+# How new tokens see the earlier devices' positions when generating (runtime/decode.py has the details).
+DECODE_MODES = ("auto", "local", "handoff", "distributed")

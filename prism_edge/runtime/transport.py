@@ -25,8 +25,13 @@ from .comm import ByteLedger
 TAG_HEADER, TAG_META, TAG_INPUT, TAG_OUTPUT, TAG_STATS = 32, 64, 96, 128, 160
 TAG_LAYER = 256  # tensor j of layer i's message travels with tag TAG_LAYER + LAYER_TAGS * i + j
 LAYER_TAGS = 4  # tensors per layer message at most: rows, int8 scales, group sizes (one spare)
-TAG_GENERATE = 1 << 20  # decode parameters to the last device; new token t comes back with tag + 1 + t
+TAG_GENERATE = 1 << 20  # decode parameters to every device; new token t comes back with tag + 1 + t
 TAG_DECODE_CONTROL = 3 << 19  # rank 0 -> last device: go on / stop, the c-th time with tag + c
+TAG_HANDOFF = 1 << 22  # earlier device -> last: layer i's K/V with tag + LAYER_TAGS * i + j
+TAG_DECODE_WORD = 5 << 20  # last -> earlier devices, before token t's layers: 1 (they follow) or 0 (done), tag + t
+TAG_DECODE_BYTES = 7 << 20  # last -> rank 0 at the end: hand-off and decode bytes it exchanged
+TAG_DECODE_QUERY = 1 << 23  # last -> earlier device: token t's query of layer i, tag + 4 * (t * layers + i)
+TAG_DECODE_ANSWER = 1 << 24  # earlier device -> last: its partial attention for it, tag + 4 * (t * layers + i) + j
 
 
 class DeviceLost(RuntimeError):

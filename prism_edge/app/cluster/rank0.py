@@ -29,6 +29,7 @@ from ...config import PrismConfig
 from ...models import adapter_for
 from ...models.loading import load_model
 from ...runtime import protocol
+from ...runtime.decode import Link, choose
 from ...runtime.generate import Generation, Sampling, check_prompt, encode_request
 from ...runtime.simulator import PrismOutput
 from ...runtime.transport import DeviceLost, DistCommunicator, Endpoint
@@ -135,16 +136,20 @@ class Cluster:
                 return self.coordinator.forward(req)
 
     def generate(self, input_ids: Tensor, *, max_new_tokens: int = 32, sampling: Sampling | None = None,
-                 stop_ids: tuple[int, ...] = (), on_token: TokenCallback | None = None) -> Generation:
+                 stop_ids: tuple[int, ...] = (), on_token: TokenCallback | None = None, decode: str = "auto",
+                 link: Link | None = None) -> Generation:
         """Prefill one prompt (1, N) across the devices, then decode on the last device, which streams each
         new token id back (8 bytes per token).  on_token(id) is called as each arrives; returning True stops
-        the generation (the last device stops within a few tokens).  Returns a Generation."""
+        the generation (the last device stops within a few tokens).  decode: local | handoff | distributed |
+        auto (runtime.decode; `link` is what auto assumes).  Returns a Generation (its `mode` says which)."""
         sampling = sampling or Sampling()
         check_prompt(self.adapter, input_ids, max_new_tokens)
-        params = encode_request(max_new_tokens, sampling, tuple(stop_ids))
         with self._lock:
             self._check_usable()
             req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=protocol.GENERATE)
+            geo, wire = self.adapter.geometry, self.cfg.wire_dtype or "float32"
+            mode = choose(decode, req.plan, req.batch.positions, geo, wire, max_new_tokens, link or Link())
+            params = encode_request(max_new_tokens, sampling, tuple(stop_ids), mode)
             with self._guard("generation"):
                 return run_generation(self.coordinator, req, params, input_ids, on_token, self.spec.timeout / 3)
 
