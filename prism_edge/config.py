@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 SCHEMES = ("prism", "voltage", "full")
 PAYLOADS = ("auto", "hidden", "kv")
@@ -19,7 +20,7 @@ KINDS = ("decoder", "encoder", "vision")
 
 # The fidelity options a kind of model gets unless the user sets them (docs/RESULTS.md §2 has the
 # frontiers these were read from).
-FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # Decoders feed their outputs back (generation): every route carries its top half exactly and the
     # window before the receiver, so each is at least half exact rows and "exact when cheap" sends it
     # whole — every earlier position's K/V as int8, 0.172 of Voltage's bytes.  SmolLM2, P=4: perplexity
@@ -36,9 +37,9 @@ FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
                    grouping="similarity", count_bias=True, exact_when_cheap=True, tail=0, wire_dtype="int8"),
 }
 # Pure Segment Means as the paper describes them: every fidelity option off.
-PLAIN: dict[str, object] = dict(sinks=False, window=0, window_frac=0.0, anchor=0, topk=0, topk_frac=0.0,
-                                grouping="contiguous", count_bias=False, exact_when_cheap=False, tail=0,
-                                wire_dtype="float32")
+PLAIN: dict[str, Any] = dict(sinks=False, window=0, window_frac=0.0, anchor=0, topk=0, topk_frac=0.0,
+                             grouping="contiguous", count_bias=False, exact_when_cheap=False, tail=0,
+                             wire_dtype="float32")
 FIDELITY_FIELDS = tuple(PLAIN)
 
 

@@ -3,8 +3,9 @@ the metrics helpers, and the Task base class."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,13 @@ class Score:
     items: int
 
 
-def run(model, cfg: PrismConfig | None, inputs: dict[str, Tensor]):
-    """(outputs, exchange bytes): the plain HF forward for cfg=None, the simulator otherwise."""
+def run(model, cfg: PrismConfig | None, inputs: Mapping[str, Any]):
+    """(outputs, exchange bytes): the plain HF forward for cfg=None, the simulator otherwise.
+    `inputs`: the model's keyword arguments (tensors)."""
     if cfg is None:
         return model(**inputs), 0
     out = simulate(model, cfg, count_flops=False, **inputs)
+    assert out.stats is not None  # the simulator always reports its run
     return out, out.stats.total_bytes
 
 
@@ -59,7 +62,7 @@ class Task:
     default_model: ClassVar[str]  # the alias of the model it scores unless told otherwise
     metric: ClassVar[str]  # the headline metric
     higher_is_better: ClassVar[bool] = True
-    data: ClassVar[str]  # what data, in words
+    data: str  # what data, in words: a class default, which an instance may refine once it has loaded its data
 
     def __init__(self, loaded, limit: int | None = None, batch_size: int = 16, **options) -> None:
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer

@@ -94,6 +94,7 @@ def score_item(model: nn.Module, tokenizer, item: dict, cfg: PrismConfig | None,
         logits, nbytes = model(input_ids=input_ids, attention_mask=mask).logits, 0
     else:
         out = simulate(model, cfg, input_ids=input_ids, attention_mask=mask, count_flops=False)
+        assert out.stats is not None  # the simulator always reports its run
         logits, nbytes = out.logits, out.stats.total_bytes
     logp = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     scores = [float(logp[b, starts[b] - 1 : len(rows[b]) - 1].sum()) for b in range(len(rows))]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -10,6 +12,7 @@ from torch import Tensor
 from ..config import PrismConfig
 from ..models import adapter_for
 from ..runtime.simulator import PrismOutput, simulate
+from ..runtime.stats import Stats
 from .fidelity import mean_pool
 
 
@@ -33,38 +36,60 @@ def _pairs(emb: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def compare(model, cfg: PrismConfig, inputs: dict[str, Tensor], labels: list[str] | None = None) -> Report:
-    """Run `inputs` unpartitioned, under Voltage and under `cfg` (PRISM), in the simulator."""
+def compare(model, cfg: PrismConfig, inputs: Mapping[str, Any], labels: list[str] | None = None) -> Report:
+    """Run `inputs` (the model's keyword arguments: tensors) unpartitioned, under Voltage and under
+    `cfg` (PRISM), in the simulator."""
     adapter = adapter_for(model)
     runs: dict[str, PrismOutput] = {
         "full": simulate(model, cfg.replace(scheme="full"), **inputs),
         "voltage": simulate(model, cfg.replace(scheme="voltage"), **inputs),
         "prism": simulate(model, cfg.replace(scheme="prism"), **inputs),
     }
+    stats = {k: _stats(v) for k, v in runs.items()}
+    flops = {k: _flops(v) for k, v in stats.items()}  # per device
     mask = inputs.get("attention_mask")
-    positions = mask.sum(1).tolist() if mask is not None else [runs["full"].plan.devices[0].rows] * _batch(inputs)
+    positions = mask.sum(1).tolist() if mask is not None else [_rows(runs["full"])] * _batch(inputs)
     report = Report(
         family=adapter.family,
         cfg=cfg,
         positions=[int(p) for p in positions],
-        bytes={k: v.stats.total_bytes for k, v in runs.items() if k != "full"},
-        max_flops={k: v.stats.max_flops for k, v in runs.items() if k != "full"},
-        full_flops=runs["full"].stats.flops[0],
+        bytes={k: v.total_bytes for k, v in stats.items() if k != "full"},
+        max_flops={k: max(v) for k, v in flops.items() if k != "full"},
+        full_flops=flops["full"][0],
     )
     full, prism = runs["full"], runs["prism"]
-    if full.logits is not None and adapter.geometry.causal:
-        _lm_quality(report, inputs["input_ids"], mask, full.logits, prism.logits)
-    elif full.logits is not None:
-        agree = (full.logits.argmax(-1) == prism.logits.argmax(-1)).float().mean().item()
-        report.quality["top-1 agreement"] = agree
-        report.details += [f"{labels[i] if labels else i}: class {int(f)} (full) / {int(p)} (PRISM)"
-                           for i, (f, p) in enumerate(zip(full.logits.argmax(-1), prism.logits.argmax(-1)))]
+    if full.logits is not None:
+        assert prism.logits is not None  # the same model under another scheme: the same outputs
+        if adapter.geometry.causal:
+            _lm_quality(report, inputs["input_ids"], mask, full.logits, prism.logits)
+        else:
+            agree = (full.logits.argmax(-1) == prism.logits.argmax(-1)).float().mean().item()
+            report.quality["top-1 agreement"] = agree
+            report.details += [f"{labels[i] if labels else i}: class {int(f)} (full) / {int(p)} (PRISM)"
+                               for i, (f, p) in enumerate(zip(full.logits.argmax(-1), prism.logits.argmax(-1)))]
     else:
+        assert full.last_hidden_state is not None and prism.last_hidden_state is not None  # an encoder's output
         _embedding_quality(report, full.last_hidden_state, prism.last_hidden_state, mask, labels)
     return report
 
 
-def _batch(inputs: dict[str, Tensor]) -> int:
+def _stats(out: PrismOutput) -> Stats:
+    assert out.stats is not None  # the simulator always reports its run
+    return out.stats
+
+
+def _flops(stats: Stats) -> tuple[int, ...]:
+    assert stats.flops is not None  # compare runs the simulator with its FLOP counter on
+    return stats.flops
+
+
+def _rows(out: PrismOutput) -> int:
+    """Positions per sequence (no attention mask: every one is real), from the run's plan."""
+    assert out.plan is not None  # the simulator always returns its plan
+    return out.plan.devices[0].rows
+
+
+def _batch(inputs: Mapping[str, Any]) -> int:
     return next(iter(inputs.values())).shape[0]
 
 

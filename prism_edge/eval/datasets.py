@@ -164,13 +164,14 @@ def _unreachable(e: BaseException) -> bool:
     names = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ReadTimeout",
              "ProxyError", "NameResolutionError", "MaxRetryError", "NewConnectionError"}
     seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in names:
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (ConnectionError, TimeoutError)) or type(cur).__name__ in names:
             return True
-        if "couldn't reach" in str(e).lower() or "offline mode" in str(e).lower():
+        if "couldn't reach" in str(cur).lower() or "offline mode" in str(cur).lower():
             return True
-        e = e.__cause__ or e.__context__
+        cur = cur.__cause__ or cur.__context__
     return False
 
 
@@ -382,7 +383,7 @@ def _resize_crop(img, size: int, shorter: int):
     w, h = img.size
     scale = shorter / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
+    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
     left, top = (nw - size) // 2, (nh - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def ablation_table(path: str | Path, metric: str | None = None) -> str:
@@ -75,9 +77,11 @@ def budget_table(rows: list[dict], metric: str, higher: bool, budgets=BUDGETS) -
     return "\n".join(out) + "\n"
 
 
-def merged(paths: list[str | Path]) -> tuple[list[dict], dict]:
+def merged(paths: Sequence[str | Path]) -> tuple[list[dict], dict]:
     """Rows of several grids of one task (the reference and each Voltage row once) and the first's meta."""
-    rows, seen, meta = [], set(), {}
+    rows: list[dict] = []
+    seen: set[tuple] = set()
+    meta: dict[str, Any] = {}
     for path in paths:
         saved = json.loads(Path(path).read_text())
         meta = meta or saved

@@ -360,6 +360,10 @@ class _ImageSetTask(_DataDirTask, _Images):
         super().__init__(loaded, limit, batch_size=batch_size, **kw)
         self.images, self.labels = self.load()
 
+    def load(self) -> tuple[Tensor, Tensor]:
+        """(images (N, H, W, 3) uint8, labels (N,)) of the set: each set reads its own."""
+        raise NotImplementedError
+
     def pixel_batches(self):
         from PIL import Image
 

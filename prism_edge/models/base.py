@@ -7,10 +7,15 @@ projections, MLPs); it never forks modeling code.  The executor owns attention a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 from torch import Tensor, nn
+
+# A Hugging Face module or config read through the family's own attribute names (`layer.attention.q_proj`,
+# `config.hidden_size`): torch types such attributes `Tensor | Module`, so adapters hold them untyped; the
+# exactness tests against the Hugging Face forward check them.
+HFModule: TypeAlias = Any
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,22 @@ class Adapter:
     classes: ClassVar[dict[str, str]]  # HF class name -> its head: base | lm | classify
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model: HFModule = model
         self.head = self.classes[type(model).__name__]
-        self.config = model.config
+        self.config: HFModule = model.config
 
     # --- inputs -------------------------------------------------------------------------------
-    def prepare(self, **inputs) -> Batch:
+    def prepare(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        # a tuple[int, ...] (as the subclasses declare); Any here because callers spread a dict of input
+        # tensors into these keywords (app/calibrate.py), which mypy would also match against this one
+        sink_token_ids: Any = (),
+    ) -> Batch:
         raise NotImplementedError
 
     def embed(self, local: dict[str, Tensor]) -> Tensor:
@@ -79,17 +94,17 @@ class Adapter:
     def layers(self) -> nn.ModuleList:
         raise NotImplementedError
 
-    def attn_input(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def attn_input(self, layer: HFModule, x: Tensor) -> Tensor:
         """The (normalised) input of the attention's projections."""
         raise NotImplementedError
 
-    def qkv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, layer: HFModule, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.q(layer, h), *self.kv(layer, h)
 
-    def q(self, layer: nn.Module, h: Tensor) -> Tensor:
+    def q(self, layer: HFModule, h: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def kv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    def kv(self, layer: HFModule, h: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def scale(self, index: int) -> float:
@@ -102,7 +117,7 @@ class Adapter:
         """(cos, sin), each (B, n, head_dim), for rotary models; None otherwise."""
         return None
 
-    def after_attention(self, layer: nn.Module, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
+    def after_attention(self, layer: HFModule, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
         """Output projection, residual, MLP: everything of the block after attention."""
         raise NotImplementedError
 

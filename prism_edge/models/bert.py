@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Geometry, TextAdapter
+from .base import Geometry, HFModule, TextAdapter
 
 
 class BertAdapter(TextAdapter):
@@ -21,7 +21,7 @@ class BertAdapter(TextAdapter):
         pet = getattr(cfg, "position_embedding_type", "absolute")
         if pet not in (None, "absolute"):
             raise ValueError(f"BERT position_embedding_type={pet!r} is not supported; only 'absolute'")
-        self.bert = model if self.head == "base" else model.bert
+        self.bert: HFModule = model if self.head == "base" else model.bert
         self.geometry = Geometry(
             hidden=cfg.hidden_size,
             heads=cfg.num_attention_heads,
@@ -42,20 +42,20 @@ class BertAdapter(TextAdapter):
     def layers(self) -> nn.ModuleList:
         return self.bert.encoder.layer
 
-    def attn_input(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def attn_input(self, layer: HFModule, x: Tensor) -> Tensor:
         return x  # post-LN: attention reads the residual stream itself
 
-    def q(self, layer: nn.Module, h: Tensor) -> Tensor:
+    def q(self, layer: HFModule, h: Tensor) -> Tensor:
         return layer.attention.self.query(h)
 
-    def kv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    def kv(self, layer: HFModule, h: Tensor) -> tuple[Tensor, Tensor]:
         att = layer.attention.self
         return att.key(h), att.value(h)
 
     def attn_dropout(self) -> float:
         return self.config.attention_probs_dropout_prob
 
-    def after_attention(self, layer: nn.Module, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
+    def after_attention(self, layer: HFModule, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
         a = layer.attention.output(ctx, x)  # dense, dropout, LayerNorm(. + x)
         return layer.output(layer.intermediate(a), a)
 

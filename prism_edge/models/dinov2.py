@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Batch, Geometry, check_pixels
+from .base import Adapter, Batch, Geometry, HFModule, check_pixels
 
 SIZE_COLUMNS = 2  # (height, width) of the image in pixels, appended to every patch row
 
@@ -34,7 +34,7 @@ class Dinov2Adapter(Adapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         cfg = self.config
-        self.dinov2 = model
+        self.dinov2: HFModule = model
         heads = cfg.num_attention_heads
         self.geometry = Geometry(
             hidden=cfg.hidden_size,
@@ -106,23 +106,24 @@ class Dinov2Adapter(Adapter):
     def layers(self) -> nn.ModuleList:
         return self.dinov2.encoder.layer
 
-    def attn_input(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def attn_input(self, layer: HFModule, x: Tensor) -> Tensor:
         return layer.norm1(x)
 
-    def q(self, layer: nn.Module, h: Tensor) -> Tensor:
+    def q(self, layer: HFModule, h: Tensor) -> Tensor:
         return layer.attention.q_proj(h)
 
-    def kv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    def kv(self, layer: HFModule, h: Tensor) -> tuple[Tensor, Tensor]:
         att = layer.attention
         return att.k_proj(h), att.v_proj(h)
 
     def scale(self, index: int) -> float:
-        return self.layers()[index].attention.scaling
+        layer: HFModule = self.layers()[index]
+        return layer.attention.scaling
 
     def attn_dropout(self) -> float:
         return self.config.attention_probs_dropout_prob
 
-    def after_attention(self, layer: nn.Module, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
+    def after_attention(self, layer: HFModule, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
         # drop_path is identity at eval; in training each device draws its own per-sample mask
         x = layer.drop_path(layer.layer_scale1(layer.attention.o_proj(ctx))) + x
         return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))) + x

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Geometry, TextAdapter
+from .base import Geometry, HFModule, TextAdapter
 
 
 class GPT2Adapter(TextAdapter):
@@ -19,8 +19,8 @@ class GPT2Adapter(TextAdapter):
         cfg = self.config
         if getattr(cfg, "add_cross_attention", False):
             raise ValueError("GPT-2 with cross-attention is not supported; load it without add_cross_attention")
-        self.gpt = model if self.head == "base" else model.transformer
-        self.d = cfg.hidden_size
+        self.gpt: HFModule = model if self.head == "base" else model.transformer
+        self.d: int = cfg.hidden_size
         self.geometry = Geometry(
             hidden=cfg.hidden_size,
             heads=cfg.num_attention_heads,
@@ -40,7 +40,7 @@ class GPT2Adapter(TextAdapter):
     def layers(self) -> nn.ModuleList:
         return self.gpt.h
 
-    def attn_input(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def attn_input(self, layer: HFModule, x: Tensor) -> Tensor:
         return layer.ln_1(x)
 
     @staticmethod
@@ -49,15 +49,15 @@ class GPT2Adapter(TextAdapter):
         out = torch.addmm(bias, h.reshape(-1, h.shape[-1]), weight)
         return out.view(*h.shape[:-1], weight.shape[1])
 
-    def qkv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, layer: HFModule, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = layer.attn.c_attn(h).split(self.d, dim=2)
         return q, k, v
 
-    def q(self, layer: nn.Module, h: Tensor) -> Tensor:
+    def q(self, layer: HFModule, h: Tensor) -> Tensor:
         c = layer.attn.c_attn
         return self._conv1d(h, c.weight[:, : self.d], c.bias[: self.d])
 
-    def kv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    def kv(self, layer: HFModule, h: Tensor) -> tuple[Tensor, Tensor]:
         c = layer.attn.c_attn  # K and V only: the received rows need no queries
         kv = self._conv1d(h, c.weight[:, self.d :], c.bias[self.d :])
         k, v = kv.split(self.d, dim=-1)
@@ -72,7 +72,7 @@ class GPT2Adapter(TextAdapter):
     def attn_dropout(self) -> float:
         return self.config.attn_pdrop
 
-    def after_attention(self, layer: nn.Module, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
+    def after_attention(self, layer: HFModule, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
         x = x + layer.attn.resid_dropout(layer.attn.c_proj(ctx))
         return x + layer.mlp(layer.ln_2(x))
 

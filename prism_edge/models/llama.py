@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Geometry, TextAdapter
+from .base import Geometry, HFModule, TextAdapter
 
 
 class LlamaAdapter(TextAdapter):
@@ -16,7 +16,7 @@ class LlamaAdapter(TextAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         cfg = self.config
-        self.llama = model if self.head == "base" else model.model
+        self.llama: HFModule = model if self.head == "base" else model.model
         heads = cfg.num_attention_heads
         self.geometry = Geometry(
             hidden=cfg.hidden_size,
@@ -36,13 +36,13 @@ class LlamaAdapter(TextAdapter):
     def layers(self) -> nn.ModuleList:
         return self.llama.layers
 
-    def attn_input(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def attn_input(self, layer: HFModule, x: Tensor) -> Tensor:
         return layer.input_layernorm(x)
 
-    def q(self, layer: nn.Module, h: Tensor) -> Tensor:
+    def q(self, layer: HFModule, h: Tensor) -> Tensor:
         return layer.self_attn.q_proj(h)
 
-    def kv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    def kv(self, layer: HFModule, h: Tensor) -> tuple[Tensor, Tensor]:
         att = layer.self_attn
         return att.k_proj(h), att.v_proj(h)
 
@@ -52,7 +52,7 @@ class LlamaAdapter(TextAdapter):
     def rotary(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.llama.rotary_emb(x, positions)
 
-    def after_attention(self, layer: nn.Module, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
+    def after_attention(self, layer: HFModule, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
         x = x + layer.self_attn.o_proj(ctx)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 

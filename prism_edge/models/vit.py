@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Batch, Geometry, check_pixels
+from .base import Adapter, Batch, Geometry, HFModule, check_pixels
 
 
 class ViTAdapter(Adapter):
@@ -17,7 +17,7 @@ class ViTAdapter(Adapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         cfg = self.config
-        self.vit = model if self.head == "base" else model.vit
+        self.vit: HFModule = model if self.head == "base" else model.vit
         heads = cfg.num_attention_heads
         self.geometry = Geometry(
             hidden=cfg.hidden_size,
@@ -77,20 +77,20 @@ class ViTAdapter(Adapter):
     def layers(self) -> nn.ModuleList:
         return self.vit.layers
 
-    def attn_input(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def attn_input(self, layer: HFModule, x: Tensor) -> Tensor:
         return layer.layernorm_before(x)
 
-    def q(self, layer: nn.Module, h: Tensor) -> Tensor:
+    def q(self, layer: HFModule, h: Tensor) -> Tensor:
         return layer.attention.q_proj(h)
 
-    def kv(self, layer: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    def kv(self, layer: HFModule, h: Tensor) -> tuple[Tensor, Tensor]:
         att = layer.attention
         return att.k_proj(h), att.v_proj(h)
 
     def attn_dropout(self) -> float:
         return self.config.attention_probs_dropout_prob
 
-    def after_attention(self, layer: nn.Module, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
+    def after_attention(self, layer: HFModule, x: Tensor, h: Tensor, ctx: Tensor) -> Tensor:
         x = x + layer.dropout(layer.attention.o_proj(ctx))
         return x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
 

@@ -71,6 +71,11 @@ class LayerState:
     k: Tensor | None = None  # (B, Hkv, n, hd)
     v: Tensor | None = None  # (B, Hkv, n, hd)
 
+    def projected(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Q, K, V of the own rows, once DeviceExecutor.project has computed them."""
+        assert self.q is not None and self.k is not None and self.v is not None, "project the layer first"
+        return self.q, self.k, self.v
+
 
 class DeviceExecutor:
     def __init__(self, adapter: Adapter, plan: Plan, rank: int, cfg: PrismConfig, batch: Batch) -> None:
@@ -167,8 +172,9 @@ class DeviceExecutor:
         for r in self.out_routes:
             side = r.dst > self.rank
             if r.k_max and side not in scores:
-                k, _ = self._expand_kv(state.k, state.v)  # (B, H, n, hd)
-                scores[side] = importance(state.q, k, r.observe, r.observe_valid, self.own_mask(k.dtype),
+                q, k, v = state.projected()
+                k, _ = self._expand_kv(k, v)  # (B, H, n, hd)
+                scores[side] = importance(q, k, r.observe, r.observe_valid, self.own_mask(k.dtype),
                                           self.adapter.scale(index))
             outgoing[r.dst] = message.pack(r, source, scores.get(side), self.codec)
         return state, outgoing
@@ -223,8 +229,8 @@ class DeviceExecutor:
         """Attention over this device's own keys only: what can run while the exchange is in flight."""
         if self.adapter.model.training and self.adapter.attn_dropout() > 0:
             raise ValueError("split (overlapped) attention is for inference; call model.eval() or use receive() alone")
-        self.project(state)
-        return self._partial(index, state.q, state.k, state.v, self.own_mask(state.q.dtype))
+        q, k, v = self.project(state).projected()
+        return self._partial(index, q, k, v, self.own_mask(q.dtype))
 
     def receive(self, index: int, state: LayerState, incoming: dict[int, list[Tensor]],
                 own: Partial | None = None) -> Tensor:
@@ -235,25 +241,25 @@ class DeviceExecutor:
         exactly with `own` by log-sum-exp.
         """
         layer = self.adapter.layers()[index]
-        self.project(state)
+        q, own_k, own_v = self.project(state).projected()
         keys, values, slots = self._remote_kv(layer, incoming, state.x)
-        remote_mask = self.remote_mask(slots, state.q.dtype)
+        remote_mask = self.remote_mask(slots, q.dtype)
         if self.keep_cache:
             self.cache.append(layer_cache(state, self.slice.valid, keys, values, remote_mask))
         if own is not None:
             if keys:
-                remote = self._partial(index, state.q, torch.cat(keys, dim=2), torch.cat(values, dim=2), remote_mask)
+                remote = self._partial(index, q, torch.cat(keys, dim=2), torch.cat(values, dim=2), remote_mask)
                 ctx = own.merge(remote)
             else:
                 ctx = own.out
             return self.adapter.after_attention(layer, state.x, state.h, self._flat(ctx))
-        k, v = self._expand_kv(torch.cat([state.k, *keys], dim=2), torch.cat([state.v, *values], dim=2))
+        k, v = self._expand_kv(torch.cat([own_k, *keys], dim=2), torch.cat([own_v, *values], dim=2))
         dropout = self.adapter.attn_dropout() if self.adapter.model.training else 0.0
         ctx = F.scaled_dot_product_attention(
-            state.q,
+            q,
             k,
             v,
-            attn_mask=torch.cat([self.own_mask(state.q.dtype), remote_mask], dim=-1),
+            attn_mask=torch.cat([self.own_mask(q.dtype), remote_mask], dim=-1),
             dropout_p=dropout,
             scale=self.adapter.scale(index),
         )  # (B, H, n, hd)
@@ -266,10 +272,11 @@ class DeviceExecutor:
 def layer_cache(state: LayerState, valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 remote_mask: Tensor) -> LayerCache:
     """What a device keeps of one layer for decoding: its own K/V and what it received, with masks."""
-    n, dtype = valid.shape[1], state.q.dtype
-    empty = state.k[:, :, :0]
+    q, k, v = state.projected()
+    n, dtype = valid.shape[1], q.dtype
+    empty = k[:, :, :0]
     own = torch.zeros(remote_mask.shape[0], 1, 1, n, dtype=dtype, device=remote_mask.device)
     own = own.masked_fill(~valid.view(-1, 1, 1, n).to(own.device), torch.finfo(dtype).min)
     # in a decoder every owned row sees the same received rows: the last row's mask serves new tokens
-    return LayerCache(state.k, state.v, own, torch.cat(keys, 2) if keys else empty,
+    return LayerCache(k, v, own, torch.cat(keys, 2) if keys else empty,
                       torch.cat(values, 2) if values else empty, remote_mask[:, :, -1:, :])

@@ -38,6 +38,7 @@ class Codec:
     def expected(self, route: Route, width: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of every tensor of the route's message, in order."""
         rows = route.rows
+        out: list[tuple[tuple[int, ...], torch.dtype]]
         if self.wire == "int8":
             out = [((rows, width), torch.int8), ((rows, width // self.quant_group), torch.float16)]
         else:
@@ -85,6 +86,7 @@ def summarise(route: Route, source: Tensor, scores: Tensor | None, codec: Codec)
     live = route.cand_valid
     k = route.k_max
     if k:
+        assert scores is not None, "a route with top-k picks needs the sender's importance scores"
         ranked = torch.gather(scores, 1, route.cand).masked_fill(~live, float("-inf"))
         pick = ranked.topk(k, dim=1).indices  # (B, k) best first
         chosen = torch.arange(k, device=source.device) < route.topk.unsqueeze(1)

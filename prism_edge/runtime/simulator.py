@@ -36,15 +36,23 @@ class PrismOutput:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
 
+def _fidelity(cfg: PrismConfig, causal: bool) -> Fidelity:
+    """A resolved PRISM config's fidelity options (resolved: none of them is None)."""
+    window, window_frac, anchor, topk = cfg.window, cfg.window_frac, cfg.anchor, cfg.topk
+    topk_frac, exact_when_cheap, tail = cfg.topk_frac, cfg.exact_when_cheap, cfg.tail
+    assert window is not None and window_frac is not None and anchor is not None and topk is not None
+    assert topk_frac is not None and exact_when_cheap is not None and tail is not None
+    return Fidelity(cr=cfg.effective_cr, window=window, window_frac=window_frac, anchor=anchor if causal else 0,
+                    topk=topk, topk_frac=topk_frac, exact_when_cheap=exact_when_cheap, tail=tail if causal else 0)
+
+
 def plan_for(batch: Batch, cfg: PrismConfig, causal: bool, sizes: tuple[int, ...] | None = None) -> Plan:
     """The plan a resolved config implies: Voltage and full are plain exact exchanges (CR=1, no extras)."""
     if not cfg.is_resolved:
         raise AssertionError("plan_for needs a resolved config: call cfg.resolved(adapter.kind) first")
     prism = cfg.scheme == "prism"
     sink = batch.sink if (prism and cfg.sinks) else torch.zeros_like(batch.sink)
-    fidelity = Fidelity(cr=cfg.effective_cr, window=cfg.window, window_frac=cfg.window_frac,
-                        anchor=cfg.anchor if causal else 0, topk=cfg.topk, topk_frac=cfg.topk_frac,
-                        exact_when_cheap=cfg.exact_when_cheap, tail=cfg.tail if causal else 0) if prism else Fidelity()
+    fidelity = _fidelity(cfg, causal) if prism else Fidelity()
     return make_plan(
         batch.valid,
         sink,
