@@ -11,7 +11,7 @@ import torch
 from prism_edge.app import env
 from prism_edge.app.embeddings import Pooling
 from prism_edge.app.textstream import TextStream
-from prism_edge.runtime.stats import DeviceReport, Stats
+from prism_edge.runtime.stats import ERROR_ROWS, DeviceReport, Stats
 
 
 class Pieces:
@@ -65,8 +65,12 @@ def test_device_report_travels_as_one_tensor():
     report = DeviceReport(sent=(10, 20), received=(30, 40), layer_flops=(5, 6), compute_s=(0.25, 0.5),
                           wait_s=(0.125, 0.0), input_bytes=7, output_bytes=8, flops=99, cpu_s=1.5, peak_rss_kib=2048)
     wire = report.to_tensor()
-    assert wire.dtype == torch.int64 and wire.shape == DeviceReport.buffer(2).shape == (3, DeviceReport.COLUMNS)
+    assert wire.dtype == torch.int64 and wire.shape == DeviceReport.buffer(2).shape == (3 + ERROR_ROWS, 5)
     assert DeviceReport.from_tensor(wire) == report
+    failed = report.__class__(**{**report.__dict__, "error": "in layer 1: RuntimeError: out of memory – ünïcode"})
+    assert DeviceReport.from_tensor(failed.to_tensor()).error == failed.error
+    long = DeviceReport.from_tensor(report.__class__(**{**report.__dict__, "error": "x" * 5000}).to_tensor())
+    assert long.error == "x" * (ERROR_ROWS * DeviceReport.COLUMNS * 8)  # cut to fit, never an error
     uncounted = DeviceReport.from_tensor(report.__class__(**{**report.__dict__, "layer_flops": None,
                                                              "flops": None}).to_tensor())
     assert uncounted.flops is None and uncounted.layer_flops is None
@@ -77,7 +81,9 @@ def test_device_report_travels_as_one_tensor():
 
 def test_testing_hooks_name_their_rank():
     environ = {env.FAULT_ENV: "2:hang@1", env.SLOW_ENV: "1:1.5"}
-    assert env.fault(2, environ) == ("hang", 1) and env.fault(1, environ) is None
+    assert env.fault(2, environ) == ("hang", 1, 1) and env.fault(1, environ) is None
+    assert env.fault(1, {env.FAULT_ENV: "1:raise@3#2"}) == ("raise", 3, 2)
+    assert env.fault(1, {env.FAULT_ENV: "1:melt@3"}) is None
     assert env.slowdown(1, environ) == 1.5 and env.slowdown(0, environ) == 0.0
     with pytest.raises(ValueError, match="RANK:FACTOR"):
         env.slowdown(1, {env.SLOW_ENV: "1:fast"})

@@ -126,7 +126,7 @@ def test_bad_request_does_not_poison_the_next(saved):
     cfg = PrismConfig(devices=3, cr=4)
     inputs = _inputs("bert")
     with Cluster(saved["bert"], cfg, timeout=20) as cluster:
-        with pytest.raises(ValueError, match="token ids must lie in"):
+        with pytest.raises(ValueError, match="input_ids values must lie in"):
             cluster(input_ids=torch.full((1, 8), 10_000))
         with pytest.raises(ValueError, match="devices"):
             cluster(input_ids=torch.tensor([[5, 6]]))
@@ -259,7 +259,7 @@ def test_http_endpoint(saved):
         with pytest.raises(urllib.error.HTTPError) as bad:
             post({"input_ids": [[1, 2, 99999]]})
         error = json.load(bad.value)["error"]  # OpenAI's error shape
-        assert bad.value.code == 400 and "token ids" in error["message"] and error["type"] == "invalid_request_error"
+        assert bad.value.code == 400 and "vocabulary" in error["message"] and error["type"] == "invalid_request_error"
         assert post({"input_ids": ids.tolist()})["outputs"]  # still serving after the bad request
 
 

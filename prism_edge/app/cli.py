@@ -21,9 +21,11 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 import typing
 
 from ..runtime.modes import DECODE_MODES, OUTPUT_MODES
+from .env import DEBUG_ENV
 from .flags import add_config_flags
 from .spec import LaunchSpec
 
@@ -182,11 +184,23 @@ def _bench_command(sub: typing.Any) -> None:
                        help="schemes: links to bench on (loopback, wifi, slow, lan or RATEmbit[,DELAYms]; emulated "
                             "links need root); runtime: also measure overlap on these links")
     bench.add_argument("--rounds", type=int, default=3, help="runtime, hetero: interleaved rounds")
+    bench.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 1024],
+                       help="generation: prompt lengths (news and Wikipedia prose)")
+    bench.add_argument("--prompts", type=int, default=4, help="generation: prompts per source and length")
+    bench.add_argument("--chat-prompts", type=int, default=6, help="generation: short chat questions")
+    bench.add_argument("--new-tokens", type=int, default=64, help="generation: greedy tokens per prompt")
+    bench.add_argument("--variants", nargs="+", default=["defaults", "sinks+w32+top32+int8"],
+                       help="generation: PRISM fidelity variants (eval --variants spelling)")
+    bench.add_argument("--modes", nargs="+", default=["auto"], choices=DECODE_MODES,
+                       help="generation: decode modes per variant")
+    bench.add_argument("--name", help="generation: suffix for the output files")
     _command(bench, "prism_edge.app.commands:cmd_bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="prism-edge", description="Run one Transformer across several devices with PRISM.")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an unexpected error (also PRISM_EDGE_DEBUG=1; workers inherit it)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _simulator_commands(sub)
     _device_commands(sub)
@@ -199,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, hard_exit: bool | None = None) -> int:
     """The CLI.  hard_exit (default: when reading sys.argv) ends launch/worker processes with os._exit."""
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # spawned workers inherit it
     if args.command in ("launch", "worker") and (argv is None if hard_exit is None else hard_exit):
         # device processes leave at once when done: torch's C++ runtime can abort in its static destructors
         # after a distributed run ("terminate called without an active exception"), turning success into 134
@@ -222,14 +238,17 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("prism-edge: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as err:  # a lost device: by then the runtime (and torch) is loaded anyway
+    except Exception as err:  # anything else: one line (the traceback with --debug)
         from ..runtime.transport import DeviceLost
         from .cluster.errors import ClusterError
 
-        if not isinstance(err, (DeviceLost, ClusterError)):
-            raise
-        print(f"prism-edge: error: {err}", file=sys.stderr)
-        return 3
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        lost = isinstance(err, (DeviceLost, ClusterError))
+        text = " ".join(str(err).split()) or "(no message)"
+        hint = "" if lost or os.environ.get(DEBUG_ENV) else " (run with --debug for the traceback)"
+        print(f"prism-edge: error: {text if lost else f'{type(err).__name__}: {text}'}{hint}", file=sys.stderr)
+        return 3 if lost else 1
 
 
 if __name__ == "__main__":

@@ -189,10 +189,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     out, cache = Path(args.out), env.cache_dir()
     repeats = {} if args.repeats is None else {"repeats": args.repeats}  # else: each bench's own default
-    if args.what == "generation":
+    if args.what == "generation" and args.link:
+        from .bench.generation import main as timed
+
+        text = timed(out, args.link, devices=args.devices, lengths=args.prompt_lengths, prompts=args.prompts,
+                     new=args.new_tokens, variants=args.variants, modes=args.modes, cache=cache)
+    elif args.what == "generation":
         from ..bench.generation import main as generation
 
-        text = generation(out, cache)
+        text = generation(out, cache, devices=[p for p in args.device_counts if p > 1], cr=args.cr,
+                          new=args.new_tokens, lengths=args.prompt_lengths, per_source=args.prompts,
+                          chat=args.chat_prompts, variants=args.variants, modes=args.modes, name=args.name)
     elif args.what == "targets":
         from ..bench.targets import main as targets
 

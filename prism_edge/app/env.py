@@ -10,8 +10,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+DEBUG_ENV = "PRISM_EDGE_DEBUG"  # set by --debug: tracebacks of unexpected errors (workers inherit it)
 CACHE_ENV = "PRISM_EDGE_CACHE"  # folder for converted weights (default: $XDG_CACHE_HOME/prism-edge)
-FAULT_ENV = "PRISM_EDGE_FAULT"  # testing: "RANK:die@LAYER" or "RANK:hang@LAYER" (that worker's first request)
+FAULT_ENV = "PRISM_EDGE_FAULT"  # testing: "RANK:KIND@LAYER[#REQUEST]", KIND die|hang|raise|late|decode (runtime.node.Fault)
 SLOW_ENV = "PRISM_EDGE_SLOW"  # testing: "RANK:FACTOR", e.g. "1:1": rank 1 sleeps as long as it computed (half speed)
 
 
@@ -30,18 +31,27 @@ def torchrun_seat(environ: Mapping[str, str] = os.environ) -> tuple[int | None, 
 
 
 def _for_rank(name: str, rank: int, environ: Mapping[str, str]) -> str | None:
-    """The part after "RANK:" of a testing variable, when it names this rank."""
-    who, _, what = environ.get(name, "").partition(":")
-    return what if who.isdigit() and int(who) == rank else None
+    """The part after "RANK:" of a testing variable's entry for this rank (entries separated by commas)."""
+    for entry in environ.get(name, "").split(","):
+        who, _, what = entry.strip().partition(":")
+        if who.isdigit() and int(who) == rank:
+            return what
+    return None
 
 
-def fault(rank: int, environ: Mapping[str, str] = os.environ) -> tuple[str, int] | None:
-    """(kind, layer) of the fault this rank should simulate, from PRISM_EDGE_FAULT; None when none."""
+def fault(rank: int, environ: Mapping[str, str] = os.environ) -> tuple[str, int, int] | None:
+    """(kind, layer, request) of the fault this rank should simulate, from PRISM_EDGE_FAULT
+    (RANK:KIND@LAYER[#REQUEST], runtime.node.Fault); None when none."""
+    from ..runtime.node import FAULTS
+
     what = _for_rank(FAULT_ENV, rank, environ)
-    kind, _, layer = (what or "").partition("@")
-    if what is None or kind not in ("die", "hang") or not layer.isdigit():
+    if what is None:
         return None
-    return kind, int(layer)
+    kind, _, rest = what.partition("@")
+    layer, _, request = rest.partition("#")
+    if kind not in FAULTS or not layer.isdigit() or not (request or "1").isdigit():
+        return None
+    return kind, int(layer), int(request or "1")
 
 
 def slowdown(rank: int, environ: Mapping[str, str] = os.environ) -> float:

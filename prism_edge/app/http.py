@@ -8,8 +8,11 @@
 Requests queue and run one at a time (the cluster is one pipeline; its lock orders them), so two are
 never mixed.  Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a
 bad request (the field named in "param"), 404 for an unknown route or model, 405 for a wrong method,
-413 for a body over MAX_BODY, 500 for a bug (the cluster is then down), 503 once a device is lost
-(the server then stops).  No authentication and no TLS: bind it to localhost or a trusted network.
+408 for a client that stops sending its body for SOCKET_TIMEOUT seconds, 413 for a body over MAX_BODY
+(refused unread), 500 for a request a device failed inside (RequestError: the cluster still serves) or a
+bug, 503 once a device is lost (the server then stops).  Each connection has its own thread and a socket
+timeout, so a slow or stalled client holds only its own connection, never the cluster's queue.
+No authentication and no TLS: bind it to localhost (the default) or a trusted network.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .api import ApiError, BadField, Stream
-from .cluster import Cluster, ClusterError
+from .cluster import Cluster, ClusterError, RequestError
 from .embeddings import handle_embeddings
 from .native import handle_forward, handle_generate
 from .openai_api import handle_chat, handle_completions, list_models
 
-MAX_BODY = 64 * 1024 * 1024
+MAX_BODY = 16 * 1024 * 1024  # bytes: 8 images of 3x224x224 as JSON numbers fit; anything larger is refused unread
+SOCKET_TIMEOUT = 10.0  # seconds a connection may stay silent while sending a request or reading a reply
 
 
 Handler = Callable[[Cluster, dict[str, Any]], "dict[str, Any] | Stream"]
@@ -73,6 +77,7 @@ class _Handler(BaseHTTPRequestHandler):
     cluster: Cluster
     routes: dict[str, dict[str, Handler]]
     server_version = "prism-edge"
+    timeout = SOCKET_TIMEOUT  # socketserver sets it on every connection: a stalled client cannot hold a thread
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: the launcher prints its own lines
         pass
@@ -88,14 +93,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
+        raw = (self.headers.get("Content-Length") or "0").strip()
+        if not raw.isdigit():
+            raise ApiError(400, f"Content-Length must be a number of bytes, got {raw[:40]!r}", code="bad_length")
+        length = int(raw)
         if length > MAX_BODY:
             raise ApiError(413, f"the body has {length:,} bytes; the limit is {MAX_BODY:,}", code="too_large")
         if length <= 0:
             raise ApiError(400, "send a JSON object as the body (with a Content-Length)")
         try:
-            body = json.loads(self.rfile.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            raise ApiError(408, f"the body did not arrive: {length:,} bytes announced, none for "
+                                f"{self.timeout:g} s", code="timeout") from None
+        if len(data) < length:
+            raise ApiError(400, f"the body ended after {len(data):,} of the {length:,} bytes Content-Length announced")
+        try:
+            body = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise ApiError(400, f"the body is not valid JSON: {err}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
@@ -172,14 +187,18 @@ def _as_api_errors() -> Iterator[None]:
         raise ApiError(400, str(err)) from None
     except ClusterError as err:
         raise ApiError(503, str(err), code="cluster_down") from None
-    except Exception as err:  # a bug: say so, keep the traceback for the operator
+    except RequestError as err:  # a device failed inside this request; the cluster serves the next one
+        raise ApiError(500, str(err), code="request_failed") from None
+    except Exception as err:  # a bug on rank 0 (the cluster stays up unless the devices were mid-request)
         traceback.print_exc(file=sys.stderr)
         raise ApiError(500, f"internal error: {type(err).__name__}: {err}") from None
 
 
-def make_server(cluster: Cluster, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server bound to host:port (port 0: any free port; see server.server_address)."""
-    handler = type("Handler", (_Handler,), {"cluster": cluster, "routes": _routes()})
+def make_server(cluster: Cluster, host: str = "127.0.0.1", port: int = 8000,
+                timeout: float = SOCKET_TIMEOUT) -> ThreadingHTTPServer:
+    """An HTTP server bound to host:port (port 0: any free port; see server.server_address); timeout: seconds
+    a connection may stay silent mid-request."""
+    handler = type("Handler", (_Handler,), {"cluster": cluster, "routes": _routes(), "timeout": timeout})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server

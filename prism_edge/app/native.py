@@ -29,13 +29,21 @@ def default_mode(cluster: Cluster) -> str:
 
 
 def tensor(value: Any, name: str, dtype: torch.dtype, dims: int) -> torch.Tensor:
+    """A JSON nested list as a tensor: integers for integer inputs (a 101.5 is refused, never truncated),
+    numbers for float ones; rectangular, `dims` dimensions, every number finite and within int64."""
     try:
-        t = torch.tensor(value, dtype=dtype)
-    except (TypeError, ValueError, RuntimeError) as err:
+        t = torch.tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
         raise BadField(name, f'"{name}" must be a rectangular nested list of numbers ({err})') from None
     if t.dim() != dims:
         raise BadField(name, f'"{name}" must have {dims} dimensions, got {t.dim()}')
-    return t
+    if t.dtype == torch.bool:
+        raise BadField(name, f'"{name}" must hold numbers, not true/false')
+    if not dtype.is_floating_point and t.is_floating_point():
+        raise BadField(name, f'"{name}" must hold integers, got a number with a fraction or exponent')
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise BadField(name, f'"{name}" must hold finite numbers')
+    return t.to(dtype)
 
 
 def _forward_inputs(cluster: Cluster, body: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -65,7 +73,10 @@ def handle_forward(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         value = getattr(out, name)
         if name == "logits" and mode == "last":
             probs = torch.softmax(value[:, 0].float(), dim=-1)  # (B, V)
-            top = probs.topk(field(body, "top_k", int, 5), dim=-1)
+            k = field(body, "top_k", int, 5)
+            if not 1 <= k <= probs.shape[-1]:
+                raise BadField("top_k", f'"top_k" must be between 1 and {probs.shape[-1]}, got {k}')
+            top = probs.topk(k, dim=-1)
             tok: Any = cluster.tokenizer
             reply["next_tokens"] = [
                 [{"id": int(i), "token": tok.decode([int(i)]) if tok is not None else None, "prob": round(float(p), 6)}
@@ -95,7 +106,10 @@ def handle_generate(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
                         field(body, "top_k", int, 0), float(field(body, "top_p", (int, float), 1.0)),
                         field(body, "seed", int))
     eos = getattr(tok, "eos_token_id", None) if tok is not None else None
-    stops = tuple(int(i) for i in field(body, "stop_ids", list, [])) + ((eos,) if isinstance(eos, int) else ())
+    stop_ids = field(body, "stop_ids", list, [])
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
+        raise BadField("stop_ids", f'"stop_ids" must be a list of token ids (integers), got {stop_ids!r:.80}')
+    stops = tuple(stop_ids) + ((eos,) if isinstance(eos, int) else ())
     gen = cluster.generate(ids, max_new_tokens=field(body, "max_new_tokens", int, 32), sampling=sampling,
                            stop_ids=stops, decode=decode_mode(body))
     text = tok.decode(gen.new_ids, skip_special_tokens=True) if tok is not None else None

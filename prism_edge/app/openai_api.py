@@ -217,10 +217,10 @@ def handle_completions(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]
 
 
 def handle_chat(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any] | Stream:
-    served, params = check_model(cluster, body), parse_params(body)
+    served, params, messages = check_model(cluster, body), parse_params(body), _messages(body)
     if cluster.tokenizer is None:
         raise BadField("model", f"{served!r} has no tokenizer; chat needs one")
-    ids = _checked(cluster, check_ids(chat_ids(cluster.tokenizer, _messages(body))), params)
+    ids = _checked(cluster, check_ids(chat_ids(cluster.tokenizer, messages)), params)
     return _reply(cluster, served, ids, params, chat=True)
 
 

@@ -21,7 +21,8 @@ from ..config import PrismConfig
 from ..models import Adapter, adapter_for
 from ..models.loading import load_model
 from ..runtime import protocol
-from ..runtime.node import Fault, device_report, run_device
+from ..runtime.node import Fault, device_report, output_layout, run_device
+from ..runtime.rendezvous import Endpoint
 from ..runtime.simulator import plan_for
 from ..runtime.transport import (
     TAG_HEADER,
@@ -31,14 +32,11 @@ from ..runtime.transport import (
     TAG_STATS,
     DeviceLost,
     DistCommunicator,
-    Endpoint,
-    join_group,
-    open_store,
 )
 from . import env
 from .cluster import Cluster
 from .cluster.generation import serve_generation
-from .cluster.startup import agree
+from .cluster.startup import agree, meet
 from .flags import config_from
 from .launch import drive, log
 from .spec import LaunchSpec
@@ -70,7 +68,7 @@ class Seat:
                    args.iface, agent)
 
     def endpoint(self) -> Endpoint:
-        return Endpoint.parse(self.master, self.bind, self.iface)
+        return Endpoint.parse(self.master, self.bind, self.iface, self.agent_store)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -95,8 +93,7 @@ def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | No
     """Rank > 0: join, load the model, agree with the others, serve.  A lost peer ends the process with code 3."""
     hf_logging.disable_progress_bar()  # one "Loading weights" bar (rank 0's) is enough
     endpoint = seat.endpoint()
-    store = open_store(endpoint, seat.rank, seat.world, spec.startup_timeout, agent_store=seat.agent_store)
-    group = join_group(store, endpoint, seat.rank, seat.world, spec.startup_timeout)
+    group = meet(endpoint, seat.rank, seat.world, spec, agent_store=seat.agent_store)
     try:
         loaded = load_model(spec.model, cache_dir=spec.cache_dir)
         loaded.model.to(spec.torch_device())
@@ -129,10 +126,12 @@ def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, 
     """Rank > 0: wait for requests from rank 0 until it says stop.
 
     Rank 0 sends a heartbeat header whenever it is idle, so silence longer than the timeout means the
-    coordinator died or hung: DeviceLost.  fault (testing) strikes in the first request only.
+    coordinator died or hung: DeviceLost.  fault (testing) strikes in its request only.  A failure
+    inside a request (runtime.node) is reported to rank 0 and the worker serves the next one.
     """
     rank, layers, causal, last = comm.rank, adapter.geometry.layers, adapter.geometry.causal, comm.world - 1
     cfg = cfg.resolved(adapter.kind)
+    layout = output_layout(adapter)
     served = 0
     while True:
         raw = comm.recv("control", 0, [protocol.empty_header()], TAG_HEADER, "request header (heartbeat)", count=False)
@@ -151,13 +150,26 @@ def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, 
         local = protocol.local_inputs(header, batch, plan, rank, rows)
         generating = header.op == protocol.GENERATE
         run = run_device(adapter, cfg, plan, batch, local, comm, overlap=overlap, count_flops=count_flops,
-                         fault=fault if served == 0 else None, keep_cache=generating,
-                         slowdown=slowdown)
+                         fault=fault if fault is not None and fault.request == served + 1 else None,
+                         keep_cache=generating, slowdown=slowdown)
+        if run.error is not None:
+            _report(rank, run.error, run.trace)
         if not generating:
-            comm.isend("output", 0, protocol.output_tensors(run.finals, plan, rank, header.mode), TAG_OUTPUT,
+            finals = run.finals if run.error is None else protocol.zero_finals(layout, plan, rank)
+            comm.isend("output", 0, protocol.output_tensors(finals, plan, rank, header.mode), TAG_OUTPUT,
                        "outputs")
         comm.isend("control", 0, [device_report(comm, run, layers).to_tensor()], TAG_STATS, "statistics", count=False)
         comm.flush()
         if generating:
-            serve_generation(adapter, comm, run, plan, batch.positions, header.length)
+            error, trace = serve_generation(adapter, comm, run, plan, batch.positions, header.length,
+                                            fault if fault is not None and fault.request == served + 1 else None)
+            if error is not None:
+                _report(rank, error, trace)
         served += 1
+
+
+def _report(rank: int, error: str, trace: str | None) -> None:
+    """A failure inside one request, on this worker's stderr (rank 0 reports it to the user)."""
+    if trace and os.environ.get(env.DEBUG_ENV):
+        print(trace, file=sys.stderr, end="", flush=True)
+    print(f"prism-edge: rank {rank}: request failed {error}; serving the next one", file=sys.stderr, flush=True)

@@ -70,9 +70,10 @@ def cases(tokenizer, lengths=(256, 1024), per_source: int = 4, chat: int = 6) ->
 def schemes(devices: int, cr: int, variants: list[str], modes: list[str]) -> list[Scheme]:
     out = [Scheme("full (1 device)", PrismConfig(devices=1, scheme="full"), "local"),
            Scheme(f"Voltage P={devices}", PrismConfig(devices=devices, scheme="voltage"), "local")]
-    for variant in variants:
+    for spec in variants:  # "variant" (every mode) or "variant@mode"
+        variant, _, only = spec.partition("@")
         cfg = variant_config(variant, devices, cr)
-        out += [Scheme(f"{variant} P={devices} CR={cr} {mode}", cfg, mode) for mode in modes]
+        out += [Scheme(f"{variant} P={devices} CR={cr} {mode}", cfg, mode) for mode in ([only] if only else modes)]
     return out
 
 
@@ -130,7 +131,7 @@ def table(rows: list[dict], title: str) -> str:
 
 
 def main(out: Path, cache=None, devices=(4,), cr: int = 16, new: int = 64, lengths=(256, 1024),
-         per_source: int = 4, chat: int = 6, variants=("defaults",), modes=("auto",)) -> str:
+         per_source: int = 4, chat: int = 6, variants=("defaults",), modes=("auto",), name: str | None = None) -> str:
     from ..models.loading import load_model
 
     torch.set_num_threads(1)
@@ -154,7 +155,8 @@ def main(out: Path, cache=None, devices=(4,), cr: int = 16, new: int = 64, lengt
                  f"{new} greedy tokens")
         texts.append(table(rows, title))
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"generation-p{p}.json").write_text(json.dumps({"title": title, "rows": rows, "runs": results}, indent=1))
+        stem = f"generation-p{p}" + (f"-{name}" if name else "")
+        (out / f"{stem}.json").write_text(json.dumps({"title": title, "rows": rows, "runs": results}, indent=1))
     text = "\n".join(texts)
-    (out / "generation.md").write_text(text)
+    (out / ("generation" + (f"-{name}" if name else "") + ".md")).write_text(text)
     return text

@@ -21,11 +21,15 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import ADAPTERS, supported
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
@@ -36,13 +40,14 @@ ALIASES = {
 # What to build when a checkpoint names no architecture we support: the family's most useful head.
 DEFAULT_CLASS = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "vit": "ViTModel", "llama": "LlamaForCausalLM",
                  "dinov2": "Dinov2Model"}
+SAFE_INDEX = "model.safetensors.index.json"  # sharded safetensors
 IMAGE_TYPES = ("vit", "dinov2")  # model types that come with an image processor instead of a tokenizer
 
 
 @dataclass
 class Loaded:
     model: nn.Module
-    tokenizer: object | None  # tokenizer for text models, image processor for ViT, or None
+    tokenizer: Any  # tokenizer for text models, image processor for ViT / DINOv2, or None
     name: str
 
 
@@ -62,7 +67,7 @@ def _mark_special_tokens(model: nn.Module, tokenizer) -> None:
             setattr(model.config, name, value)
 
 
-def _class_for(config) -> type[nn.Module]:
+def _class_for(config) -> type[PreTrainedModel]:
     import transformers
 
     model_type = getattr(config, "model_type", None)
@@ -75,7 +80,7 @@ def _class_for(config) -> type[nn.Module]:
     raise ValueError(f"unsupported model type {model_type!r}; supported: {supported()}")
 
 
-def _save_dequantised(model: nn.Module, tokenizer, folder: Path) -> None:
+def _save_dequantised(model: PreTrainedModel, tokenizer, folder: Path) -> None:
     """HF refuses save_pretrained on a GGUF-loaded model; its weights are plain fp32 tensors by now."""
     from safetensors.torch import save_model
     from transformers import AutoConfig
@@ -171,6 +176,24 @@ def bundled_model(alias: str) -> Path:
     return folder
 
 
+def _weights(cls: Any, folder: Path | None, path: str | Path) -> nn.Module:
+    """The model's weights from safetensors only: a local folder with no safetensors file (a pickled
+    pytorch_model.bin, or nothing) is refused, and a corrupt or truncated file is named."""
+    if folder is not None and not any(folder.glob("*.safetensors")) and not (folder / SAFE_INDEX).exists():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise ValueError(f"{folder / pickles[0]} is a pickled checkpoint, which can run code when loaded; "
+                             "prism-edge loads only safetensors: convert it where you trust it "
+                             "(model.save_pretrained(folder, safe_serialization=True))")
+        raise ValueError(f"no model.safetensors in {folder}: copy the model's weights there")
+    try:
+        return cls.from_pretrained(path, use_safetensors=True).eval()
+    except Exception as err:  # noqa: BLE001 - every way a weights file can be unreadable, named once
+        what = folder / "model.safetensors" if folder is not None else path
+        raise ValueError(f"cannot read the weights in {what} ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]}): the file is corrupt or truncated; copy it again") from None
+
+
 def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loaded:
     """Load `name` (an alias above, a hub name or a local folder) in eval mode with its tokenizer."""
     if isinstance(name, str) and name.endswith("/"):
@@ -199,7 +222,7 @@ def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loa
             f"or a reachable hub name ({str(err).splitlines()[0]})"
         ) from None
     cls = _class_for(config)
-    model = cls.from_pretrained(path).eval()
+    model = _weights(cls, Path(path) if Path(path).is_dir() else None, path)
     if config.model_type in IMAGE_TYPES:
         try:
             processor = AutoImageProcessor.from_pretrained(path)

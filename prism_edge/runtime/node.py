@@ -14,7 +14,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,29 +28,41 @@ from ..models.base import Batch
 from ..partition.plan import Plan
 from .device import DeviceExecutor
 from .stats import DeviceReport, FlopTally, peak_rss_kib
-from .transport import DistCommunicator
+from .transport import DeviceLost, DistCommunicator
 
-FAULTS = ("die", "hang")
+FAULTS = ("die", "hang", "raise", "late", "decode")
+# where each kind strikes: die / hang as the layer starts; raise in the layer's computation before its message
+# goes out; late after the message went out; decode in a generation's decoding step of that layer
+_POINTS = {"die": "start", "hang": "start", "raise": "send", "late": "receive", "decode": "decode"}
+
+
+class InjectedFault(RuntimeError):
+    """What a `raise`, `late` or `decode` fault raises: a stand-in for a bug or an out-of-memory error."""
 
 
 @dataclass(frozen=True)
 class Fault:
-    """A testing aid: make this device die (SIGKILL) or hang (alive but silent) when it reaches `layer`."""
+    """A testing aid: at `layer` of its `request`-th request (1-based), make this device die (SIGKILL), hang
+    (alive but silent) or raise an error inside the request (raise, late, decode: see _POINTS)."""
 
     kind: str
     layer: int
+    request: int = 1
 
     def __post_init__(self) -> None:
-        if self.kind not in FAULTS or self.layer < 0:
-            raise ValueError(f"a fault is die@LAYER or hang@LAYER with LAYER >= 0, got {self.kind}@{self.layer}")
+        if self.kind not in FAULTS or self.layer < 0 or self.request < 1:
+            raise ValueError(f"a fault is KIND@LAYER[#REQUEST] with KIND in {', '.join(FAULTS)}, LAYER >= 0 and "
+                             f"REQUEST >= 1, got {self.kind}@{self.layer}#{self.request}")
 
-    def strike(self, layer: int) -> None:
-        if layer != self.layer:
+    def strike(self, layer: int, point: str) -> None:
+        if layer != self.layer or point != _POINTS[self.kind]:
             return
         if self.kind == "die":
             os.kill(os.getpid(), signal.SIGKILL)
-        while True:  # hang: as a stuck device would be
-            time.sleep(3600)
+        if self.kind == "hang":
+            while True:  # as a stuck device would be
+                time.sleep(3600)
+        raise InjectedFault(f"injected fault ({self.kind} at layer {layer})")
 
 
 @dataclass
@@ -58,11 +73,25 @@ class DeviceRun:
     wait_s: list[float] = field(default_factory=list)
     tally: FlopTally | None = None
     executor: DeviceExecutor | None = None  # kept for decoding (GENERATE)
+    error: str | None = None  # what failed inside the request (one line); finals are then empty
+    trace: str | None = None  # its traceback, for --debug
+
+
+def describe_error(err: BaseException, where: str) -> str:
+    """One line for a failure inside a request: what, where."""
+    text = " ".join(str(err).split()) or "(no message)"
+    return f"{where}: {type(err).__name__}: {text}"
 
 
 @dataclass
 class _Loop:
-    """One request's layer loop on one device: what every layer step needs."""
+    """One request's layer loop on one device: what every layer step needs.
+
+    A failure inside the request's computation (a bug, out of memory) is caught and remembered: from then
+    on the device computes nothing but still posts, sends and waits for every message the request's plan
+    holds, sending zeros of the planned shapes, so its peers finish the request in step and the group
+    stays usable; rank 0 learns of the failure from the device's report.
+    """
 
     dev: DeviceExecutor
     comm: DistCommunicator
@@ -70,22 +99,50 @@ class _Loop:
     run: DeviceRun
     overlap: bool
     slowdown: float
+    fault: Fault | None = None
 
-    def layer(self, i: int, x: Tensor) -> Tensor:
-        dev, comm, tally, rank = self.dev, self.comm, self.tally, self.comm.rank
+    def attempt(self, stage: object, point: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """tally.run(stage, ...) of fn(*args) unless the request already failed; a failure is remembered
+        (where: the stage) and None returned.  point: where a testing fault may strike."""
+        if self.run.error is not None:
+            return None
+        try:
+            if self.fault is not None and isinstance(stage, int):
+                self.fault.strike(stage, point)
+            return self.tally.run(stage, self.comm.rank, fn, *args)
+        except DeviceLost:
+            raise
+        except Exception as err:  # noqa: BLE001 - contained: the request fails, the device goes on
+            where = f"in layer {stage}" if isinstance(stage, int) else {"embed": "in the embedding"}.get(
+                str(stage), f"in the {stage}")
+            self.run.error = describe_error(err, where)
+            self.run.trace = traceback.format_exc()
+            return None
+
+    def zeros(self) -> dict[int, list[Tensor]]:
+        """The layer's outgoing messages as zeros of their planned shapes (after a failure)."""
+        dev, width = self.dev, self.dev.wire_width()
+        return {r.dst: [torch.zeros(shape, dtype=dtype) for shape, dtype in dev.codec.expected(r, width)]
+                for r in dev.out_routes}
+
+    def layer(self, i: int, x: Tensor | None) -> Tensor | None:
+        dev, comm = self.dev, self.comm
         t0, c0 = time.perf_counter(), time.thread_time()
+        if self.fault is not None:
+            self.fault.strike(i, "start")
         expected = dev.expected()
         posted = comm.post_layer(i, expected)
-        state, outgoing = tally.run(i, rank, dev.send, i, x)
+        sent = self.attempt(i, "send", dev.send, i, x)
+        state, outgoing = sent if sent is not None else (None, None)
         if not self.overlap:  # the plain order: all of the layer's projections before anything is sent
-            tally.run(i, rank, dev.project, state)
-        comm.send_layer(i, outgoing)
+            self.attempt(i, "project", dev.project, state)
+        comm.send_layer(i, outgoing if self.run.error is None and outgoing is not None else self.zeros())
         # overlap: while the messages travel, Q/K/V of the own rows and attention over them
-        own = tally.run(i, rank, dev.attend_own, i, state) if self.overlap and dev.in_routes else None
+        own = self.attempt(i, "own", dev.attend_own, i, state) if self.overlap and dev.in_routes else None
         t1 = time.perf_counter()
         incoming = comm.collect_layer(i, posted, expected)
         t2 = time.perf_counter()
-        x = tally.run(i, rank, dev.receive, i, state, incoming, own)
+        x = self.attempt(i, "receive", dev.receive, i, state, incoming, own)
         if self.slowdown:  # by CPU time: the work done, however long other processes kept this one waiting
             time.sleep(self.slowdown * (time.thread_time() - c0))
         self.run.compute_s.append((t1 - t0) + (time.perf_counter() - t2))
@@ -111,7 +168,8 @@ def run_device(
 
     plan, batch and local inputs arrive on the CPU; they move to the model's device here.  slowdown
     (a testing aid for heterogeneous devices): after each layer, sleep `slowdown` times the CPU time the
-    layer took, so 1.0 makes this device run at half speed; the sleep counts as compute.
+    layer took, so 1.0 makes this device run at half speed; the sleep counts as compute.  A failure inside
+    the request leaves `error` set and `finals` empty, with every message of the request exchanged (_Loop).
     """
     device = next(adapter.model.parameters()).device
     if device.type != "cpu":
@@ -121,17 +179,25 @@ def run_device(
     dev.keep_cache = keep_cache
     tally = FlopTally(count_flops)
     run = DeviceRun(finals={}, tally=tally, executor=dev)
-    loop = _Loop(dev, comm, tally, run, overlap, slowdown)
+    loop = _Loop(dev, comm, tally, run, overlap, slowdown, fault)
     cpu0 = time.thread_time()
     with torch.inference_mode():
-        x = tally.run("embed", comm.rank, dev.embed, local)
+        x = loop.attempt("embed", "-", dev.embed, local)
         for i in range(adapter.geometry.layers):
-            if fault is not None:
-                fault.strike(i)
             x = loop.layer(i, x)
-        run.finals = tally.run("head", comm.rank, dev.final, x)
+        run.finals = loop.attempt("head", "-", dev.final, x) or {}
     run.cpu_s = time.thread_time() - cpu0
     return run
+
+
+def output_layout(adapter: Adapter) -> dict[str, tuple[int, torch.dtype]]:
+    """Name -> (width, dtype) of every position-wise output of the model's head: what a device sends back
+    for a request, known before any request (a device that failed sends zeros in this layout)."""
+    model = adapter.model
+    param = next(model.parameters())
+    with torch.inference_mode():
+        probe = adapter.final(torch.zeros(1, 1, adapter.geometry.hidden, dtype=param.dtype, device=param.device))
+    return {name: (int(t.shape[-1]), t.dtype) for name, t in probe.items()}
 
 
 def device_report(comm: DistCommunicator, run: DeviceRun, layers: int) -> DeviceReport:
@@ -146,8 +212,8 @@ def device_report(comm: DistCommunicator, run: DeviceRun, layers: int) -> Device
         compute_s=tuple(run.compute_s), wait_s=tuple(run.wait_s),
         input_bytes=ledger.received("input", rank), output_bytes=ledger.sent("output", rank),
         flops=sum(v for (_, r), v in counts.items() if r == rank) if counted else None,
-        cpu_s=run.cpu_s, peak_rss_kib=peak_rss_kib(),
+        cpu_s=run.cpu_s, peak_rss_kib=peak_rss_kib(), error=run.error or "",
     )
 
 
-__all__ = ["DeviceRun", "Fault", "device_report", "run_device"]
+__all__ = ["DeviceRun", "Fault", "InjectedFault", "describe_error", "device_report", "output_layout", "run_device"]

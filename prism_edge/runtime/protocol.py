@@ -153,13 +153,23 @@ def output_tensors(finals: dict[str, Tensor], plan: Plan, rank: int, mode: str) 
     return [o.detach().cpu().contiguous() for o in out]
 
 
-def output_buffers(widths: dict[str, int], plan: Plan, rank: int, mode: str, dtype: torch.dtype) -> list[Tensor]:
+Layout = dict[str, tuple[int, torch.dtype]]  # output name -> (width, dtype): runtime.node.output_layout
+
+
+def zero_finals(layout: Layout, plan: Plan, rank: int) -> dict[str, Tensor]:
+    """Device `rank`'s outputs as zeros, (B, n, width) each: what a device that failed inside the request
+    sends back, so that the request's exchange stays complete (rank 0 refuses the request)."""
+    B, n = plan.devices[rank].index.shape
+    return {name: torch.zeros(B, n, width, dtype=dtype) for name, (width, dtype) in layout.items()}
+
+
+def output_buffers(layout: Layout, plan: Plan, rank: int, mode: str) -> list[Tensor]:
     B = plan.devices[0].index.shape[0]
     rows = {"all": int(plan.devices[rank].owned.sum()), "mean": B,
             "last": B if rank == plan.world - 1 else 0, "pooled": 0}[mode]
     if rows == 0:
         return []
-    return [torch.empty(rows, widths[name], dtype=dtype) for name in sorted(widths)]
+    return [torch.empty(rows, layout[name][0], dtype=layout[name][1]) for name in sorted(layout)]
 
 
 def assemble(parts: list[list[Tensor]], names: list[str], plan: Plan, mode: str, length: int) -> dict[str, Tensor]:

@@ -3,7 +3,8 @@
 Each device is one process in a gloo process group (point-to-point isend/irecv of plain tensors;
 nothing is pickled).  The communicator records every tensor it sends or receives in a ByteLedger
 with the same (stage, src, dst) keys as the simulator's, and turns a peer that died, hung or fell out
-of step into a `DeviceLost` error that names the peer and the stage, within a bounded time.
+of step into a `DeviceLost` error that names the peer and the stage, within a bounded time.  How the
+group is formed is runtime/rendezvous.py.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -30,61 +29,13 @@ TAG_DECODE_CONTROL = 3 << 19  # rank 0 -> last device: go on / stop, the c-th ti
 TAG_HANDOFF = 1 << 22  # earlier device -> last: layer i's K/V with tag + LAYER_TAGS * i + j
 TAG_DECODE_WORD = 5 << 20  # last -> earlier devices, before token t's layers: 1 (they follow) or 0 (done), tag + t
 TAG_DECODE_BYTES = 7 << 20  # last -> rank 0 at the end: hand-off and decode bytes it exchanged
+TAG_DECODE_STATUS = (7 << 20) + 16  # every worker -> rank 0 at the end of a generation: "" or what failed
 TAG_DECODE_QUERY = 1 << 23  # last -> earlier device: token t's query of layer i, tag + 4 * (t * layers + i)
 TAG_DECODE_ANSWER = 1 << 24  # earlier device -> last: its partial attention for it, tag + 4 * (t * layers + i) + j
 
 
 class DeviceLost(RuntimeError):
     """A peer died, hung or fell out of step: this process cannot go on and the cluster must stop."""
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the group meets (the store on rank 0's machine) and which local address gloo binds to."""
-
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    bind: str | None = None  # address of this machine's interface to use (hostname or IP)
-    iface: str | None = None  # or the interface by name (like GLOO_SOCKET_IFNAME)
-
-    @classmethod
-    def parse(cls, master: str, bind: str | None = None, iface: str | None = None) -> "Endpoint":
-        host, sep, port = master.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"--master must be HOST:PORT (e.g. 192.168.1.10:29500), got {master!r}")
-        return cls(host.strip("[]"), int(port), bind, iface)
-
-
-def open_store(endpoint: Endpoint, rank: int, world: int, timeout: float, agent_store: bool = False) -> dist.TCPStore:
-    """The rendezvous store: rank 0 hosts it unless torchrun's agent already does (agent_store: all are clients)."""
-    master = rank == 0 and not agent_store
-    try:
-        store = dist.TCPStore(endpoint.master_addr, endpoint.master_port, world, master,
-                              timeout=timedelta(seconds=timeout), wait_for_workers=False)
-    except (RuntimeError, OSError) as err:
-        what = "host the rendezvous on" if master else "reach rank 0's rendezvous at"
-        raise DeviceLost(f"rank {rank}: cannot {what} {endpoint.master_addr}:{endpoint.master_port} "
-                         f"({str(err).splitlines()[0]}); check --master and that rank 0 is running") from None
-    return store
-
-
-def join_group(store: dist.Store, endpoint: Endpoint, rank: int, world: int, timeout: float) -> dist.ProcessGroup:
-    """A gloo process group of `world` ranks, bound to the endpoint's interface when one is given."""
-    opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # gloo's options have no stubs
-    if endpoint.iface:
-        device = dist.ProcessGroupGloo.create_device(interface=endpoint.iface)
-    elif endpoint.bind:
-        device = dist.ProcessGroupGloo.create_device(hostname=endpoint.bind)
-    else:
-        device = dist.ProcessGroupGloo.create_default_device()
-    opts._devices = [device]
-    opts._timeout = timedelta(seconds=timeout)
-    opts._threads = 2
-    try:
-        return cast(dist.ProcessGroup, dist.ProcessGroupGloo(dist.PrefixStore("prism-edge/", store), rank, world, opts))
-    except RuntimeError as err:
-        raise DeviceLost(f"rank {rank}: could not connect to all {world} ranks within {timeout:g} s "
-                         f"({str(err).splitlines()[0]}); are all ranks started with --world-size {world}?") from None
 
 
 def _describe(err: Exception) -> str:

@@ -1,13 +1,16 @@
 """Rank 0's side of one request: check it, send every device its slice, run device 0, gather the answer.
 
 Everything that can be wrong with a request is found in `prepare`, before any device hears of it, so
-a bad request fails with a ValueError and leaves the cluster as it was.
+a bad request fails with a ValueError and leaves the cluster as it was.  A device that still fails inside
+the request (a bug, out of memory) finishes its exchange with zeros and says so in its report
+(runtime.node): rank 0 then raises RequestError, naming the rank, and the cluster serves the next request.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +21,14 @@ from ...models import Adapter
 from ...models.base import Batch
 from ...partition.plan import Plan
 from ...runtime import protocol
-from ...runtime.node import DeviceRun, device_report, run_device
+from ...runtime.node import DeviceRun, describe_error, device_report, output_layout, run_device
 from ...runtime.simulator import PrismOutput, plan_for
 from ...runtime.stats import DeviceReport, Stats
 from ...runtime.transport import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS, DistCommunicator
+from .errors import RequestError
+
+IMAGE_FAMILIES = ("vit", "dinov2")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 @dataclass(frozen=True)
@@ -29,59 +36,79 @@ class Request:
     batch: Batch
     plan: Plan
     header: protocol.Header
+    messages: list[tuple[list[Tensor], list[Tensor]]]  # per rank 1..: what it is sent (plan data, its inputs)
+    local: dict[str, Tensor]  # device 0's own inputs
 
 
-def _check_ids(input_ids: Tensor | None, vocab: int | None) -> None:
-    if input_ids is None:
-        return
-    if not isinstance(input_ids, Tensor) or input_ids.is_floating_point():
-        raise ValueError("input_ids must be an integer tensor of shape (batch, length)")
-    if input_ids.numel() and vocab and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-        raise ValueError(f"token ids must lie in 0..{vocab - 1} for this model; got "
-                         f"{int(input_ids.min())}..{int(input_ids.max())}")
+def check_inputs(inputs: dict[str, Tensor | None], family: str) -> dict[str, Tensor]:
+    """Only tensors, only the inputs this family reads, at least one sequence; images as float32 (the wire's)."""
+    given = {k: v for k, v in inputs.items() if v is not None}
+    for name, value in given.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name} must be a torch tensor, got {type(value).__name__}; use return_tensors='pt'")
+    takes = ("pixel_values",) if family in IMAGE_FAMILIES else TEXT_INPUTS
+    extra = sorted(set(given) - set(takes))
+    if extra:
+        raise ValueError(f"{family} models take {', '.join(takes)}; drop {', '.join(extra)}")
+    ids = given.get("input_ids")
+    if ids is not None and ids.dim() >= 1 and ids.shape[0] == 0:
+        raise ValueError("input_ids holds no sequence (a batch of 0); send at least one")
+    pixels = given.get("pixel_values")
+    if pixels is not None and pixels.is_floating_point():
+        given["pixel_values"] = pixels.to(torch.float32)  # patches travel as float32
+    return given
 
 
 class Coordinator:
-    """Runs requests on a group whose rank 0 is this process (comm); one at a time (the caller locks)."""
+    """Runs requests on a group whose rank 0 is this process (comm); one at a time (the caller locks).
+
+    in_flight is True from the first byte sent for a request until its exchange is complete: an error
+    that escapes while it is set leaves the devices out of step (the cluster must go down); any other
+    leaves them ready for the next request."""
 
     def __init__(self, adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, overlap: bool,
                  count_flops: bool) -> None:
         self.adapter, self.cfg, self.comm = adapter, cfg, comm
         self.overlap, self.count_flops = overlap, count_flops
         self.requests = 0
+        self.layout = output_layout(adapter)
+        self.in_flight = False
 
     @property
     def world(self) -> int:
         return self.comm.world
 
     def prepare(self, inputs: dict[str, Tensor | None], outputs: str, op: int = protocol.FORWARD) -> Request:
-        """Validate a request on rank 0 and plan it (ValueError: nothing was sent)."""
-        if outputs not in protocol.OUTPUT_MODES:
+        """Validate a request on rank 0, plan it and build every device's message (ValueError: nothing was sent)."""
+        if not isinstance(outputs, str) or outputs not in protocol.OUTPUT_MODES:
             raise ValueError(f"unknown outputs {outputs!r}; choose one of {', '.join(protocol.OUTPUT_MODES)}")
+        given = check_inputs(inputs, self.adapter.family)
+        try:
+            batch = self.adapter.prepare(**given, sink_token_ids=self.cfg.sink_token_ids)
+        except (TypeError, RuntimeError, IndexError) as err:  # odd dtypes or shapes the checks did not foresee
+            raise ValueError(f"the request's inputs cannot be read: {' '.join(str(err).split())}") from None
         config = self.adapter.model.config
-        _check_ids(inputs.get("input_ids"), getattr(config, "vocab_size", None))
-        if inputs.get("pixel_values") is not None and not isinstance(inputs["pixel_values"], Tensor):
-            raise ValueError("pixel_values must be a float tensor of shape (batch, channels, height, width)")
-        batch = self.adapter.prepare(**inputs, sink_token_ids=self.cfg.sink_token_ids)
         n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if n_pos and self.adapter.family != "vit" and int(batch.positions.max()) >= n_pos:
+        if n_pos and self.adapter.family not in IMAGE_FAMILIES and int(batch.positions.max()) >= n_pos:
             raise ValueError(f"position {int(batch.positions.max())} is beyond the model's {n_pos} positions; "
                              f"truncate the input to {n_pos} tokens")
         plan = plan_for(batch, self.cfg, self.adapter.geometry.causal)
         header = dataclasses.replace(protocol.request_header(batch, 0, outputs), op=op)  # numbered when sent
-        return Request(batch, plan, header)
+        messages = [(protocol.meta_tensors(batch, header), protocol.input_tensors(batch, plan, p))
+                    for p in range(1, self.world)]
+        return Request(batch, plan, header, messages, batch.gather(plan.devices[0].index))
 
     def start(self, req: Request, keep_cache: bool = False) -> DeviceRun:
         """Send every other device its header, plan data and slice; then run device 0's share."""
         self.comm.reset()
         self.requests += 1
         header = dataclasses.replace(req.header, request=self.requests)
-        for p in range(1, self.world):
+        self.in_flight = True
+        for p, (meta, rows) in enumerate(req.messages, start=1):
             self.comm.isend("control", p, [header.encode()], TAG_HEADER, "request header", count=False)
-            self.comm.isend("input", p, protocol.meta_tensors(req.batch, req.header), TAG_META, "request plan data")
-            self.comm.isend("input", p, protocol.input_tensors(req.batch, req.plan, p), TAG_INPUT, "request inputs")
-        local = req.batch.gather(req.plan.devices[0].index)
-        return run_device(self.adapter, self.cfg, req.plan, req.batch, local, self.comm, overlap=self.overlap,
+            self.comm.isend("input", p, meta, TAG_META, "request plan data")
+            self.comm.isend("input", p, rows, TAG_INPUT, "request inputs")
+        return run_device(self.adapter, self.cfg, req.plan, req.batch, req.local, self.comm, overlap=self.overlap,
                           count_flops=self.count_flops, keep_cache=keep_cache)
 
     def worker_reports(self) -> list[DeviceReport]:
@@ -96,21 +123,36 @@ class Coordinator:
         own = device_report(self.comm, run, self.adapter.geometry.layers)
         return Stats.from_reports([own, *workers], time.perf_counter() - t0)
 
+    @staticmethod
+    def failures(run: DeviceRun, workers: list[DeviceReport]) -> list[tuple[int, str]]:
+        """(rank, what failed) for every device that failed inside the request, rank 0 first."""
+        return ([(0, run.error)] if run.error else []) + [(p, r.error) for p, r in enumerate(workers, 1) if r.error]
+
+    def settle(self, run: DeviceRun, workers: list[DeviceReport]) -> None:
+        """The request's exchange is complete: the devices are in step again.  RequestError if one failed in it."""
+        self.in_flight = False
+        failures = self.failures(run, workers)
+        if failures:
+            raise RequestError(failures, trace=run.trace)
+
     def forward(self, req: Request) -> PrismOutput:
         t0 = time.perf_counter()
         run = self.start(req)
-        mode = req.header.mode
-        names = sorted(run.finals)
-        widths = {k: v.shape[-1] for k, v in run.finals.items()}
-        dtype = run.finals[names[0]].dtype
+        mode, plan = req.header.mode, req.plan
         own_mode = "all" if mode == "pooled" else mode  # the pooler reads rank 0's rows
-        parts = [protocol.output_tensors(run.finals, req.plan, 0, own_mode)]
+        finals = run.finals if run.error is None else protocol.zero_finals(self.layout, plan, 0)
+        parts = [protocol.output_tensors(finals, plan, 0, own_mode)]
         for p in range(1, self.world):
-            bufs = protocol.output_buffers(widths, req.plan, p, mode, dtype)
+            bufs = protocol.output_buffers(self.layout, plan, p, mode)
             parts.append(self.comm.recv("output", p, bufs, TAG_OUTPUT, "outputs"))
         workers = self.worker_reports()
         self.comm.flush()
-        result = self._outputs(parts, names, req, run)
+        self.settle(run, workers)
+        try:
+            result = self._outputs(parts, sorted(self.layout), req, run)
+        except Exception as err:  # rank 0's own last step (the pooler): the devices are in step already
+            raise RequestError([(0, describe_error(err, "assembling the outputs"))],
+                               trace=traceback.format_exc()) from None
         return PrismOutput(**result, stats=self.stats(run, workers, t0), plan=req.plan)
 
     def _outputs(self, parts: list[list[Tensor]], names: list[str], req: Request, run: DeviceRun) -> dict[str, Tensor]:

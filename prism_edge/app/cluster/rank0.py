@@ -32,11 +32,12 @@ from ...runtime import protocol
 from ...runtime.decode import Link, choose
 from ...runtime.generate import Generation, Sampling, check_prompt, encode_request
 from ...runtime.simulator import PrismOutput
-from ...runtime.transport import DeviceLost, DistCommunicator, Endpoint
+from ...runtime.rendezvous import Endpoint
+from ...runtime.transport import DeviceLost, DistCommunicator
 from ..spec import LaunchSpec
 from .dispatch import Coordinator
-from .errors import ClusterError
-from .generation import TokenCallback, run_generation
+from .errors import ClusterError, RequestError
+from .generation import TokenCallback, check_stop_ids, run_generation
 from .heartbeat import Heartbeat
 from .procs import LocalWorkers
 from .startup import Agreement, agree, open_group
@@ -60,7 +61,7 @@ class Cluster:
     """Rank 0 of a PRISM device group: keeps workers and weights loaded and serves many requests, one at a time.
 
     model: an alias (minilm, smollm2), hub name or local folder that every rank can load.  settings: any
-    LaunchSpec field (threads, timeout, startup_timeout, overlap, count_flops, device, cache_dir, verbose,
+    LaunchSpec field (threads, timeout, startup_timeout, overlap, count_flops, device, cache_dir, verbose, debug,
     auto_weights), with LaunchSpec's defaults; or the whole LaunchSpec as `spec`.  spawn: start the other devices as local processes (False:
     they join from elsewhere through `endpoint`); worker_env: extra environment for spawned workers.
     This process's own torch threads and exit hooks are the caller's: set_threads=True sets them to
@@ -142,14 +143,19 @@ class Cluster:
         new token id back (8 bytes per token).  on_token(id) is called as each arrives; returning True stops
         the generation (the last device stops within a few tokens).  decode: local | handoff | distributed |
         auto (runtime.decode; `link` is what auto assumes).  Returns a Generation (its `mode` says which)."""
-        sampling = sampling or Sampling()
+        sampling = sampling if sampling is not None else Sampling()
+        if not isinstance(sampling, Sampling):
+            raise ValueError(f"sampling must be a Sampling(...), got {type(sampling).__name__}")
+        stops = check_stop_ids(stop_ids, self.adapter.vocab_size())
+        if on_token is not None and not callable(on_token):
+            raise ValueError("on_token must be a function of one token id (or None)")
         check_prompt(self.adapter, input_ids, max_new_tokens)
         with self._lock:
             self._check_usable()
             req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=protocol.GENERATE)
             geo, wire = self.adapter.geometry, self.cfg.wire_dtype or "float32"
             mode = choose(decode, req.plan, req.batch.positions, geo, wire, max_new_tokens, link or Link())
-            params = encode_request(max_new_tokens, sampling, tuple(stop_ids), mode)
+            params = encode_request(max_new_tokens, sampling, stops, mode)
             with self._guard("generation"):
                 return run_generation(self.coordinator, req, params, input_ids, on_token, self.spec.timeout / 3)
 
@@ -160,14 +166,19 @@ class Cluster:
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
-        """Anything that goes wrong once the devices heard of a request leaves them out of step: take them down."""
+        """A lost device, or anything that escapes while the devices are mid-exchange (out of step), takes them
+        down; an error once the exchange is complete (RequestError: a device failed inside the request; a
+        callback's own error) leaves the cluster serving."""
         try:
             yield
         except DeviceLost as err:
             self._fail(str(err))
             raise ClusterError(self._broken) from None
         except BaseException as err:
-            self._fail(f"rank 0 failed mid-{what}: {type(err).__name__}: {err}")
+            if self.coordinator.in_flight:
+                self._fail(f"rank 0 failed mid-{what}: {type(err).__name__}: {err}")
+            elif isinstance(err, RequestError):
+                self.log(f"request failed: {err}")
             raise
 
     def _check_usable(self) -> None:

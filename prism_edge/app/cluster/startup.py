@@ -6,17 +6,16 @@ watching them; every rank then runs `agree`: the handshake, and the calibration 
 
 from __future__ import annotations
 
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch.distributed as dist
 from torch import nn
 
 from ...config import PrismConfig
 from ...models import Adapter
-from ...runtime.transport import Endpoint, join_group, open_store
+from ...runtime.rendezvous import Endpoint, join_group, open_store, take_seat
 from ..calibrate import agree_weights, probe_in_turn, time_forward
 from ..handshake import check, identity
 from ..spec import LaunchSpec
@@ -43,27 +42,17 @@ def agree(group: dist.ProcessGroup, rank: int, world: int, model: nn.Module, ada
     return Agreement(cfg.replace(weights=weights), docs, times)
 
 
-def _join_watching(store: dist.Store, endpoint: Endpoint, world: int, timeout: float,
-                   workers: LocalWorkers) -> dist.ProcessGroup:
-    """Join in a helper thread while watching the local workers: one that dies before joining (bad flags,
-    import error) is reported at once instead of after the start-up timeout."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["group"] = join_group(store, endpoint, 0, world, timeout)
-        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
-            box["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
-        if thread.is_alive():
-            workers.check_started()
-    if "error" in box:
-        raise box["error"]
-    return box["group"]
+def meet(endpoint: Endpoint, rank: int, world: int, spec: LaunchSpec, agent_store: bool = False,
+         on_wait: Callable[[], None] | None = None, log: Callable[[str], None] = lambda _: None,
+         store: dist.Store | None = None) -> dist.ProcessGroup:
+    """Every rank: the rendezvous store, a seat in the group (duplicates, ranks out of range and a wrong
+    world size refused by name), then the gloo group; all of it by one deadline, --startup-timeout from now.
+    on_wait: called while waiting (rank 0 checks its local workers, so one that dies is reported at once)."""
+    deadline = time.monotonic() + spec.startup_timeout
+    if store is None:
+        store = open_store(endpoint, rank, world, deadline, agent_store=agent_store)
+    addresses = take_seat(store, rank, world, endpoint.gloo_address(), deadline, on_wait, log)
+    return join_group(store, endpoint, rank, world, deadline, spec.startup_timeout, addresses, on_wait)
 
 
 def open_group(spec: LaunchSpec, cfg: PrismConfig, endpoint: Endpoint | None, workers: LocalWorkers,
@@ -71,10 +60,10 @@ def open_group(spec: LaunchSpec, cfg: PrismConfig, endpoint: Endpoint | None, wo
     """Rank 0: host the rendezvous, start the local workers (spawn) and join the group with them."""
     world = cfg.effective_devices
     endpoint = endpoint or Endpoint("127.0.0.1", 0, bind="127.0.0.1")
-    store = open_store(endpoint, 0, world, spec.startup_timeout)
+    store = open_store(endpoint, 0, world, time.monotonic() + spec.startup_timeout)
     if spawn:
         master = f"{endpoint.master_addr}:{store.port}"  # port 0 asked for any free port: the store's
         workers.spawn({r: spec.worker_command(cfg, r, world, master, endpoint.bind) for r in range(1, world)},
                       worker_env)
         log(f"spawned {world - 1} worker process(es): pids " + ", ".join(map(str, workers.pids.values())))
-    return _join_watching(store, endpoint, world, spec.startup_timeout, workers)
+    return meet(endpoint, 0, world, spec, on_wait=workers.check_started, log=log, store=store)
