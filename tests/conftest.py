@@ -81,6 +81,25 @@ def image_batch(batch: int = 2, seed: int = 1):
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture
+def one_thread():
+    """This process is rank 0 of a device group: one torch thread, like every worker (a Cluster leaves the
+    caller's threads alone)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def saved_models(root, names: list[str]) -> dict[str, str]:
+    """Tiny random models saved as HF folders, so worker processes load the very same weights."""
+    paths = {}
+    for name in names:
+        paths[name] = str(root / name)
+        tiny(name).save_pretrained(paths[name])
+    return paths
+
+
 def _real(package: str):
     """Skip where the real-weight package is missing, unless CI demands it (PRISM_EDGE_REQUIRE_REAL=1)."""
     if importlib.util.find_spec(package) is None:

@@ -22,7 +22,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import VOCAB, image_batch, text_batch, tiny
+from conftest import VOCAB, image_batch, saved_models, text_batch, tiny
 from prism_edge import PrismConfig, simulate
 from prism_edge.app.cluster import Cluster, RequestError
 from prism_edge.runtime.generate import Sampling
@@ -30,22 +30,12 @@ from prism_edge.runtime.generate import Sampling
 CFG = PrismConfig(devices=3, cr=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fault-models")
-    paths = {}
-    for name in ("bert", "llama-lm", "vit"):
-        paths[name] = str(root / name)
-        tiny(name).save_pretrained(paths[name])
-    return paths
+    return saved_models(tmp_path_factory.mktemp("fault-models"), ["bert", "llama-lm", "vit"])
 
 
 def _good(name: str) -> dict:

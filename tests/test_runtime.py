@@ -17,30 +17,20 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import image_batch, text_batch, tiny
+from conftest import image_batch, saved_models, text_batch, tiny
 from prism_edge import PrismConfig, simulate
 from prism_edge.app.cluster import Cluster, ClusterError
 
 FAMILIES = ["bert", "gpt2-lm", "vit", "llama-lm"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """This process is rank 0: one torch thread, like every worker (a Cluster leaves threads to its caller)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Tiny random models saved as HF folders, so worker processes load the very same weights."""
     root = tmp_path_factory.mktemp("models")
-    paths = {}
-    for name in FAMILIES + ["bert-cls"]:
-        paths[name] = str(root / name)
-        tiny(name).save_pretrained(paths[name])
+    paths = saved_models(root, FAMILIES + ["bert-cls"])
     paths["bert-other"] = str(root / "bert-other")
     tiny("bert", seed=1).save_pretrained(paths["bert-other"])
     return paths

@@ -29,7 +29,7 @@ from .env import DEBUG_ENV
 from .flags import add_config_flags
 from .spec import LaunchSpec
 
-BENCHES = ("schemes", "targets", "generation", "overhead", "runtime", "hetero")
+BENCHES = ("schemes", "targets", "generation", "overhead", "runtime", "hetero", "faults")
 
 
 class Parser(argparse.ArgumentParser):
@@ -150,7 +150,8 @@ def _eval_command(sub: typing.Any) -> None:
 
 def _finetune_command(sub: typing.Any) -> None:
     ft = sub.add_parser("finetune", help="PRISM-aware fine-tuning: train through the partitioned forward")
-    ft.add_argument("--task", required=True, help="recipe (data, loss, held-out score): fashion, polarity, perplexity")
+    ft.add_argument("--task", required=True, help="recipe (data, loss, held-out score, the splits it trains through): "
+                    "fashion, polarity, perplexity, dino-probe; the split flags below replace its random splits")
     ft.add_argument("--model", help="starting model (default: the recipe's)")
     ft.add_argument("--out", required=True, help="folder to save the fine-tuned checkpoint (safetensors)")
     ft.add_argument("--steps", type=int, help="optimiser steps (default: the recipe's)")
@@ -194,6 +195,7 @@ def _bench_command(sub: typing.Any) -> None:
     bench.add_argument("--modes", nargs="+", default=["auto"], choices=DECODE_MODES,
                        help="generation: decode modes per variant")
     bench.add_argument("--name", help="generation: suffix for the output files")
+    bench.add_argument("--trials", type=int, default=20, help="faults: trials per kind of fault")
     _command(bench, "prism_edge.app.commands:cmd_bench")
 
 

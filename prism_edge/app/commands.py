@@ -164,6 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..config import PrismConfig
     from ..finetune import RECIPES, finetune
     from ..train import TRAINABLE, TrainConfig
 
@@ -172,7 +173,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"no fine-tuning recipe for task {args.task!r}; choose one of {', '.join(RECIPES)}")
     if args.trainable is not None and args.trainable not in TRAINABLE:
         raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE)}, got {args.trainable!r}")
-    cfg = config_from(args)
+    given = config_from(args)
+    cfg = None if given == PrismConfig() else given  # no split flags: the recipe's own (random splits where it has them)
     recipe = RECIPES[args.task]
     base = recipe.train
     steps = args.steps or base.steps
@@ -200,6 +202,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         text = generation(out, cache, devices=[p for p in args.device_counts if p > 1], cr=args.cr,
                           new=args.new_tokens, lengths=args.prompt_lengths, per_source=args.prompts,
                           chat=args.chat_prompts, variants=args.variants, modes=args.modes, name=args.name)
+    elif args.what == "faults":
+        from .bench.faults import main as faults
+
+        if args.trials < 1:
+            raise ValueError(f"--trials must be >= 1, got {args.trials}")
+        text = faults(out, trials=args.trials)
     elif args.what == "targets":
         from ..bench.targets import main as targets
 

@@ -1,0 +1,178 @@
+"""`prism-edge bench faults`: how fast lost devices are noticed and whether start-up mistakes always end.
+
+Trials, each on a fresh group of P=3 local device processes serving a small random BERT (so the trials
+measure the runtime, not model loading):
+
+  kill      rank 1 is SIGKILLed as it reaches a random layer of its first request: time until rank 0's
+            Cluster raises, whether rank 2 exits by itself with code 3, and orphans (any worker process
+            still alive 5 s after the Cluster closed)
+  hang      rank 1 stops answering at a random layer: the same, against --timeout
+  duplicate two processes start as rank 1 of a 2-rank group: one must be refused by name (exit 2)
+  world     rank 1 starts with --world-size 3 against rank 0's 2: both must end, refusing it by name
+  missing   rank 1 of a 3-rank group never comes: ranks 0 and 2 must end at --startup-timeout, naming it
+
+A start-up "hang" is a process still running 60 s past its start-up timeout.  Writes faults.json / .md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .common import free_port
+
+TIMEOUT = 5.0  # --timeout of the kill / hang trials
+STARTUP = 8.0  # --startup-timeout of the start-up trials
+LAYERS = 4
+
+
+def _tiny_bert(folder: Path) -> str:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=128,
+                     vocab_size=97, max_position_embeddings=128)
+    BertModel(cfg).eval().save_pretrained(folder)
+    return str(folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read().lower()
+    except FileNotFoundError:
+        return False
+
+
+def lost_device(model: str, kind: str, rng: random.Random) -> dict[str, Any]:
+    import torch
+
+    from ...config import PrismConfig
+    from ..cluster import Cluster, ClusterError
+
+    layer = rng.randrange(LAYERS)
+    ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
+    cluster = Cluster(model, PrismConfig(devices=3, cr=4), timeout=TIMEOUT,
+                      worker_env={"PRISM_EDGE_FAULT": f"1:{kind}@{layer}"})
+    pids = [pid for rank, pid in cluster.pids.items() if rank > 0]
+    t0 = time.monotonic()
+    noticed, named = None, False
+    try:
+        cluster(input_ids=ids)
+    except ClusterError as err:
+        noticed, named = time.monotonic() - t0, "rank 1" in str(err)
+    survivor = cluster.workers.procs[2]
+    with_code = None
+    deadline = time.monotonic() + TIMEOUT + 10
+    while survivor.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with_code = survivor.returncode
+    cluster.close()
+    time.sleep(5)
+    orphans = [p for p in pids if _alive(p)]
+    for p in orphans:
+        os.kill(p, signal.SIGKILL)
+    return {"kind": kind, "layer": layer, "detected_s": noticed, "named": named, "survivor_exit": with_code,
+            "orphans": len(orphans)}
+
+
+def _worker(rank: int, world: int, port: int, model: str, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),
+           "--master", f"127.0.0.1:{port}", "--model", model, "--startup-timeout", str(STARTUP),
+           "--devices", str(world), "--max-length", "32", "--text", "a b c d e f g h", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _finish(procs: list[subprocess.Popen], limit: float) -> tuple[list[int | None], list[str], bool]:
+    """Wait for every process up to `limit` s; (exit codes, stderr, whether any had to be killed: a hang)."""
+    deadline, hung = time.monotonic() + limit, False
+    errs = []
+    for p in procs:
+        try:
+            errs.append(p.communicate(timeout=max(0.1, deadline - time.monotonic()))[1])
+        except subprocess.TimeoutExpired:
+            hung = True
+            p.kill()
+            errs.append(p.communicate()[1])
+    return [p.returncode for p in procs], errs, hung
+
+
+def startup(model: str, kind: str, rng: random.Random) -> dict[str, Any]:
+    port, t0 = free_port(), time.monotonic()
+    if kind == "duplicate":
+        procs = [_worker(0, 2, port, model, "--serve", "127.0.0.1:0"), _worker(1, 2, port, model),
+                 _worker(1, 2, port, model)]
+        deadline = time.monotonic() + STARTUP + 60
+        while all(p.poll() is None for p in procs[1:]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        refused = next((p for p in procs[1:] if p.poll() is not None), None)
+        took = time.monotonic() - t0
+        procs[0].send_signal(signal.SIGINT)  # then rank 0 stops the group (or, mid-start-up, leaves it)
+        codes, errs, _ = _finish(procs, STARTUP + 60)
+        text = errs[procs.index(refused)] if refused is not None else ""
+        ok = refused is not None and refused.returncode == 2 and "taken twice" in text
+        return {"kind": kind, "ended_s": took, "hang": refused is None or -9 in codes[1:], "named": ok,
+                "codes": codes, "ctrl_c_ignored": codes[0] == -9}
+    if kind == "world":
+        procs = [_worker(0, 2, port, model), _worker(1, 3, port, model)]
+        codes, errs, hung = _finish(procs, STARTUP + 60)
+        named = all("--world-size" in e for e in errs) and codes == [2, 2]
+    else:  # missing: rank 1 of 3 never starts
+        procs = [_worker(0, 3, port, model), _worker(2, 3, port, model)]
+        codes, errs, hung = _finish(procs, STARTUP + 60)
+        named = all("rank(s) 1 of 3 did not join" in e for e in errs) and codes == [3, 3]
+    return {"kind": kind, "ended_s": time.monotonic() - t0, "hang": hung, "named": named, "codes": codes}
+
+
+def main(out: Path, trials: int = 20, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="prism-edge-faults-") as tmp:
+        model = _tiny_bert(Path(tmp) / "bert")
+        plan: list[tuple[str, Callable[[str, str, random.Random], dict[str, Any]]]] = [
+            ("kill", lambda m, k, r: lost_device(m, "die", r)), ("hang", lost_device),
+            ("duplicate", startup), ("world", startup), ("missing", startup)]
+        for kind, fn in plan:
+            for _ in tqdm(range(trials), desc=f"faults: {kind}"):
+                row = fn(model, kind, rng)
+                row["kind"] = kind
+                rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "faults.json").write_text(json.dumps(rows, indent=1))
+    text = _table(rows, trials)
+    (out / "faults.md").write_text(text)
+    return text
+
+
+def _table(rows: list[dict[str, Any]], trials: int) -> str:
+    lines = [f"### Faults, {trials} trials each (P=3 / 2 local processes, tiny BERT, --timeout {TIMEOUT:g} s, "
+             f"--startup-timeout {STARTUP:g} s)", "",
+             "| fault | detected / ended (median, max s) | named in the error | other processes ended by themselves "
+             "| orphans | hangs | rank 0 needed SIGKILL after Ctrl-C |", "|---|---|---|---|---|---|---|"]
+    for kind in ("kill", "hang", "duplicate", "world", "missing"):
+        group = [r for r in rows if r["kind"] == kind]
+        times = [r.get("detected_s") or r.get("ended_s") for r in group]
+        seen = [t for t in times if t is not None]
+        span = f"{statistics.median(seen):.2f}, {max(seen):.2f}" if seen else "never"
+        survived = (f"{sum(r['survivor_exit'] == 3 for r in group)}/{len(group)} (exit 3)"
+                    if kind in ("kill", "hang") else "n/a")
+        orphans = sum(r.get("orphans", 0) for r in group) if kind in ("kill", "hang") else "n/a"
+        hangs = sum(bool(r.get("hang")) or r.get("detected_s", 0.0) is None for r in group)
+        ignored = sum(bool(r.get("ctrl_c_ignored")) for r in group) if kind == "duplicate" else "n/a"
+        lines.append(f"| {kind} | {span} | {sum(bool(r['named']) for r in group)}/{len(group)} | {survived} | "
+                     f"{orphans} | {hangs} | {ignored} |")
+    return "\n".join(lines) + "\n"
