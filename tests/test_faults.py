@@ -422,7 +422,7 @@ def test_bad_command_lines_get_one_line_and_exit_2(saved, tmp_path, capsys):
         (["launch", "--text", ""], "text"),
         (["launch", "--repeat", "0", "--model", saved["bert"]], "repeat"),
         (["generate", "--model", saved["bert"], "hello"], "causal"),
-        (["generate", "hello", "--max-new-tokens", "-3"], "max_new_tokens"),
+        (["generate", "hello", "--max-new-tokens", "-3"], "max-new-tokens"),
         (["generate", "", ], "prompt"),
         (["eval", "--task", "nonsense"], "task"),
         (["worker", "--rank", "5", "--world-size", "2", "--model", saved["bert"]], "--rank"),

@@ -92,6 +92,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = config_from(args, allow_auto=args.launch)
     _threads(args)
     sampling = Sampling(args.sample, args.temperature, args.top_k, args.top_p, args.seed)
+    if args.max_new_tokens < 0:  # before loading a model: the prompt and the model are checked after
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty; give some text to continue")
     _log(f"loading {args.model} ...")
     loaded = load_model(args.model, cache_dir=env.cache_dir())
     tok: Any = loaded.tokenizer
