@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -207,7 +208,7 @@ def _distance(got, want, mask: Tensor | None, temperature: float) -> Tensor:
 
 # --- the loop ------------------------------------------------------------------------------------
 
-def forward(model: nn.Module, cfg: PrismConfig, inputs: dict[str, Tensor]):
+def forward(model: nn.Module, cfg: PrismConfig, inputs: dict[str, Any]):
     """The partitioned forward (simulator), or the plain HF forward for scheme 'full' (faster, same math)."""
     if cfg.scheme == "full":
         return model(**inputs)
@@ -334,12 +335,13 @@ def save(model: nn.Module, folder: str | Path, tokenizer=None, record: dict | No
     """Save a (LoRA-merged) model as a plain HF safetensors checkpoint, plus how it was trained."""
     folder = Path(folder)
     merge_lora(model)  # the saved weights are the merged ones
-    config = model.config
+    hf: Any = model  # a Hugging Face PreTrainedModel (nn.Module's typing cannot see config / save_pretrained)
+    config = hf.config
     quant = getattr(config, "quantization_config", None)
     if quant is not None:  # a GGUF-loaded model: its weights are plain fp32 tensors by now
         del config.quantization_config
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    hf.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if record is not None:

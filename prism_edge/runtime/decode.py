@@ -55,8 +55,9 @@ def new_token(dev: DeviceExecutor, index: int, x: Tensor, positions: Tensor) -> 
     q, k, v = dev.adapter.qkv(layer, h)
     q, k, v = dev._heads(q, g.heads), dev._heads(k, g.kv_heads), dev._heads(v, g.kv_heads)
     if g.rotary:
-        cos, sin = dev.adapter.rotary(x, positions)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        rot = dev.adapter.rotary(x, positions)
+        assert rot is not None  # a rotary family's adapter returns (cos, sin)
+        q, k = apply_rotary_pos_emb(q, k, *rot)
     c.k, c.v = torch.cat([c.k, k], 2), torch.cat([c.v, v], 2)
     c.own_mask = torch.cat([c.own_mask, c.own_mask.new_zeros(c.own_mask.shape[:-1] + (1,))], -1)
     return h, q

@@ -189,6 +189,7 @@ def generate(
     else:
         def step(i, x, pos):
             return local_step(last, i, x, pos)
+    assert out.logits is not None  # a causal LM's output (check_prompt)
     decode_loop(adapter, step, out.logits[:, -1], input_ids.shape[1], max_new_tokens, sampling, stop_ids,
                 result, on_token, keep_logits, teacher)
     result.handoff_bytes = sum(b for (stage, _, _), b in ledger.entries.items() if stage == "handoff")
