@@ -260,6 +260,7 @@ BAD_HTTP = {
         ("/v1/forward", {"input_ids": GOOD_IDS, "outputs": "everything"}, "outputs"),
         ("/v1/forward", {"input_ids": GOOD_IDS, "outputs": 5}, "outputs"),
         ("/v1/forward", {"texts": []}, "texts"),
+        ("/v1/forward", {"texts": [" ".join(["word"] * 200)]}, "positions"),  # truncated only when asked:
         ("/v1/forward", {"texts": "hello", "max_length": -5}, "texts"),
         ("/v1/forward", {"pixel_values": [[[[0.5]]]]}, "pixel_values"),
         ("/v1/forward", {"nothing": 1}, "input_ids"),
@@ -353,6 +354,8 @@ def test_http_protocol_abuse(saved):
             status, reply = _call(url + "/v1/forward", **kwargs)
             assert status == want and "error" in reply, (kwargs, status, reply)
         assert _call(url + "/v2/nothing", {})[0] == 404
+        long = {"texts": [" ".join(["word"] * 200)], "max_length": 32}
+        assert _call(url + "/v1/forward", long)[1]["tokens"] == [32]  # truncated where asked
         assert _call(url + "/v1/models/other", method="GET")[0] == 404
 
         def raw_request(head: bytes, body: bytes = b"", wait: float = 5.0) -> bytes:

@@ -2,7 +2,8 @@
 
   POST /v1/forward   {"texts": ["...", ...]}  or  {"input_ids": [[...]], "attention_mask": [[...]]}
                      or {"pixel_values": [[[[...]]]]};  optional "outputs": all | last | mean | pooled,
-                     "max_length": 512, "top_k": 5, "return_logits": false
+                     "max_length": N (truncate texts to N tokens; without it a text longer than the model
+                     takes is refused with 400), "top_k": 5, "return_logits": false
                      -> {"mode", "outputs": {name: nested lists}, "next_tokens": [...] (LM, last), "stats": {...}}
   POST /v1/generate  {"prompt": "...", "max_new_tokens": 32, "do_sample": false, "temperature": 1.0,
                      "top_k": 0, "top_p": 1.0, "seed": null, "chat": false, "stop_ids": []}  or  {"input_ids": [[...]]}
@@ -49,7 +50,7 @@ def tensor(value: Any, name: str, dtype: torch.dtype, dims: int) -> torch.Tensor
 def _forward_inputs(cluster: Cluster, body: dict[str, Any]) -> dict[str, torch.Tensor]:
     if "texts" in body:
         texts = field(body, "texts", list)
-        return encode_texts(cluster.loaded, texts, field(body, "max_length", int, 512))
+        return encode_texts(cluster.loaded, texts, field(body, "max_length", int))  # truncated only if asked
     if "input_ids" in body:
         inputs = {"input_ids": tensor(body["input_ids"], "input_ids", torch.long, 2)}
         for key in ("attention_mask", "token_type_ids"):

@@ -43,15 +43,18 @@ def text_tokenizer(loaded: Loaded) -> Any:
     return tok
 
 
-def encode_texts(loaded: Loaded, texts: Sequence[str], max_length: int = 512) -> dict[str, Tensor]:
-    """A batch of texts, one sequence each, right-padded: input_ids, attention_mask (and token_type_ids)."""
+def encode_texts(loaded: Loaded, texts: Sequence[str], max_length: int | None = 512) -> dict[str, Tensor]:
+    """A batch of texts, one sequence each, right-padded: input_ids, attention_mask (and token_type_ids).
+    max_length: truncate each text to that many tokens; None: never truncate (a text longer than the model
+    takes is then refused at rank 0, saying so)."""
     if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) and t for t in texts):
         raise ValueError("texts must be a non-empty list of non-empty strings")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
     tok = text_tokenizer(loaded)
     ensure_pad_token(tok)
-    enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = tok(list(texts), padding=True, truncation=max_length is not None, max_length=max_length,
+              return_tensors="pt")
     return {k: v for k, v in enc.items() if k in TEXT_INPUTS}
 
 
