@@ -6,7 +6,7 @@ bash scripts/setup.sh
 echo "mypy: type-checking prism_edge ..." >&2
 .venv/bin/python -m mypy || { echo "mypy found type errors (above)" >&2; exit 1; }
 set +e
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=15 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests" >&2
