@@ -469,7 +469,10 @@ def _worker(rank: int, world: int, port: int, model: str, timeout: float = 30, *
     cmd = [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),
            "--master", f"127.0.0.1:{port}", "--model", model, "--startup-timeout", str(timeout),
            "--devices", str(world), "--max-length", "32", *flags]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import signal  # SIGINT at its default, as from a terminal (shells start background jobs with it ignored)
+
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_startup_refuses_a_duplicate_rank_and_a_wrong_world_size_by_name(saved):

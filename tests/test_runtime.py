@@ -256,7 +256,9 @@ def test_http_endpoint(saved):
 def test_ctrl_c_on_the_launcher_tears_everything_down(saved):
     cmd = [sys.executable, "-m", "prism_edge", "launch", "--devices", "3", "--model", saved["bert"],
            "--serve", "127.0.0.1:0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal sends it: with SIGINT at its default (a shell starts background jobs with it ignored)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         pids, deadline = [], time.monotonic() + 120
         lines = []

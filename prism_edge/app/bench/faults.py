@@ -90,11 +90,13 @@ def lost_device(model: str, kind: str, rng: random.Random) -> dict[str, Any]:
 
 
 def _worker(rank: int, world: int, port: int, model: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),
            "--master", f"127.0.0.1:{port}", "--model", model, "--startup-timeout", str(STARTUP),
            "--devices", str(world), "--max-length", "32", "--text", "a b c d e f g h", *extra]
+    # SIGINT at its default, as from a terminal (a shell starts background jobs, this bench too, with it ignored)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _finish(procs: list[subprocess.Popen], limit: float) -> tuple[list[int | None], list[str], bool]:
@@ -111,22 +113,43 @@ def _finish(procs: list[subprocess.Popen], limit: float) -> tuple[list[int | Non
     return [p.returncode for p in procs], errs, hung
 
 
+def _wait_healthy(port: int, limit: float) -> bool:
+    import urllib.request
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
 def startup(model: str, kind: str, rng: random.Random) -> dict[str, Any]:
     port, t0 = free_port(), time.monotonic()
     if kind == "duplicate":
-        procs = [_worker(0, 2, port, model, "--serve", "127.0.0.1:0"), _worker(1, 2, port, model),
+        web = free_port()
+        procs = [_worker(0, 2, port, model, "--serve", f"127.0.0.1:{web}"), _worker(1, 2, port, model),
                  _worker(1, 2, port, model)]
         deadline = time.monotonic() + STARTUP + 60
         while all(p.poll() is None for p in procs[1:]) and time.monotonic() < deadline:
             time.sleep(0.1)
         refused = next((p for p in procs[1:] if p.poll() is not None), None)
         took = time.monotonic() - t0
-        procs[0].send_signal(signal.SIGINT)  # then rank 0 stops the group (or, mid-start-up, leaves it)
+        serving = _wait_healthy(web, STARTUP + 30)  # the group formed with the other rank 1
+        procs[0].send_signal(signal.SIGINT)  # Ctrl-C stops the group
+        stack = ""
+        try:
+            procs[0].wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            procs[0].send_signal(signal.SIGABRT)  # faulthandler prints where it is stuck
+            stack = procs[0].communicate()[1][-3000:]
         codes, errs, _ = _finish(procs, STARTUP + 60)
         text = errs[procs.index(refused)] if refused is not None else ""
         ok = refused is not None and refused.returncode == 2 and "taken twice" in text
         return {"kind": kind, "ended_s": took, "hang": refused is None or -9 in codes[1:], "named": ok,
-                "codes": codes, "ctrl_c_ignored": codes[0] == -9}
+                "codes": codes, "served": serving, "ctrl_c_ignored": bool(stack), "stack": stack}
     if kind == "world":
         procs = [_worker(0, 2, port, model), _worker(1, 3, port, model)]
         codes, errs, hung = _finish(procs, STARTUP + 60)
@@ -146,13 +169,13 @@ def main(out: Path, trials: int = 20, seed: int = 0) -> str:
         plan: list[tuple[str, Callable[[str, str, random.Random], dict[str, Any]]]] = [
             ("kill", lambda m, k, r: lost_device(m, "die", r)), ("hang", lost_device),
             ("duplicate", startup), ("world", startup), ("missing", startup)]
+        out.mkdir(parents=True, exist_ok=True)
         for kind, fn in plan:
             for _ in tqdm(range(trials), desc=f"faults: {kind}"):
                 row = fn(model, kind, rng)
                 row["kind"] = kind
                 rows.append(row)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "faults.json").write_text(json.dumps(rows, indent=1))
+                (out / "faults.json").write_text(json.dumps(rows, indent=1))  # as it goes
     text = _table(rows, trials)
     (out / "faults.md").write_text(text)
     return text
@@ -162,7 +185,7 @@ def _table(rows: list[dict[str, Any]], trials: int) -> str:
     lines = [f"### Faults, {trials} trials each (P=3 / 2 local processes, tiny BERT, --timeout {TIMEOUT:g} s, "
              f"--startup-timeout {STARTUP:g} s)", "",
              "| fault | detected / ended (median, max s) | named in the error | other processes ended by themselves "
-             "| orphans | hangs | rank 0 needed SIGKILL after Ctrl-C |", "|---|---|---|---|---|---|---|"]
+             "| orphans | hangs | rank 0 ignored Ctrl-C |", "|---|---|---|---|---|---|---|"]
     for kind in ("kill", "hang", "duplicate", "world", "missing"):
         group = [r for r in rows if r["kind"] == kind]
         times = [r.get("detected_s") or r.get("ended_s") for r in group]
