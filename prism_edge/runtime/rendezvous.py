@@ -145,10 +145,36 @@ class _Seats:
         self.seen_refusals = 0
 
     def has(self, *keys: str) -> bool:
-        return bool(self.store.check(list(keys)))
+        try:
+            return bool(self.store.check(list(keys)))
+        except (RuntimeError, OSError) as err:  # the store lives in rank 0: it left
+            raise self.lost(err) from None
 
     def text(self, key: str) -> str:
-        return self.store.get(key).decode(errors="replace")
+        try:
+            return self.store.get(key).decode(errors="replace")
+        except (RuntimeError, OSError) as err:
+            raise self.lost(err) from None
+
+    def abort(self, why: str, linger: float = 3.0) -> None:
+        """Rank 0 gives up the start-up for everyone: say why, and keep the store up until every rank that
+        took a seat has read it (or `linger` seconds passed), so that each can name the reason."""
+        self.store.set("abort", why)
+        seated = sum(1 for r in range(1, self.world) if self.has(f"rank/{r}"))
+        end = time.monotonic() + linger
+        while self.store.add("abort_seen", 0) < seated and time.monotonic() < end:
+            time.sleep(POLL_S)
+
+    def lost(self, err: BaseException) -> DeviceLost:
+        if self.rank == 0:
+            return DeviceLost(f"rank 0: the rendezvous store failed during start-up ({str(err).splitlines()[0]})")
+        missing = ""
+        try:  # what rank 0 said before it left, when it said it
+            if self.store.check(["abort"]):
+                missing = ": " + self.store.get("abort").decode(errors="replace")
+        except (RuntimeError, OSError):
+            pass
+        return DeviceLost(f"rank {self.rank}: rank 0 left during start-up (its rendezvous store closed){missing}")
 
     def refuse(self, why: str) -> StartupError:
         """Tell rank 0 (it fails the start-up for a wrong world size) and return the error to raise here."""
@@ -172,7 +198,9 @@ class _Seats:
             if what():
                 return True
             if self.rank != 0 and self.has("abort"):
-                raise DeviceLost(f"rank {self.rank}: rank 0 gave up the start-up: {self.text('abort')}")
+                why = self.text("abort")
+                self.store.add("abort_seen", 1)  # rank 0 waits for this before it leaves (and the store with it)
+                raise DeviceLost(f"rank {self.rank}: rank 0 gave up the start-up: {why}")
             if on_wait is not None:
                 on_wait()
             if time.monotonic() > self.deadline:
@@ -184,7 +212,7 @@ def _rank0_waits(seats: _Seats, on_wait: Callable[[], None] | None, log: Callabl
     def ready() -> bool:
         for why in seats.new_refusals():
             if "--world-size" in why or "out of range" in why:  # the group cannot be what was meant
-                seats.store.set("abort", why)
+                seats.abort(why)
                 raise StartupError(f"start-up refused: {why}")
             log(f"warning: {why}")  # a duplicate leaves; the group can still form
         return not seats.missing()
@@ -223,7 +251,7 @@ def take_seat(store: dist.Store, rank: int, world: int, address: str, deadline: 
         why = (f"rank(s) {missing} of {world} did not join within the start-up timeout; start each with --rank R "
                f"--world-size {world} --master pointing at rank 0 (or raise --startup-timeout)")
         if rank == 0:
-            seats.store.set("abort", why)
+            seats.abort(why)
         raise DeviceLost(f"rank {rank}: {why}")
     addresses = {r: seats.text(f"addr/{r}") for r in range(world)}
     _check_reachable(addresses, rank)
