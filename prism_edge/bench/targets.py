@@ -40,7 +40,7 @@ def byte_ratios(cache: Any, devices: int = 4, length: int = 512) -> list[dict]:
     rows = []
     for cr in CRS:
         variants: tuple[tuple[str, dict[str, Any]], ...] = (
-            ("plain fp32", dict(PLAIN)), ("plain fp16", dict(PLAIN, wire_dtype="float16")), ("defaults fp32", {}))
+            ("plain fp32", dict(PLAIN)), ("plain fp16", dict(PLAIN, wire_dtype="float16")), ("defaults (int8 wire)", {}))
         for label, extra in variants:
             cfg = PrismConfig(devices=devices, cr=cr).replace(**extra)
             st = measured(simulate(loaded.model, cfg, count_flops=False, **enc).stats)
