@@ -15,7 +15,7 @@ from prism_edge.eval.harness import grid, make_task, write
 from prism_edge.eval.tasks import pearson
 
 # Fast versions of each task at the shipped defaults (P=4, CR=16 unless noted), measured when the
-# defaults were set (docs/RESULTS.md §8).  A change that lowers fidelity below these fails.
+# defaults were set (docs/RESULTS.md §2.7).  A change that lowers fidelity below these fails.
 RECORDED = {
     "lee": {"limit": 20, "pearson": 0.7316, "cosine": 0.9921},
     "polarity": {"limit": 40, "accuracy": 0.6750, "cosine": 0.9991},
