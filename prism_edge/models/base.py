@@ -178,6 +178,27 @@ def check_pixels(pixel_values, channels: int) -> None:
         raise ValueError("pixel_values holds NaN or infinite values")
 
 
+def image_inputs(family: str, pixel_values, input_ids, attention_mask, channels: int) -> Tensor:
+    """An image model's request: checked pixel_values, and nothing of a text model's."""
+    if pixel_values is None:
+        raise ValueError(f"pixel_values is required for {family} models; pass "
+                         "pixel_values=image_processor(images)['pixel_values']")
+    if input_ids is not None or attention_mask is not None:
+        raise ValueError(f"{family} models take pixel_values only; drop input_ids / attention_mask")
+    check_pixels(pixel_values, channels)
+    return pixel_values
+
+
+def patch_rows(pixels: Tensor, ph: int, pw: int) -> Tensor:
+    """(B, C, H, W) -> (B, 1 + H/ph * W/pw, C*ph*pw): the patches in the order of the HF patch conv (which,
+    as unfold does, drops the pixels past the last whole patch), after a row of zeros that stands in for
+    [CLS]'s absent patch."""
+    batch, channels = pixels.shape[:2]
+    patches = pixels.unfold(2, ph, ph).unfold(3, pw, pw)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, channels * ph * pw)
+    return torch.cat([patches.new_zeros(batch, 1, patches.shape[-1]), patches], dim=1)
+
+
 def _require(value, name: str, family: str, hint: str):
     if value is None:
         raise ValueError(f"{name} is required for {family} models; {hint}")

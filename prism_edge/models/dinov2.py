@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Batch, Geometry, HFModule, check_pixels
+from .base import Adapter, Batch, Geometry, HFModule, image_inputs, patch_rows
 
 SIZE_COLUMNS = 2  # (height, width) of the image in pixels, appended to every patch row
 
@@ -55,22 +55,12 @@ class Dinov2Adapter(Adapter):
         pixel_values: Tensor | None = None,
         sink_token_ids: tuple[int, ...] = (),
     ) -> Batch:
-        if pixel_values is None:
-            raise ValueError("pixel_values is required for dinov2 models; pass "
-                             "pixel_values=image_processor(images)['pixel_values']")
-        if input_ids is not None or attention_mask is not None:
-            raise ValueError("dinov2 models take pixel_values only; drop input_ids / attention_mask")
-        check_pixels(pixel_values, self.config.num_channels)
-        batch, channels, height, width = pixel_values.shape
+        pixel_values = image_inputs("dinov2", pixel_values, input_ids, attention_mask, self.config.num_channels)
+        batch, _, height, width = pixel_values.shape
         ph, pw = _pair(self.dinov2.embeddings.patch_embeddings.patch_size)
         if height < ph or width < pw:
             raise ValueError(f"image {height}x{width} is smaller than one {ph}x{pw} patch; resize it")
-        # (B, C, H, W) -> (B, H/p * W/p, C*ph*pw), the patch order of the HF conv (which also drops
-        # the pixels past the last whole patch, as unfold does); float32 keeps the sizes exact
-        patches = pixel_values.float().unfold(2, ph, ph).unfold(3, pw, pw)
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, channels * ph * pw)
-        # position 0 is [CLS]: a row of zeros stands in for its (absent) patch
-        patches = torch.cat([patches.new_zeros(batch, 1, patches.shape[-1]), patches], dim=1)
+        patches = patch_rows(pixel_values.float(), ph, pw)  # position 0 is [CLS]; float32 keeps the sizes exact
         n = patches.shape[1]
         size = patches.new_tensor([height, width]).expand(batch, n, SIZE_COLUMNS)
         positions = torch.arange(n, device=patches.device).expand(batch, -1)

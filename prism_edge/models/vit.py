@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Batch, Geometry, HFModule, check_pixels
+from .base import Adapter, Batch, Geometry, HFModule, image_inputs, patch_rows
 
 
 class ViTAdapter(Adapter):
@@ -38,23 +38,14 @@ class ViTAdapter(Adapter):
         pixel_values: Tensor | None = None,
         sink_token_ids: tuple[int, ...] = (),
     ) -> Batch:
-        if pixel_values is None:
-            raise ValueError("pixel_values is required for vit models; pass pixel_values=image_processor(images)['pixel_values']")
-        if input_ids is not None or attention_mask is not None:
-            raise ValueError("vit models take pixel_values only; drop input_ids / attention_mask")
+        pixel_values = image_inputs("vit", pixel_values, input_ids, attention_mask, self.config.num_channels)
         emb = self.vit.embeddings
-        check_pixels(pixel_values, self.config.num_channels)
-        batch, channels, height, width = pixel_values.shape
+        batch, _, height, width = pixel_values.shape
         size = tuple(emb.image_size) if isinstance(emb.image_size, (tuple, list)) else (emb.image_size,) * 2
         if (height, width) != size:
             raise ValueError(f"image size {height}x{width} does not match the model's {size[0]}x{size[1]}; resize the "
                              "images with the model's image processor")
-        p = emb.patch_size
-        # (B, C, H, W) -> (B, C, H/p, W/p, p, p) -> (B, H/p * W/p, C*p*p), the patch order of the HF conv
-        patches = pixel_values.unfold(2, p, p).unfold(3, p, p)
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, channels * p * p)
-        # position 0 is [CLS]: a row of zeros stands in for its (absent) patch
-        patches = torch.cat([patches.new_zeros(batch, 1, patches.shape[-1]), patches], dim=1)
+        patches = patch_rows(pixel_values, emb.patch_size, emb.patch_size)  # position 0 is [CLS]
         n = patches.shape[1]
         positions = torch.arange(n, device=patches.device).expand(batch, -1)
         valid = torch.ones(batch, n, dtype=torch.bool, device=patches.device)
