@@ -19,6 +19,7 @@ from torch import Tensor
 from ...config import PrismConfig
 from ...models import Adapter
 from ...models.base import Batch
+from ...models.loading import IMAGE_TYPES
 from ...partition.plan import Plan
 from ...runtime import protocol
 from ...runtime.node import DeviceRun, describe_error, device_report, output_layout, run_device
@@ -27,7 +28,6 @@ from ...runtime.stats import DeviceReport, Stats
 from ...runtime.transport import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS, DistCommunicator
 from .errors import RequestError
 
-IMAGE_FAMILIES = ("vit", "dinov2")
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -46,7 +46,7 @@ def check_inputs(inputs: dict[str, Tensor | None], family: str) -> dict[str, Ten
     for name, value in given.items():
         if not isinstance(value, Tensor):
             raise ValueError(f"{name} must be a torch tensor, got {type(value).__name__}; use return_tensors='pt'")
-    takes = ("pixel_values",) if family in IMAGE_FAMILIES else TEXT_INPUTS
+    takes = ("pixel_values",) if family in IMAGE_TYPES else TEXT_INPUTS
     extra = sorted(set(given) - set(takes))
     if extra:
         raise ValueError(f"{family} models take {', '.join(takes)}; drop {', '.join(extra)}")
@@ -89,7 +89,7 @@ class Coordinator:
             raise ValueError(f"the request's inputs cannot be read: {' '.join(str(err).split())}") from None
         config = self.adapter.model.config
         n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if n_pos and self.adapter.family not in IMAGE_FAMILIES and int(batch.positions.max()) >= n_pos:
+        if n_pos and self.adapter.family not in IMAGE_TYPES and int(batch.positions.max()) >= n_pos:
             raise ValueError(f"position {int(batch.positions.max())} is beyond the model's {n_pos} positions; "
                              f"truncate the input to {n_pos} tokens")
         plan = plan_for(batch, self.cfg, self.adapter.geometry.causal)
