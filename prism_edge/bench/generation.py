@@ -53,13 +53,18 @@ class Scheme:
     decode: str = "auto"
 
 
+def prose_prompts(tokenizer, source: str, length: int, count: int) -> list[torch.Tensor]:
+    """`count` prompts of `length` tokens: consecutive windows of held-out prose, never overlapping."""
+    ids = tokenizer("\n\n".join(heldout_prose(source)), return_tensors="pt")["input_ids"]
+    return [ids[:, i * length:(i + 1) * length] for i in range(count)]
+
+
 def cases(tokenizer, lengths=(256, 1024), per_source: int = 4, chat: int = 6) -> list[Case]:
     out = []
     for length in lengths:
         for source in ("lee", "wiki"):
-            ids = tokenizer("\n\n".join(heldout_prose(source)), return_tensors="pt")["input_ids"]
-            for i in range(per_source):  # consecutive windows of held-out prose, never overlapping
-                out.append(Case(f"{'news' if source == 'lee' else 'wiki'}{length}", ids[:, i * length:(i + 1) * length]))
+            kind = f"{'news' if source == 'lee' else 'wiki'}{length}"
+            out += [Case(kind, ids) for ids in prose_prompts(tokenizer, source, length, per_source)]
     for question in CHAT[:chat]:
         text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                              add_generation_prompt=True)

@@ -22,17 +22,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ...bench.generation import prose_prompts
+from ...bench.generation import schemes as generation_schemes
 from ...config import PrismConfig
-from ...eval.variants import variant_config
 from ..spec import LaunchSpec
 from .common import Placement, free_port, run_ranks
-
-
-def prompts(tokenizer: Any, length: int, count: int) -> list[Any]:
-    from ...eval.tasks import heldout_prose
-
-    ids = tokenizer("\n\n".join(heldout_prose("lee")), return_tensors="pt")["input_ids"]
-    return [ids[:, i * length:(i + 1) * length] for i in range(count)]
 
 
 def rank0(args: argparse.Namespace) -> None:
@@ -48,8 +42,8 @@ def rank0(args: argparse.Namespace) -> None:
     with Cluster(config=cfg, spec=spec, spawn=cfg.effective_devices == 1,
                  endpoint=Endpoint.parse(args.master, bind=args.bind)) as cluster:
         rows = []
-        for i, ids in enumerate([prompts(cluster.tokenizer, args.length, 1)[0]] + prompts(cluster.tokenizer,
-                                                                                             args.length, args.count)):
+        news = prose_prompts(cluster.tokenizer, "lee", args.length, args.count)
+        for i, ids in enumerate([news[0], *news]):  # the first one twice: a warm-up, then timed
             stamps: list[float] = []
             t0 = time.perf_counter()
             gen = cluster.generate(ids, max_new_tokens=args.new, decode=args.decode, link=link,
@@ -81,12 +75,8 @@ def run_scheme(place: Placement, cfg: PrismConfig, decode: str, link: Any, lengt
 
 
 def schemes(devices: int, variants: list[str], modes: list[str]) -> list[tuple[str, PrismConfig, str]]:
-    out = [("one device", PrismConfig(devices=1, scheme="full"), "local"),
-           (f"Voltage P={devices}", PrismConfig(devices=devices, scheme="voltage"), "local")]
-    for spec in variants:
-        variant, _, only = spec.partition("@")
-        out += [(f"{variant} P={devices} {m}", variant_config(variant, devices, 16), m) for m in ([only] if only else modes)]
-    return out
+    """One device, Voltage, then each variant (at CR=16) in each decode mode, as the simulator bench has them."""
+    return [(s.label, s.cfg, s.decode) for s in generation_schemes(devices, 16, variants, modes)]
 
 
 def main(out: Path, links: list[str], devices: int = 2, lengths=(1024,), prompts: int = 3, new: int = 32,
@@ -119,7 +109,7 @@ def main(out: Path, links: list[str], devices: int = 2, lengths=(1024,), prompts
 
 
 def _table(rows: list[dict], title: str) -> str:
-    base = next(r for r in rows if r["scheme"] == "one device")
+    base = rows[0]  # one device
     lines = [f"### {title}", "", "| scheme | decode | time to first token | vs one device | tokens/s | prefill bytes | "
              "hand-off bytes | bytes per token |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
