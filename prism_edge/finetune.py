@@ -180,6 +180,8 @@ def finetune(task: str, loaded, cfg: "PrismConfig | Splits | None" = None, tcfg:
     log(f"before: {task}: {_fmt_scores(before)}")
     t0 = time.perf_counter()
     checkpoints = Checkpoints(Path(out), checkpoint_every) if out is not None and checkpoint_every else None
+    if checkpoints and checkpoints.path.exists():
+        log(f"resuming from {checkpoints.path} (delete it to start over)")
     losses = fit(model, cfg, tcfg, batches, loss_fn, progress=progress, checkpoints=checkpoints)
     minutes = (time.perf_counter() - t0) / 60
     merge_lora(model)  # scores below (and the saved weights) are of the merged model
@@ -194,6 +196,8 @@ def finetune(task: str, loaded, cfg: "PrismConfig | Splits | None" = None, tcfg:
     if out is not None:
         tokenizer = loaded.tokenizer if task != "fashion" else None  # the ViT's is Fashion-MNIST's own normalisation
         save(model, out, tokenizer=tokenizer, record=record)
+        if checkpoints:
+            checkpoints.path.unlink(missing_ok=True)  # finished: the folder is a plain checkpoint again
         log(f"saved to {out} (load it with --model {out})")
     return record
 

@@ -49,10 +49,14 @@ def _kmeans(x: torch.Tensor, assign: list[int], groups: int) -> list[int]:
 
 
 class Dense:
-    def __init__(self, model, cfg: PrismConfig) -> None:
+    def __init__(self, model, cfg: PrismConfig, longest: int | None = None) -> None:
+        """`longest`: the longest sequence of the request this one was batched with (it picks the wire
+        when int8 gives way to float16 for short requests); default: this sequence's own length."""
         self.ad = adapter_for(model)
         self.cfg = cfg.resolved(self.ad.kind)
         self.g = self.ad.geometry
+        self.longest = longest
+        self.wire = self.cfg.wire_dtype
 
     # ---------------------------------------------------------------- what travels src -> dst
     def _route(self, src, dst, b, sink, a_dst, scores, h, k, v):
@@ -93,10 +97,10 @@ class Dense:
         g = self.g
         if self.payload() == "kv":
             row = torch.cat([k[:, members].mean(1).reshape(-1), v[:, members].mean(1).reshape(-1)])
-            row = _round_trip(row.unsqueeze(0), self.cfg.wire_dtype, g.head_dim)[0]
+            row = _round_trip(row.unsqueeze(0), self.wire, g.head_dim)[0]
             kk, vv = row.split(g.kv_width)
             return kk.view(g.kv_heads, g.head_dim), vv.view(g.kv_heads, g.head_dim), len(members), is_mean
-        row = _round_trip(h[members].mean(0, keepdim=True), self.cfg.wire_dtype, g.hidden)
+        row = _round_trip(h[members].mean(0, keepdim=True), self.wire, g.hidden)
         kk, vv = self.layer_kv(row)
         if g.rotary:  # exact rows of a hidden payload are rotated at their position by the receiver
             cos, sin = self.ad.rotary(row.unsqueeze(0), torch.tensor([members]))
@@ -173,6 +177,7 @@ class Dense:
         batch = ad.prepare(sink_token_ids=self.cfg.sink_token_ids, **inputs)
         assert batch.valid.shape[0] == 1 and bool(batch.valid.all()), "one unpadded sequence"
         n = batch.valid.shape[1]
+        self.wire = self.cfg.wire_for(self.longest or n)
         devices = self.cfg.effective_devices
         sizes = _sizes(n, devices)
         if self.g.causal and self.cfg.scheme == "prism" and self.cfg.tail and devices > 1:

@@ -84,6 +84,9 @@ def test_help_and_argument_errors_answer_at_once(argv):
         (["eval", "--task", "cifar10"], "pass --model"),
         (["eval", "--task", "sst2", "--model", "minilm", "--data-dir", "/nonexistent"], "sequence classifier"),
         (["finetune", "--task", "fashion"], "the following arguments are required: --out"),
+        (["finetune", "--task", "fashion", "--out", "x", "--devices", "2", "--max-devices", "3"], "not both"),
+        (["finetune", "--task", "fashion", "--out", "x", "--train-variants", "sinks+w"], "unknown variant token 'w'"),
+        (["finetune", "--task", "fashion", "--out", "x", "--objective", "kl"], "invalid choice: 'kl'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, match):

@@ -28,6 +28,7 @@ OPTIONS = {
     "topk+similarity+int8": dict(PLAIN, cr=4, sinks=True, window=2, topk=1, grouping="similarity", wire_dtype="int8"),
     "topk+float16": dict(PLAIN, cr=4, window=2, topk=1, wire_dtype="float16"),
     "defaults": dict(cr=4),
+    "defaults+int8-from-30": dict(cr=4, int8_from=30),  # text: the 29-token sequence goes int8 with its 40-token mate
 }
 DECODER_OPTIONS = {
     "anchor": dict(PLAIN, cr=4, anchor=3, window=2, topk=1),
@@ -46,7 +47,7 @@ def _text_case(name: str, cfg: PrismConfig):
     key = "logits" if name.endswith("lm") else "last_hidden_state"
     got = simulate(model, cfg, input_ids=ids, attention_mask=mask)[key]
     for b, n in enumerate(lengths):
-        want = Dense(model, cfg)(input_ids=ids[b : b + 1, :n])[key]
+        want = Dense(model, cfg, longest=max(lengths))(input_ids=ids[b : b + 1, :n])[key]
         torch.testing.assert_close(got[b : b + 1, :n], want, atol=TOL, rtol=TOL)
 
 

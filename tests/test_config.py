@@ -37,6 +37,8 @@ from conftest import text_batch, tiny
         (dict(devices=2, weights=(1.0, 0.0)), "must all be finite numbers > 0"),
         (dict(devices=2, weights=(float("inf"), 1.0)), "must all be finite numbers > 0"),
         (dict(devices=2, weights=(float("nan"), 1.0)), "must all be finite numbers > 0"),
+        (dict(int8_from=-1), "int8_from must be >= 0"),
+        (dict(int8_from=0.5), "int8_from must be an integer"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -97,3 +99,32 @@ def test_hidden_payload_refused_for_rotary_means():
     ids, _ = text_batch(batch=1, length=12)
     with pytest.raises(ValueError, match="payload='kv' or 'auto'"):
         simulate(tiny("llama-lm"), PrismConfig(devices=2, cr=4, payload="hidden"), input_ids=ids)
+
+
+def test_short_requests_give_the_int8_wire_up_for_float16():
+    """Decoders: under `int8_from` positions the rows travel as float16 — the same outputs and bytes as an
+    explicit float16 wire — and from there on as int8; encoders keep int8 at any length."""
+    from prism_edge.config import FAMILY_DEFAULTS
+
+    decoder = PrismConfig().resolved("decoder")
+    assert decoder.int8_from == FAMILY_DEFAULTS["decoder"]["int8_from"] > 0
+    assert decoder.wire_for(decoder.int8_from - 1) == "float16" and decoder.wire_for(decoder.int8_from) == "int8"
+    assert PrismConfig().resolved("encoder").wire_for(3) == "int8"
+    assert PrismConfig(wire_dtype="float32", int8_from=100).wire_for(3) == "float32"
+    assert PrismConfig(wire_dtype="int8").resolved("decoder").wire_for(3) == "int8"  # chosen: int8 at any length
+    assert PrismConfig(wire_dtype="int8", int8_from=9).resolved("decoder").wire_for(3) == "float16"
+    assert "float16 below 256 positions" in decoder.describe()
+    model = tiny("llama-lm")
+    ids = (torch.arange(24) * 7 % 50 + 3).unsqueeze(0)
+    base = dict(devices=3, cr=4, sinks=True, window=2, topk=1, wire_dtype="int8")
+
+    def run(**kw):
+        with torch.no_grad():
+            return simulate(model, PrismConfig(**base, **kw), input_ids=ids)
+
+    short, int8 = run(int8_from=25), run(int8_from=24)  # 24 positions: below 25, not below 24
+    with torch.no_grad():
+        fp16 = simulate(model, PrismConfig(**{**base, "wire_dtype": "float16"}), input_ids=ids)
+    assert short.stats.total_bytes == fp16.stats.total_bytes > int8.stats.total_bytes
+    assert torch.equal(short.logits, fp16.logits) and not torch.equal(short.logits, int8.logits)
+    assert int8.stats.total_bytes == run(int8_from=0).stats.total_bytes

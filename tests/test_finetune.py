@@ -130,3 +130,24 @@ def test_random_splits_distillation_checkpoints_and_resumes(tmp_path):
     assert min(whole) >= 0 and max(whole) > 0  # KL: zero only where the split changed nothing
     with pytest.raises(ValueError, match="unknown variant token"):
         Splits(variants=("sinks+w",))
+
+
+def test_finetune_command_random_split_flags_record_and_eval(fashion_vit, tmp_path, capsys):
+    """`prism-edge finetune` with the random-split flags trains over exactly those splits (the record says
+    so), leaves no training state behind once finished, and `prism-edge eval --finetuned` scores such a
+    checkpoint at every variant of the grid."""
+    from prism_edge.app.cli import main
+
+    out = tmp_path / "ft"
+    assert main(["finetune", "--task", "fashion", "--out", str(out), "--steps", "3", "--batch-size", "16",
+                 "--train-limit", "64", "--eval-limit", "16", "--max-devices", "2", "--train-cr", "8",
+                 "--train-variants", "plain", "--objective", "distill", "--checkpoint-every", "2"]) == 0
+    record = json.loads((out / RECORD).read_text())
+    assert record["splits"] == {"max_devices": 2, "crs": [8], "variants": ["plain"], "seed": 0}
+    assert record["objective"] == "distill" and record["steps"] == 3
+    assert not (out / "train-state.pt").exists()
+    assert main(["eval", "--task", "fashion", "--limit", "16", "--devices", "2", "--cr", "8", "--variants", "plain",
+                 "defaults", "--no-voltage", "--finetuned", str(out), "--out", str(tmp_path / "ev")]) == 0
+    table = capsys.readouterr().out
+    for variant in ("plain", "defaults"):
+        assert f"| ft | prism | {variant}+finetune(splits) | 2 | 8 |" in table, table

@@ -7,6 +7,7 @@ import torch
 
 from prism_edge import PrismConfig, simulate
 from prism_edge.config import PLAIN
+from prism_edge.models import adapter_for
 
 from conftest import DECODERS, TEXT, text_batch, tiny
 
@@ -31,10 +32,14 @@ def test_padding_never_leaks(name, cr, variant):
     ids, mask = text_batch(batch=3, length=14, pad_to=lengths)
     ids[1, 9:] = 55  # garbage under the padding must not matter either
     cfg = PrismConfig(devices=3, cr=cr, **variant)
+    # a float16 wire (decoders' defaults for short requests) rounds at 1e-3 relative: batched and lone float32
+    # sums differ in the last bit, which now and then lands a value on the other side of a rounding boundary
+    wire = cfg.resolved(adapter_for(model).kind).wire_for(max(lengths))
+    tol = 1e-4 if wire in ("float16", "bfloat16") else TOL
     padded = _out(simulate(model, cfg, input_ids=ids, attention_mask=mask))
     for b, n in enumerate(lengths):
         alone = _out(simulate(model, cfg, input_ids=ids[b : b + 1, :n]))
-        assert (padded[b, :n] - alone[0]).abs().max().item() <= TOL, (b, n)
+        assert (padded[b, :n] - alone[0]).abs().max().item() <= tol, (b, n)
 
 
 @pytest.mark.parametrize("name", DECODERS)

@@ -162,6 +162,16 @@ def _finetune_command(sub: typing.Any) -> None:
     ft.add_argument("--train-limit", type=int, help="use only this many training items")
     ft.add_argument("--eval-limit", type=int, help="held-out items scored before and after")
     ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--objective", choices=["task", "distill", "distill+task"],
+                    help="task (the task's own loss), distill (KL to the frozen unpartitioned model) or distill+task "
+                    "(default: the recipe's)")
+    ft.add_argument("--alpha", type=float, default=0.5, help="distill+task: weight of the distillation term")
+    ft.add_argument("--max-devices", type=int, help="random splits: P drawn from 1..N each step (default: the recipe's)")
+    ft.add_argument("--train-cr", type=int, nargs="+", help="random splits: compression rates to draw from")
+    ft.add_argument("--train-variants", nargs="+", help="random splits: fidelity variants to draw from "
+                    "(`prism-edge eval --variants` spelling)")
+    ft.add_argument("--checkpoint-every", type=int, default=50,
+                    help="save the training state to --out every N steps and resume from it (0: never)")
     _threads(ft)
     add_config_flags(ft)
     _command(ft, "prism_edge.app.commands:cmd_finetune")

@@ -151,11 +151,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _log(task.describe())
     rows = grid(task, Path(model_name).name, args.devices, args.cr, args.variants, voltage=args.voltage)
     for folder in args.finetuned or []:
-        # at the fidelity options it was trained with, over the same grid of P and CR, with its own
-        # Voltage rows: a fine-tuned head may score other items (e.g. the held-out quarter)
+        # at the fidelity options it was trained with (every variant of the grid if it was trained over random
+        # splits), over the same grid of P and CR, with its own Voltage rows: a fine-tuned head may score
+        # other items (e.g. the held-out quarter)
         variant, suffix = finetuned_variant(folder)
+        variants = args.variants if variant is None else [variant]
         ft_task = make_task(args.task, load_model(folder, cache_dir=env.cache_dir()), limit=args.limit, **options)
-        rows += grid(ft_task, Path(folder).name, args.devices, args.cr, [variant], voltage=args.voltage,
+        rows += grid(ft_task, Path(folder).name, args.devices, args.cr, variants, voltage=args.voltage,
                      label_suffix=suffix)
     stem = f"eval-{args.task}" + (f"-{args.name}" if args.name else "")
     meta = {"task": args.task, "model": model_name, "data": task.describe(), "limit": args.limit,
@@ -170,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..config import PrismConfig
     from ..finetune import RECIPES, finetune
-    from ..train import TRAINABLE, TrainConfig
+    from ..train import TRAINABLE, Splits, TrainConfig
 
     _threads(args)
     if args.task not in RECIPES:
@@ -178,8 +180,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.trainable is not None and args.trainable not in TRAINABLE:
         raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE)}, got {args.trainable!r}")
     given = config_from(args)
-    cfg = None if given == PrismConfig() else given  # no split flags: the recipe's own (random splits where it has them)
+    cfg: PrismConfig | Splits | None = None if given == PrismConfig() else given  # None: the recipe's own splits
     recipe = RECIPES[args.task]
+    drawn = {"max_devices": args.max_devices, "crs": tuple(args.train_cr or ()) or None,
+             "variants": tuple(args.train_variants or ()) or None}
+    drawn = {k: v for k, v in drawn.items() if v is not None}
+    if drawn:
+        if cfg is not None:
+            raise ValueError("give either one split (--devices / --cr / ...) or random splits (--max-devices / "
+                             "--train-cr / --train-variants), not both")
+        cfg = dataclasses.replace(recipe.splits or Splits(), **drawn)
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     base = recipe.train
     steps = args.steps or base.steps
     tcfg = TrainConfig(steps=steps, lr=args.lr or base.lr, warmup=min(base.warmup, steps - 1),
@@ -188,7 +202,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _log(f"loading {model_name} ...")
     loaded = load_model(model_name, cache_dir=env.cache_dir())
     finetune(args.task, loaded, cfg, tcfg, out=args.out, batch_size=args.batch_size, train_limit=args.train_limit,
-             eval_limit=args.eval_limit, log=_log)
+             eval_limit=args.eval_limit, log=_log, objective=args.objective, alpha=args.alpha,
+             checkpoint_every=args.checkpoint_every)
     return 0
 
 

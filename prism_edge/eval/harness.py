@@ -19,15 +19,16 @@ from .report import budget_table
 from .tasks import TASKS, Task
 from .variants import VARIANTS, variant_config, variant_options
 
-def finetuned_variant(folder: str | Path) -> tuple[str, str]:
+def finetuned_variant(folder: str | Path) -> tuple[str | None, str]:
     """(variant, row-label suffix) of a `prism-edge finetune` checkpoint: the fidelity options its
-    training record names ("defaults" without a record), and whether it was trained through PRISM."""
+    training record names ("defaults" without a record; None when it was trained over random splits,
+    so it is scored at every variant of the grid), and whether it was trained through PRISM."""
     from ..train import RECORD
 
     record = Path(folder) / RECORD
     saved = json.loads(record.read_text()) if record.exists() else {}
-    if "splits" in saved:  # trained over random splits: score it at the defaults
-        return "defaults", "+finetune(splits)"
+    if "splits" in saved:  # trained over random splits: made for any variant
+        return None, "+finetune(splits)"
     trained = saved.get("prism", {})
     if "halo" in trained:  # records written before the window replaced the neighbour halo
         trained.setdefault("window", trained.pop("halo"))

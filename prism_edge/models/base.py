@@ -43,6 +43,11 @@ class Batch:
     sink: Tensor  # (B, N) bool, attention-sink positions
     per_position: dict[str, Tensor] = field(default_factory=dict)  # each (B, N, ...)
 
+    @property
+    def longest(self) -> int:
+        """Real positions of the longest sequence (padding excluded)."""
+        return int(self.valid.sum(1).max()) if self.valid.numel() else 0
+
     def to(self, device: torch.device) -> "Batch":
         """Inputs on a model's device; the sink flags stay on the CPU with the plan that reads them."""
         return Batch(valid=self.valid.to(device), positions=self.positions.to(device), sink=self.sink,

@@ -88,7 +88,7 @@ class DeviceExecutor:
         self.in_routes = plan.routes_to(rank)
         self.payload = resolve_payload(cfg, g.rotary, g.hidden, g.kv_width)
         kv = self.payload == "kv"
-        self.codec = Codec(cfg.wire_dtype or "float32", cfg.grouping or "contiguous",
+        self.codec = Codec(cfg.wire_for(batch.longest), cfg.grouping or "contiguous",
                            quant_group=g.head_dim if kv else g.hidden, cluster_width=g.kv_width if kv else g.hidden)
         self.positions = torch.gather(batch.positions, 1, self.slice.index)  # (B, n)
         self.remote_positions = [

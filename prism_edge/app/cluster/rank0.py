@@ -153,7 +153,7 @@ class Cluster:
         with self._lock:
             self._check_usable()
             req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=protocol.GENERATE)
-            geo, wire = self.adapter.geometry, self.cfg.wire_dtype or "float32"
+            geo, wire = self.adapter.geometry, self.cfg.wire_for(req.batch.longest)
             mode = choose(decode, req.plan, req.batch.positions, geo, wire, max_new_tokens, link or Link())
             params = encode_request(max_new_tokens, sampling, stops, mode)
             with self._guard("generation"):
