@@ -60,7 +60,7 @@ RECIPES: dict[str, Recipe] = {
     "perplexity": Recipe("perplexity", "smollm2", TrainConfig(steps=120, lr=5e-4, warmup=10, trainable="lora"), 1, 4,
                          "distill", Splits(4, (16, 64), ("defaults", "sinks+w16+top16", "sinks+w32+top32"))),
     # DINOv2-S, LoRA, distilled on unlabelled Fashion-MNIST training images; scored by the linear probe
-    "dino-probe": Recipe("dino-probe", "dinov2-s", TrainConfig(steps=150, lr=5e-4, warmup=10, trainable="lora"), 8,
+    "dino-probe": Recipe("dino-probe", "dinov2-s", TrainConfig(steps=600, lr=5e-4, warmup=10, trainable="lora"), 8,
                          500, "distill", Splits(4, (16, 64), ("defaults", "sinks+top8+sim+bias", "sinks+sim+bias"))),
 }
 
@@ -187,8 +187,9 @@ def finetune(task: str, loaded, cfg: "PrismConfig | Splits | None" = None, tcfg:
     merge_lora(model)  # scores below (and the saved weights) are of the merged model
     evaluator.forget_reference()  # the model changed: its unpartitioned reference too
     after = _scores(evaluator, grid)
-    log(f"after:  {task}: {_fmt_scores(after)}; loss {losses[0]:.4f} -> "
-        f"{sum(losses[-10:]) / len(losses[-10:]):.4f} in {minutes:.1f} min")
+    first, last = losses[:10], losses[-10:]  # means of 10 steps: one step's split may be easy or hard
+    log(f"after:  {task}: {_fmt_scores(after)}; loss {sum(first) / len(first):.4f} (first 10 steps) -> "
+        f"{sum(last) / len(last):.4f} (last 10) in {minutes:.1f} min")
     record = training_record(cfg, tcfg, losses, task=task, base_model=loaded.name, batch_size=batch_size,
                              objective=objective, alpha=alpha if objective == "distill+task" else None,
                              train_items=train_limit, scores_before=before, scores_after=after,
