@@ -161,6 +161,10 @@ def finetune(task: str, loaded, cfg: "PrismConfig | Splits | None" = None, tcfg:
     objective = objective or recipe.objective
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha (--alpha) must be in [0, 1], got {alpha}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every (--checkpoint-every) must be >= 0, got {checkpoint_every}")
     tcfg = tcfg or recipe.train
     batch_size = batch_size or recipe.batch_size
     eval_limit = eval_limit if eval_limit is not None else recipe.eval_limit

@@ -87,6 +87,8 @@ def test_help_and_argument_errors_answer_at_once(argv):
         (["finetune", "--task", "fashion", "--out", "x", "--devices", "2", "--max-devices", "3"], "not both"),
         (["finetune", "--task", "fashion", "--out", "x", "--train-variants", "sinks+w"], "unknown variant token 'w'"),
         (["finetune", "--task", "fashion", "--out", "x", "--objective", "kl"], "invalid choice: 'kl'"),
+        (["finetune", "--task", "fashion", "--out", "x", "--alpha", "2"], "alpha (--alpha) must be in [0, 1]"),
+        (["finetune", "--task", "fashion", "--out", "x", "--checkpoint-every", "-1"], "must be >= 0, got -1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, match):

@@ -190,10 +190,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise ValueError("give either one split (--devices / --cr / ...) or random splits (--max-devices / "
                              "--train-cr / --train-variants), not both")
         cfg = dataclasses.replace(recipe.splits or Splits(), **drawn)
-    if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    if not 0 <= args.alpha <= 1:
-        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     base = recipe.train
     steps = args.steps or base.steps
     tcfg = TrainConfig(steps=steps, lr=args.lr or base.lr, warmup=min(base.warmup, steps - 1),

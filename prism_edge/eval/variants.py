@@ -17,8 +17,8 @@ VARIANTS: dict[str, str] = {
     "defaults": "defaults",
 }
 _TOKENS: list[tuple[str, str, type]] = [  # (prefix, field, value type); longest prefixes first
-    ("int8from", "int8_from", int), ("anchor", "anchor", int), ("topf", "topk_frac", float), ("top", "topk", int), ("tail", "tail", int),
-    ("wf", "window_frac", float), ("w", "window", int),
+    ("int8from", "int8_from", int), ("anchor", "anchor", int), ("topf", "topk_frac", float), ("top", "topk", int),
+    ("tail", "tail", int), ("wf", "window_frac", float), ("w", "window", int),
 ]
 _FLAGS: dict[str, dict] = {
     "sinks": dict(sinks=True), "nosinks": dict(sinks=False), "bias": dict(count_bias=True),
