@@ -159,12 +159,7 @@ def finetune(task: str, loaded, cfg: "PrismConfig | Splits | None" = None, tcfg:
     recipe = RECIPES[task]
     cfg = cfg if cfg is not None else (recipe.splits or PrismConfig())
     objective = objective or recipe.objective
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha (--alpha) must be in [0, 1], got {alpha}")
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every (--checkpoint-every) must be >= 0, got {checkpoint_every}")
+    _check_options(objective, alpha, checkpoint_every)
     tcfg = tcfg or recipe.train
     batch_size = batch_size or recipe.batch_size
     eval_limit = eval_limit if eval_limit is not None else recipe.eval_limit
@@ -205,6 +200,15 @@ def finetune(task: str, loaded, cfg: "PrismConfig | Splits | None" = None, tcfg:
             checkpoints.path.unlink(missing_ok=True)  # finished: the folder is a plain checkpoint again
         log(f"saved to {out} (load it with --model {out})")
     return record
+
+
+def _check_options(objective: str, alpha: float, checkpoint_every: int) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha (--alpha) must be in [0, 1], got {alpha}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every (--checkpoint-every) must be >= 0, got {checkpoint_every}")
 
 
 def default_grid(devices=(1, 2, 4), crs=(16, 64)) -> list[PrismConfig]:
