@@ -2,7 +2,7 @@
 
 The names below load on first use (PEP 562), so `import prism_edge` -- and the command line, which
 lives in prism_edge.app -- start without importing torch, and nothing here imports the application layer
-before it is asked for: `Cluster` comes from prism_edge.app.cluster.
+before it is asked for: `Cluster` comes from prism_edge.cluster.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from .config import PrismConfig
 from .version import __version__
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers
-    from .app.cluster import Cluster, ClusterError
+    from .cluster import Cluster, ClusterError
     from .runtime.simulator import PrismOutput, simulate
     from .runtime.stats import Stats
 
 _LAZY = {
-    "Cluster": "prism_edge.app.cluster",
-    "ClusterError": "prism_edge.app.cluster",
+    "Cluster": "prism_edge.cluster",
+    "ClusterError": "prism_edge.cluster",
     "PrismOutput": "prism_edge.runtime.simulator",
     "simulate": "prism_edge.runtime.simulator",
     "Stats": "prism_edge.runtime.stats",

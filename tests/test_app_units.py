@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from prism_edge.app import env
-from prism_edge.app.embeddings import Pooling
-from prism_edge.app.textstream import TextStream
+from prism_edge.cluster import env
+from prism_edge.app.serve.embeddings import Pooling
+from prism_edge.app.serve.textstream import TextStream
 from prism_edge.runtime.stats import ERROR_ROWS, DeviceReport, Stats
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from prism_edge import PrismConfig
-from prism_edge.app.bench.schemes import COLUMNS, Scheme, parse_scheme
+from prism_edge.bench.schemes import COLUMNS, Scheme, parse_scheme
 
 
 def test_parse_scheme():
@@ -28,8 +28,8 @@ def test_parse_scheme():
 
 @pytest.mark.real
 def test_short_bench_on_loopback(minilm, tmp_path):
-    from prism_edge.app.bench.schemes import main
-    from prism_edge.app.requests import builtin_request
+    from prism_edge.bench.schemes import main
+    from prism_edge.eval.requests import builtin_request
 
     length, layers, hidden = 32, 6, 384
     text = main("minilm", tmp_path, ["loopback"], 2, ["full", "voltage", "tp", "prism:4:plain"], repeats=1,

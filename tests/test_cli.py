@@ -10,8 +10,8 @@ import time
 import pytest
 
 from prism_edge.app.cli import build_parser, main
-from prism_edge.app.flags import config_args, config_from
-from prism_edge.app.spec import LaunchSpec
+from prism_edge.flags import config_args, config_from
+from prism_edge.cluster.spec import LaunchSpec
 from prism_edge.config import PrismConfig
 
 TEXTS = __import__("pathlib").Path(__file__).parents[1] / "prism_edge" / "data" / "sentences.txt"

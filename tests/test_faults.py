@@ -24,7 +24,7 @@ import torch
 
 from conftest import VOCAB, image_batch, saved_models, text_batch, tiny
 from prism_edge import PrismConfig, simulate
-from prism_edge.app.cluster import Cluster, RequestError
+from prism_edge.cluster import Cluster, RequestError
 from prism_edge.runtime.generate import Sampling
 
 CFG = PrismConfig(devices=3, cr=4)
@@ -220,7 +220,7 @@ def test_a_device_failing_in_a_prefill_abandons_the_generation(saved):
 # ----------------------------------------------------------------------------------------------- HTTP
 @contextlib.contextmanager
 def _serving(path: str, cfg: PrismConfig, timeout: float = 10.0):
-    from prism_edge.app.http import make_server
+    from prism_edge.app.serve.http import make_server
 
     with Cluster(path, cfg, timeout=20) as cluster:
         server = make_server(cluster, "127.0.0.1", 0, timeout=timeout)

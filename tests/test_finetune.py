@@ -80,7 +80,7 @@ def test_polarity_head_starts_from_minilm(minilm):
 
 
 def test_runtime_serves_a_finetuned_checkpoint(fashion_vit, tmp_path):
-    from prism_edge.app.cluster import Cluster
+    from prism_edge.cluster import Cluster
 
     model = load_model("vit-fmnist").model
     cfg = PrismConfig(devices=2, cr=16)

@@ -2,13 +2,16 @@
 
 Layers, lowest first (a module may import its own layer or lower ones, never a higher one):
 
-  0 foundation   prism_edge.config, prism_edge.version, prism_edge.data (data files)
+  0 foundation   prism_edge.config, prism_edge.flags, prism_edge.version, prism_edge.data (data files)
   1 models       one adapter per family, loading
   2 partition    plans and masks
-  3 runtime      per-device execution, messages, communicators, simulator, stats, generation, protocol
-  4 measurement  eval, train, finetune, bench (pure measurement)
-  5 app          command line, launch spec, workers, Cluster, HTTP / OpenAI serving, process-running benches,
-                 and the entry modules prism_edge.__main__ and prism_edge.worker
+  3 runtime      per-device execution (prefill and decode halves), messages, the wire format, communicator
+                 interfaces, the simulator, stats, generation
+  4 cluster      the multi-process runtime: transport (the only torch.distributed sends and receives),
+                 rendezvous, start-up, the coordinator on rank 0, the worker loop, launch spec, heartbeat
+  5 measurement  eval, train, finetune, bench (every bench, the ones that start processes too)
+  6 app          command line and the HTTP / OpenAI server, and the entry modules prism_edge.__main__ and
+                 prism_edge.worker
 
 The package root (prism_edge/__init__.py) is a facade: at run time it imports only the foundation
 (everything else loads on first use through its __getattr__), and no module imports it.  Every import
@@ -22,10 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1] / "prism_edge"
 LAYERS = (
-    ("foundation", ("prism_edge.config", "prism_edge.version", "prism_edge.data")),
+    ("foundation", ("prism_edge.config", "prism_edge.flags", "prism_edge.version", "prism_edge.data")),
     ("models", ("prism_edge.models",)),
     ("partition", ("prism_edge.partition",)),
     ("runtime", ("prism_edge.runtime",)),
+    ("cluster", ("prism_edge.cluster",)),
     ("measurement", ("prism_edge.eval", "prism_edge.train", "prism_edge.finetune", "prism_edge.bench")),
     ("app", ("prism_edge.app", "prism_edge.__main__", "prism_edge.worker")),
 )
@@ -149,8 +153,8 @@ def test_no_import_cycles():
 def test_the_checker_sees_what_it_should():
     """The graph walker itself: relative imports, submodules, imports in functions, cycles."""
     g = graph()
-    assert "prism_edge.runtime.protocol" in g["prism_edge.runtime.simulator"]
-    assert "prism_edge.app.flags" in g["prism_edge.app.spec"]  # `from .flags import config_args`
-    assert "prism_edge.app.bench.schemes" in g["prism_edge.app.commands"]  # imported inside a function
+    assert "prism_edge.runtime.wire" in g["prism_edge.runtime.simulator"]
+    assert "prism_edge.flags" in g["prism_edge.cluster.spec"]  # `from ..flags import config_args`
+    assert "prism_edge.bench.schemes" in g["prism_edge.app.commands"]  # imported inside a function
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []

@@ -36,9 +36,9 @@ def one_thread():
 
 @contextlib.contextmanager
 def _serve(model: str):
-    from prism_edge.app.cluster import Cluster
-    from prism_edge.app.env import cache_dir
-    from prism_edge.app.http import make_server
+    from prism_edge.cluster import Cluster
+    from prism_edge.cluster.env import cache_dir
+    from prism_edge.app.serve.http import make_server
 
     with Cluster(model, CFG, timeout=60, cache_dir=str(cache_dir())) as cluster:
         server = make_server(cluster, "127.0.0.1", 0)
@@ -166,7 +166,7 @@ def test_errors_come_in_openai_shape(chat):
 
 @pytest.mark.real
 def test_embeddings_equal_simulate(embed, minilm):
-    from prism_edge.app.embeddings import Pooling, model_folder
+    from prism_edge.app.serve.embeddings import Pooling, model_folder
 
     cluster, _, client = embed
     texts = ["The river burst its banks after three days of rain.", "Stocks fell sharply.", "A cat sat."]

@@ -19,7 +19,7 @@ import torch
 
 from conftest import image_batch, saved_models, text_batch, tiny
 from prism_edge import PrismConfig, simulate
-from prism_edge.app.cluster import Cluster, ClusterError
+from prism_edge.cluster import Cluster, ClusterError
 
 FAMILIES = ["bert", "gpt2-lm", "vit", "llama-lm"]
 
@@ -215,7 +215,7 @@ def test_handshake_refuses_mismatched_ranks(saved, mismatch):
 @contextlib.contextmanager
 def _serving(path: str, cfg: PrismConfig):
     """A cluster with its HTTP endpoint on a free port; yields the base URL."""
-    from prism_edge.app.http import make_server
+    from prism_edge.app.serve.http import make_server
 
     with Cluster(path, cfg, timeout=20) as cluster:
         server = make_server(cluster, "127.0.0.1", 0)

@@ -25,9 +25,9 @@ import traceback
 import typing
 
 from ..runtime.modes import DECODE_MODES, OUTPUT_MODES
-from .env import DEBUG_ENV
-from .flags import add_config_flags
-from .spec import LaunchSpec
+from ..cluster.env import DEBUG_ENV
+from ..flags import add_config_flags
+from ..cluster.spec import LaunchSpec
 
 BENCHES = ("schemes", "targets", "generation", "overhead", "runtime", "hetero", "faults")
 
@@ -115,7 +115,7 @@ def _device_commands(sub: typing.Any) -> None:
     LaunchSpec.add_flags(worker)
     add_config_flags(worker)
     worker.set_defaults(devices=None)  # the group's size
-    _command(worker, "prism_edge.app.worker:cmd_worker")
+    _command(worker, "prism_edge.app.launch:cmd_worker")
 
 
 def _eval_command(sub: typing.Any) -> None:
@@ -251,8 +251,8 @@ def _run(args: argparse.Namespace) -> int:
         print("prism-edge: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # anything else: one line (the traceback with --debug)
-        from ..runtime.transport import DeviceLost
-        from .cluster.errors import ClusterError
+        from ..cluster.transport import DeviceLost
+        from ..cluster.errors import ClusterError
 
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..models.loading import load_model
-from . import env
-from .flags import config_from
+from ..cluster import env
+from ..flags import config_from
 from .report import fmt_bytes
 
 
@@ -34,7 +34,7 @@ def _threads(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..eval.compare import compare
     from ..models import adapter_for
-    from .requests import build_request
+    from ..eval.requests import build_request
 
     cfg = config_from(args)
     _threads(args)
@@ -87,7 +87,7 @@ class _Printer:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..runtime.generate import Sampling, generate
-    from .requests import check_ids, prompt_ids
+    from ..eval.requests import check_ids, prompt_ids
 
     cfg = config_from(args, allow_auto=args.launch)
     _threads(args)
@@ -124,8 +124,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_on_cluster(args: argparse.Namespace, cfg: Any, ids: torch.Tensor, sampling: Any, stops: tuple[int, ...],
                          printer: _Printer) -> Any:
-    from .cluster import Cluster
-    from .flags import auto_weights
+    from ..cluster import Cluster
+    from ..flags import auto_weights
 
     with Cluster(args.model, cfg, threads=args.threads or 1, cache_dir=str(env.cache_dir()),
                  auto_weights=auto_weights(args), log=_log) as cluster:
@@ -207,7 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out, cache = Path(args.out), env.cache_dir()
     repeats = {} if args.repeats is None else {"repeats": args.repeats}  # else: each bench's own default
     if args.what == "generation" and args.link:
-        from .bench.generation import main as timed
+        from ..bench.generation_link import main as timed
 
         text = timed(out, args.link, devices=args.devices, lengths=args.prompt_lengths, prompts=args.prompts,
                      new=args.new_tokens, variants=args.variants, modes=args.modes, cache=cache)
@@ -218,7 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           new=args.new_tokens, lengths=args.prompt_lengths, per_source=args.prompts,
                           chat=args.chat_prompts, variants=args.variants, modes=args.modes, name=args.name)
     elif args.what == "faults":
-        from .bench.faults import main as faults
+        from ..bench.faults import main as faults
 
         if args.trials < 1:
             raise ValueError(f"--trials must be >= 1, got {args.trials}")
@@ -239,17 +239,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _process_bench(args: argparse.Namespace, out: Path, cache: Path, repeats: dict[str, int]) -> str:
-    """The benches that run device processes (prism_edge.app.bench)."""
+    """The benches that run device processes (prism_edge.bench)."""
     if args.what == "schemes":
-        from .bench.schemes import DEFAULT_SCHEMES, main as schemes
+        from ..bench.schemes import DEFAULT_SCHEMES, main as schemes
 
         return schemes(args.model, out, args.link, args.devices, args.schemes or list(DEFAULT_SCHEMES),
                        length=args.length, cache=cache, **repeats)
     if args.what == "runtime":
-        from .bench.runtime import main as runtime
+        from ..bench.runtime import main as runtime
 
         return runtime(args.model, out, args.device_counts, args.cr, length=args.length, links=args.link,
                        rounds=args.rounds, cache=cache, **repeats)
-    from .bench.hetero import main as hetero
+    from ..bench.hetero import main as hetero
 
     return hetero(args.model, out, args.cr, length=args.length, rounds=args.rounds, cache=cache, **repeats)

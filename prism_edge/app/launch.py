@@ -14,14 +14,33 @@ import sys
 
 import torch
 
-from . import env
+from ..cluster import env
 from ..runtime.stats import measured
-from .cluster import Cluster
-from .flags import config_from
-from .native import default_mode
+from ..cluster import Cluster
+from ..flags import config_from
+from .serve.native import default_mode
 from .report import describe_result, fmt_bytes
-from .requests import build_request
-from .spec import LaunchSpec
+from ..eval.requests import build_request
+from ..cluster.follower import Seat, serve_rank
+from ..cluster.node import Fault
+from ..cluster.spec import LaunchSpec
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    seat = Seat.from_args(args)
+    if args.devices is None:
+        args.devices = seat.world
+    spec, cfg = LaunchSpec.from_args(args).replace(cache_dir=args.cache_dir or str(env.cache_dir())), \
+        config_from(args, allow_auto=True)
+    if cfg.effective_devices != seat.world:
+        raise ValueError(f"the config has devices={cfg.effective_devices} but the group has {seat.world} ranks; "
+                         f"pass --devices {seat.world}")
+    torch.set_num_threads(spec.threads)  # this process is a device: its threads are ours to set
+    if seat.rank == 0:
+        with Cluster(config=cfg, spec=spec, spawn=False, endpoint=seat.endpoint(), log=log) as cluster:
+            return drive(cluster, args)
+    fault = env.fault(seat.rank)
+    return serve_rank(seat, spec, cfg, fault=Fault(*fault) if fault else None, slowdown=env.slowdown(seat.rank))
 
 
 def log(msg: str) -> None:
@@ -40,7 +59,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def serve(cluster: Cluster, address: str) -> int:
     """Serve HTTP on HOST:PORT until Ctrl-C or a lost device."""
-    from .http import make_server
+    from .serve.http import make_server
 
     host, _, port = address.rpartition(":")
     if not port.isdigit():

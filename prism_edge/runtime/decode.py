@@ -14,7 +14,7 @@ Handoff and distributed give every new token exact attention over the K/V the de
 prefill (at a float32 wire: the same tokens).  `auto` picks by a cost model (see `choose`).
 
 The pieces here know nothing of how tensors travel: the simulator hands them over in process
-(`handoff`, `distributed_step`), the device processes over torch.distributed (app.cluster.generation).
+(`handoff`, `distributed_step`), the device processes over torch.distributed (cluster.generation).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from ..models import Adapter, Batch, adapter_for
 from ..partition.plan import Fidelity, Plan, make_plan
 from .comm import ByteLedger, LocalCommunicator
 from .device import DeviceExecutor
-from .protocol import input_tensors, meta_tensors, output_tensors, request_header
+from .wire import input_tensors, meta_tensors, output_tensors, request_header
 from .stats import FlopTally, Stats
 
 

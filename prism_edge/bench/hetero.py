@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ...config import PrismConfig
-from ...models.loading import load_model
-from .. import env
+from ..config import PrismConfig
+from ..models.loading import load_model
+from ..cluster import env
 from ..cluster import Cluster
-from ..requests import builtin_request
+from ..eval.requests import builtin_request
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .api import ApiError, BadField, Stream
-from .cluster import Cluster, ClusterError, RequestError
+from ...cluster import Cluster, ClusterError, RequestError
 from .embeddings import handle_embeddings
 from .native import handle_forward, handle_generate
 from .openai_api import handle_chat, handle_completions, list_models

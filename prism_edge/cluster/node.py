@@ -6,7 +6,7 @@ The loop runs exactly the simulator's DeviceExecutor; only the communicator diff
   ->  while the means travel: own Q/K/V and attention over the own keys  ->  wait for the means
   ->  attention over the received keys, log-sum-exp merge with the own part  ->  MLP
 
-How a process waits for requests and answers rank 0 is the application's business (prism_edge.app.worker).
+How a process waits for requests and answers rank 0 is the application's business (prism_edge.cluster.follower).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from ..config import PrismConfig
 from ..models import Adapter
 from ..models.base import Batch
 from ..partition.plan import Plan
-from .device import DeviceExecutor
-from .stats import DeviceReport, FlopTally, peak_rss_kib
+from ..runtime.device import DeviceExecutor
+from ..runtime.stats import DeviceReport, FlopTally, peak_rss_kib
 from .transport import DeviceLost, DistCommunicator
 
 FAULTS = ("die", "hang", "raise", "late", "decode")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 DEBUG_ENV = "PRISM_EDGE_DEBUG"  # set by --debug: tracebacks of unexpected errors (workers inherit it)
 CACHE_ENV = "PRISM_EDGE_CACHE"  # folder for converted weights (default: $XDG_CACHE_HOME/prism-edge)
-FAULT_ENV = "PRISM_EDGE_FAULT"  # testing: "RANK:KIND@LAYER[#REQUEST]", KIND die|hang|raise|late|decode (runtime.node.Fault)
+FAULT_ENV = "PRISM_EDGE_FAULT"  # testing: "RANK:KIND@LAYER[#REQUEST]", KIND die|hang|raise|late|decode (cluster.node.Fault)
 SLOW_ENV = "PRISM_EDGE_SLOW"  # testing: "RANK:FACTOR", e.g. "1:1": rank 1 sleeps as long as it computed (half speed)
 
 
@@ -41,8 +41,8 @@ def _for_rank(name: str, rank: int, environ: Mapping[str, str]) -> str | None:
 
 def fault(rank: int, environ: Mapping[str, str] = os.environ) -> tuple[str, int, int] | None:
     """(kind, layer, request) of the fault this rank should simulate, from PRISM_EDGE_FAULT
-    (RANK:KIND@LAYER[#REQUEST], runtime.node.Fault); None when none."""
-    from ..runtime.node import FAULTS
+    (RANK:KIND@LAYER[#REQUEST], cluster.node.Fault); None when none."""
+    from .node import FAULTS
 
     what = _for_rank(FAULT_ENV, rank, environ)
     if what is None:

@@ -60,7 +60,7 @@ def _alive(pid: int) -> bool:
 def lost_device(model: str, kind: str, rng: random.Random) -> dict[str, Any]:
     import torch
 
-    from ...config import PrismConfig
+    from ..config import PrismConfig
     from ..cluster import Cluster, ClusterError
 
     layer = rng.randrange(LAYERS)

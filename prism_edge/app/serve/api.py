@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..runtime.modes import DECODE_MODES as MODES
+from ...runtime.modes import DECODE_MODES as MODES
 
 Emit = Callable[[dict[str, Any]], bool]  # sends one server-sent event; False once the client is gone
 _NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "list": "a list",

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.loading import IMAGE_TYPES
-from .cluster import Cluster
+from ...models.loading import IMAGE_TYPES
+from ...cluster import Cluster
 from .api import BadField, field
 from .openai_api import check_model, prism_figures
-from .requests import encode_texts, hf_config
+from ...eval.requests import encode_texts, hf_config
 
 ORDER = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "lasttoken")  # sentence-transformers'
 MAX_INPUTS = 2048  # OpenAI's limit per request

@@ -5,7 +5,7 @@
   Last      the decoding device: streams each token id to rank 0 (8 bytes), asks rank 0 every CHUNK tokens
             whether to go on, takes the hand-off or gathers the partial attentions
 
-A failure inside the generation (a bug, out of memory) is contained as in the prefill (runtime.node): the
+A failure inside the generation (a bug, out of memory) is contained as in the prefill (cluster.node): the
 failing device stops computing but still sends what its peers wait for, zeros of the planned shapes, and
 the generation ends early; every worker then tells rank 0 in its status message, and rank 0 raises
 RequestError while the cluster stays up.
@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...models import Adapter
-from ...runtime import decode as modes
-from ...runtime.attention import Partial
-from ...runtime.generate import Generation, decode_loop, decode_request
-from ...runtime.node import DeviceRun, Fault, describe_error
-from ...runtime.transport import (TAG_DECODE_ANSWER, TAG_DECODE_BYTES, TAG_DECODE_CONTROL, TAG_DECODE_QUERY,
+from ..models import Adapter
+from ..runtime import decode as modes
+from ..runtime.attention import Partial
+from ..runtime.generate import Generation, decode_loop, decode_request
+from .node import DeviceRun, Fault, describe_error
+from .transport import (TAG_DECODE_ANSWER, TAG_DECODE_BYTES, TAG_DECODE_CONTROL, TAG_DECODE_QUERY,
                                   TAG_DECODE_WORD, TAG_GENERATE, TAG_HANDOFF, LAYER_TAGS, DeviceLost,
                                   DistCommunicator)
 

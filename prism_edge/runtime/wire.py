@@ -153,7 +153,7 @@ def output_tensors(finals: dict[str, Tensor], plan: Plan, rank: int, mode: str) 
     return [o.detach().cpu().contiguous() for o in out]
 
 
-Layout = dict[str, tuple[int, torch.dtype]]  # output name -> (width, dtype): runtime.node.output_layout
+Layout = dict[str, tuple[int, torch.dtype]]  # output name -> (width, dtype): cluster.node.output_layout
 
 
 def zero_finals(layout: Layout, plan: Plan, rank: int) -> dict[str, Tensor]:

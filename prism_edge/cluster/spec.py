@@ -1,6 +1,6 @@
 """LaunchSpec: how device processes run, one frozen dataclass that gives both their flags and their command line.
 
-The way PrismConfig gives the config flags (prism_edge.app.flags), LaunchSpec gives the runtime flags
+The way PrismConfig gives the config flags (prism_edge.flags), LaunchSpec gives the runtime flags
 (`add_flags`), reads them back (`from_args`), and writes the command line that starts a worker with
 the very same settings (`worker_command`), so every runtime default is written once, here.  Torch-free:
 the command line builds its parser from it without importing torch.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import PrismConfig
-from .flags import config_args
+from ..flags import config_args
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -77,7 +77,7 @@ class LaunchSpec:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LaunchSpec":
-        from .flags import auto_weights
+        from ..flags import auto_weights
 
         return cls(**{f.name: getattr(args, f.name) for f in cls.flag_fields()}, auto_weights=auto_weights(args))
 

@@ -2,7 +2,7 @@
 processes on an emulated link, against one device and Voltage.
 
 Every scheme runs as P processes (one network namespace each with a link, see bench/links.py): rank 0
-is `python -m prism_edge.app.bench.generation --rank0 ...` (a Cluster that joins the others and times
+is `python -m prism_edge.bench.generation_link --rank0 ...` (a Cluster that joins the others and times
 its generations), the others are plain `prism-edge worker` processes.  Prompts are held-out news cut to
 each length; greedy decoding; the first generation of a group warms it up and is not timed.
 Fidelity (agreement with the full model) is the simulator bench's job (bench/generation.py): the
@@ -22,17 +22,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ...bench.generation import prose_prompts
-from ...bench.generation import schemes as generation_schemes
-from ...config import PrismConfig
-from ..spec import LaunchSpec
+from .generation import prose_prompts
+from .generation import schemes as generation_schemes
+from ..config import PrismConfig
+from ..cluster.spec import LaunchSpec
 from .common import Placement, free_port, run_ranks
 
 
 def rank0(args: argparse.Namespace) -> None:
     """Rank 0 inside its namespace: join the group, generate, print one JSON line of timings."""
-    from ...runtime.decode import Link
-    from ...runtime.rendezvous import Endpoint
+    from ..runtime.decode import Link
+    from ..cluster.rendezvous import Endpoint
     from ..cluster import Cluster
 
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()}
@@ -62,7 +62,7 @@ def run_scheme(place: Placement, cfg: PrismConfig, decode: str, link: Any, lengt
     spec = LaunchSpec(model="smollm2", cache_dir=str(cache) if cache else None, threads=1, timeout=120,
                       startup_timeout=600)
     config = json.dumps(dataclasses.asdict(cfg))
-    head = [sys.executable, "-m", "prism_edge.app.bench.generation", "--rank0", "--config", config, "--master", master,
+    head = [sys.executable, "-m", "prism_edge.bench.generation_link", "--rank0", "--config", config, "--master", master,
             "--bind", place.address(0), "--model", "smollm2", "--length", str(length), "--count", str(count),
             "--new", str(new), "--decode", decode, "--mbit", str(link.rate_mbit if link else 1e4),
             "--ms", str(link.delay_ms if link else 0.0)] + (["--cache-dir", str(cache)] if cache else [])
@@ -81,7 +81,7 @@ def schemes(devices: int, variants: list[str], modes: list[str]) -> list[tuple[s
 
 def main(out: Path, links: list[str], devices: int = 2, lengths=(1024,), prompts: int = 3, new: int = 32,
          variants=("defaults",), modes=("auto",), cache: Any = None) -> str:
-    from ...bench.links import EmulatedNetwork, available, parse_link
+    from .links import EmulatedNetwork, available, parse_link
 
     ok, why = available()
     texts, result = [], []

@@ -3,7 +3,7 @@
 Everything that can be wrong with a request is found in `prepare`, before any device hears of it, so
 a bad request fails with a ValueError and leaves the cluster as it was.  A device that still fails inside
 the request (a bug, out of memory) finishes its exchange with zeros and says so in its report
-(runtime.node): rank 0 then raises RequestError, naming the rank, and the cluster serves the next request.
+(cluster.node): rank 0 then raises RequestError, naming the rank, and the cluster serves the next request.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...config import PrismConfig
-from ...models import Adapter
-from ...models.base import Batch
-from ...models.loading import IMAGE_TYPES
-from ...partition.plan import Plan
-from ...runtime import protocol
-from ...runtime.node import DeviceRun, describe_error, device_report, output_layout, run_device
-from ...runtime.simulator import PrismOutput, plan_for
-from ...runtime.stats import DeviceReport, Stats
-from ...runtime.transport import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS, DistCommunicator
+from ..config import PrismConfig
+from ..models import Adapter
+from ..models.base import Batch
+from ..models.loading import IMAGE_TYPES
+from ..partition.plan import Plan
+from ..runtime import wire
+from .node import DeviceRun, describe_error, device_report, output_layout, run_device
+from ..runtime.simulator import PrismOutput, plan_for
+from ..runtime.stats import DeviceReport, Stats
+from .transport import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS, DistCommunicator
 from .errors import RequestError
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -35,7 +35,7 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 class Request:
     batch: Batch
     plan: Plan
-    header: protocol.Header
+    header: wire.Header
     messages: list[tuple[list[Tensor], list[Tensor]]]  # per rank 1..: what it is sent (plan data, its inputs)
     local: dict[str, Tensor]  # device 0's own inputs
 
@@ -78,10 +78,10 @@ class Coordinator:
     def world(self) -> int:
         return self.comm.world
 
-    def prepare(self, inputs: dict[str, Tensor | None], outputs: str, op: int = protocol.FORWARD) -> Request:
+    def prepare(self, inputs: dict[str, Tensor | None], outputs: str, op: int = wire.FORWARD) -> Request:
         """Validate a request on rank 0, plan it and build every device's message (ValueError: nothing was sent)."""
-        if not isinstance(outputs, str) or outputs not in protocol.OUTPUT_MODES:
-            raise ValueError(f"unknown outputs {outputs!r}; choose one of {', '.join(protocol.OUTPUT_MODES)}")
+        if not isinstance(outputs, str) or outputs not in wire.OUTPUT_MODES:
+            raise ValueError(f"unknown outputs {outputs!r}; choose one of {', '.join(wire.OUTPUT_MODES)}")
         given = check_inputs(inputs, self.adapter.family)
         try:
             batch = self.adapter.prepare(**given, sink_token_ids=self.cfg.sink_token_ids)
@@ -93,8 +93,8 @@ class Coordinator:
             raise ValueError(f"position {int(batch.positions.max())} is beyond the model's {n_pos} positions; "
                              f"truncate the input to {n_pos} tokens")
         plan = plan_for(batch, self.cfg, self.adapter.geometry.causal)
-        header = dataclasses.replace(protocol.request_header(batch, 0, outputs), op=op)  # numbered when sent
-        messages = [(protocol.meta_tensors(batch, header), protocol.input_tensors(batch, plan, p))
+        header = dataclasses.replace(wire.request_header(batch, 0, outputs), op=op)  # numbered when sent
+        messages = [(wire.meta_tensors(batch, header), wire.input_tensors(batch, plan, p))
                     for p in range(1, self.world)]
         return Request(batch, plan, header, messages, batch.gather(plan.devices[0].index))
 
@@ -140,10 +140,10 @@ class Coordinator:
         run = self.start(req)
         mode, plan = req.header.mode, req.plan
         own_mode = "all" if mode == "pooled" else mode  # the pooler reads rank 0's rows
-        finals = run.finals if run.error is None else protocol.zero_finals(self.layout, plan, 0)
-        parts = [protocol.output_tensors(finals, plan, 0, own_mode)]
+        finals = run.finals if run.error is None else wire.zero_finals(self.layout, plan, 0)
+        parts = [wire.output_tensors(finals, plan, 0, own_mode)]
         for p in range(1, self.world):
-            bufs = protocol.output_buffers(self.layout, plan, p, mode)
+            bufs = wire.output_buffers(self.layout, plan, p, mode)
             parts.append(self.comm.recv("output", p, bufs, TAG_OUTPUT, "outputs"))
         workers = self.worker_reports()
         self.comm.flush()
@@ -158,11 +158,11 @@ class Coordinator:
     def _outputs(self, parts: list[list[Tensor]], names: list[str], req: Request, run: DeviceRun) -> dict[str, Tensor]:
         mode, plan, length = req.header.mode, req.plan, req.batch.valid.shape[1]
         if mode not in ("all", "pooled"):
-            return protocol.assemble(parts, names, plan, mode, length)
+            return wire.assemble(parts, names, plan, mode, length)
         if mode == "pooled":  # only rank 0's rows are here, and the pooler reads position 0 (rank 0's)
             parts = [parts[0]] + [[t.new_zeros(int(sl.owned.sum()), t.shape[-1]) for t in parts[0]]
                                   for sl in plan.devices[1:]]
-        full = protocol.assemble(parts, names, plan, "all", length)
+        full = wire.assemble(parts, names, plan, "all", length)
         device = next(self.adapter.model.parameters()).device
         assert run.tally is not None
         with torch.inference_mode():  # rank 0's work, counted as in simulate
@@ -173,5 +173,5 @@ class Coordinator:
     def tell(self, op: int, ranks: range, what: str) -> None:
         """Send a bare control header (heartbeat, shutdown) to `ranks` and wait until it has gone out."""
         for p in ranks:
-            self.comm.isend("control", p, [protocol.Header(op).encode()], TAG_HEADER, what, count=False)
+            self.comm.isend("control", p, [wire.Header(op).encode()], TAG_HEADER, what, count=False)
         self.comm.flush()

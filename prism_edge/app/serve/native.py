@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ..runtime.generate import Sampling
+from ...runtime.generate import Sampling
 from .api import BadField, decode_mode, field
-from .cluster import Cluster
-from .requests import check_ids, encode_texts, prompt_ids
+from ...cluster import Cluster
+from ...eval.requests import check_ids, encode_texts, prompt_ids
 
 
 def default_mode(cluster: Cluster) -> str:

@@ -1,7 +1,7 @@
 """Side by side: PRISM (several CR, fp16 wire), Voltage, one device and tensor parallelism, on one link.
 
 Every scheme serves the same request (the built-in texts, as `prism-edge worker` builds it) from
-real device processes: the runtime's workers for full / Voltage / PRISM, `prism_edge.app.bench.tp` for
+real device processes: the runtime's workers for full / Voltage / PRISM, `prism_edge.bench.tp` for
 tensor parallelism.  With an emulated link (root) every device process runs in its own network
 namespace behind `tc tbf` (+ a user-space delay), and the interface counters cross-check the
 ledger; without one (or without root) the devices talk over loopback.
@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ...bench.links import EmulatedNetwork, available, parse_link
-from ...config import PrismConfig
-from ...eval.variants import variant_config, variant_options
-from ...models.loading import load_model
-from ...runtime.simulator import simulate
-from ...runtime.stats import busiest_flops
-from ..requests import builtin_request
-from ..spec import LaunchSpec
+from .links import EmulatedNetwork, available, parse_link
+from ..config import PrismConfig
+from ..eval.variants import variant_config, variant_options
+from ..models.loading import load_model
+from ..runtime.simulator import simulate
+from ..runtime.stats import busiest_flops
+from ..eval.requests import builtin_request
+from ..cluster.spec import LaunchSpec
 from .common import Placement, free_port, run_ranks
 
 
@@ -108,7 +108,7 @@ def run_tp(place: Placement, model: str, devices: int, repeats: int, length: int
         return {"RANK": str(rank), "WORLD_SIZE": str(devices), "LOCAL_RANK": "0", "MASTER_ADDR": place.address(0),
                 "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": place.iface(rank)}
 
-    argv = [sys.executable, "-m", "prism_edge.app.bench.tp", "--model", model, "--repeat", str(repeats),
+    argv = [sys.executable, "-m", "prism_edge.bench.tp", "--model", model, "--repeat", str(repeats),
             "--max-length", str(length)]
     before = place.tx_bytes(devices)
     row = json.loads(run_ranks(place, [argv] * devices, env))

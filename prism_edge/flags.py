@@ -5,7 +5,7 @@
   config_args(cfg)           the flags that rebuild `cfg` in another process (a worker's command line)
 
 `--weights` also takes the single word `auto` (device processes only): every device times a short
-forward at start-up and rank 0 sets proportional slices (prism_edge.app.calibrate).
+forward at start-up and rank 0 sets proportional slices (prism_edge.cluster.calibrate).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from ..config import GROUPINGS, PAYLOADS, SCHEMES, WIRE_DTYPES, PrismConfig
+from .config import GROUPINGS, PAYLOADS, SCHEMES, WIRE_DTYPES, PrismConfig
 
 CHOICES = {"scheme": SCHEMES, "payload": PAYLOADS, "wire_dtype": WIRE_DTYPES, "grouping": GROUPINGS}
 AUTO = "auto"

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import PrismConfig
-from ..runtime.transport import DeviceLost
+from .transport import DeviceLost
 from ..version import __version__
 
 

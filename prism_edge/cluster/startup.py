@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import nn
 
-from ...config import PrismConfig
-from ...models import Adapter
-from ...runtime.rendezvous import Endpoint, join_group, open_store, take_seat
-from ..calibrate import agree_weights, probe_in_turn, time_forward
-from ..handshake import check, identity
-from ..spec import LaunchSpec
+from ..config import PrismConfig
+from ..models import Adapter
+from .rendezvous import Endpoint, join_group, open_store, take_seat
+from .calibrate import agree_weights, probe_in_turn, time_forward
+from .handshake import check, identity
+from .spec import LaunchSpec
 from .procs import LocalWorkers
 
 

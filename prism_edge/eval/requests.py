@@ -16,15 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models.loading import IMAGE_TYPES, Loaded
+from ..models.loading import IMAGE_TYPES, Loaded, hf_config
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DECODERS = ("gpt2", "llama")  # families that read the built-in texts as one document
-
-
-def hf_config(model: nn.Module) -> Any:
-    """A Hugging Face model's config (nn.Module's attribute typing cannot see what it holds)."""
-    return getattr(model, "config")
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -69,11 +64,11 @@ def read_texts(texts: Sequence[str] | None, text_file: str | None) -> list[str]:
 
 def image_request(loaded: Loaded, images: Sequence[str] | None) -> tuple[dict[str, Tensor], list[str]]:
     """pixel_values of the image files, or the bundled ViT's default request: 8 Fashion-MNIST test images."""
-    from ..eval.tasks import image_pixels
+    from .tasks import image_pixels
 
     cfg = hf_config(loaded.model)
     if not images and getattr(cfg, "num_channels", 3) == 1 and getattr(cfg, "image_size", 0) == 28:
-        from ..eval.data import FASHION_MNIST_CLASSES, fashion_mnist, fashion_pixels
+        from .data import FASHION_MNIST_CLASSES, fashion_mnist, fashion_pixels
 
         pics, labels = fashion_mnist("test")
         return {"pixel_values": fashion_pixels(pics[:8])}, [
@@ -89,7 +84,7 @@ def build_request(loaded: Loaded, texts: Sequence[str] | None = None, text_file:
                   images: Sequence[str] | None = None, max_length: int = 512) -> tuple[dict[str, Tensor], list[str]]:
     """The inputs of a `launch` / `run` request and a label per input: the given texts (default: the
     built-in ones; a decoder reads them joined as one document), or images for an image model."""
-    from ..eval.data import builtin_texts
+    from .data import builtin_texts
 
     family = hf_config(loaded.model).model_type
     if family in IMAGE_TYPES:

@@ -1,4 +1,4 @@
-"""One device process of a group (`prism-edge worker`, `python -m prism_edge.worker`, torchrun).
+"""A device process of rank > 0 (`prism-edge worker`, `python -m prism_edge.worker`, torchrun): join, serve.
 
 Rank 0 is the coordinator and device 0: it runs a Cluster that joins the group instead of spawning
 (and then serves HTTP or runs the request flags).  Every other rank joins, loads the model, takes
@@ -20,11 +20,11 @@ from transformers.utils import logging as hf_logging
 from ..config import PrismConfig
 from ..models import Adapter, adapter_for
 from ..models.loading import load_model
-from ..runtime import protocol
-from ..runtime.node import Fault, device_report, output_layout, run_device
-from ..runtime.rendezvous import Endpoint
+from ..runtime import wire
+from .node import Fault, device_report, output_layout, run_device
+from .rendezvous import Endpoint
 from ..runtime.simulator import plan_for
-from ..runtime.transport import (
+from .transport import (
     TAG_HEADER,
     TAG_INPUT,
     TAG_META,
@@ -34,11 +34,8 @@ from ..runtime.transport import (
     DistCommunicator,
 )
 from . import env
-from .cluster import Cluster
-from .cluster.generation import serve_generation
-from .cluster.startup import agree, meet
-from .flags import config_from
-from .launch import drive, log
+from .generation import serve_generation
+from .startup import agree, meet
 from .spec import LaunchSpec
 
 
@@ -69,23 +66,6 @@ class Seat:
 
     def endpoint(self) -> Endpoint:
         return Endpoint.parse(self.master, self.bind, self.iface, self.agent_store)
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    seat = Seat.from_args(args)
-    if args.devices is None:
-        args.devices = seat.world
-    spec, cfg = LaunchSpec.from_args(args).replace(cache_dir=args.cache_dir or str(env.cache_dir())), \
-        config_from(args, allow_auto=True)
-    if cfg.effective_devices != seat.world:
-        raise ValueError(f"the config has devices={cfg.effective_devices} but the group has {seat.world} ranks; "
-                         f"pass --devices {seat.world}")
-    torch.set_num_threads(spec.threads)  # this process is a device: its threads are ours to set
-    if seat.rank == 0:
-        with Cluster(config=cfg, spec=spec, spawn=False, endpoint=seat.endpoint(), log=log) as cluster:
-            return drive(cluster, args)
-    fault = env.fault(seat.rank)
-    return serve_rank(seat, spec, cfg, fault=Fault(*fault) if fault else None, slowdown=env.slowdown(seat.rank))
 
 
 def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | None = None,
@@ -127,36 +107,36 @@ def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, 
 
     Rank 0 sends a heartbeat header whenever it is idle, so silence longer than the timeout means the
     coordinator died or hung: DeviceLost.  fault (testing) strikes in its request only.  A failure
-    inside a request (runtime.node) is reported to rank 0 and the worker serves the next one.
+    inside a request (cluster.node) is reported to rank 0 and the worker serves the next one.
     """
     rank, layers, causal, last = comm.rank, adapter.geometry.layers, adapter.geometry.causal, comm.world - 1
     cfg = cfg.resolved(adapter.kind)
     layout = output_layout(adapter)
     served = 0
     while True:
-        raw = comm.recv("control", 0, [protocol.empty_header()], TAG_HEADER, "request header (heartbeat)", count=False)
-        header = protocol.Header.decode(raw[0])
-        if header.op == protocol.PING:
+        raw = comm.recv("control", 0, [wire.empty_header()], TAG_HEADER, "request header (heartbeat)", count=False)
+        header = wire.Header.decode(raw[0])
+        if header.op == wire.PING:
             continue
-        if header.op == protocol.SHUTDOWN:
+        if header.op == wire.SHUTDOWN:
             if log:
                 log(f"rank {rank}: shut down by rank 0 after {served} request(s)")
             return
         comm.reset()
-        batch = protocol.batch_from_meta(header, comm.recv("input", 0, protocol.meta_buffers(header), TAG_META,
+        batch = wire.batch_from_meta(header, comm.recv("input", 0, wire.meta_buffers(header), TAG_META,
                                                            "request plan data"))
         plan = plan_for(batch, cfg, causal)
-        rows = comm.recv("input", 0, protocol.input_buffers(header, plan, rank), TAG_INPUT, "request inputs")
-        local = protocol.local_inputs(header, batch, plan, rank, rows)
-        generating = header.op == protocol.GENERATE
+        rows = comm.recv("input", 0, wire.input_buffers(header, plan, rank), TAG_INPUT, "request inputs")
+        local = wire.local_inputs(header, batch, plan, rank, rows)
+        generating = header.op == wire.GENERATE
         run = run_device(adapter, cfg, plan, batch, local, comm, overlap=overlap, count_flops=count_flops,
                          fault=fault if fault is not None and fault.request == served + 1 else None,
                          keep_cache=generating, slowdown=slowdown)
         if run.error is not None:
             _report(rank, run.error, run.trace)
         if not generating:
-            finals = run.finals if run.error is None else protocol.zero_finals(layout, plan, rank)
-            comm.isend("output", 0, protocol.output_tensors(finals, plan, rank, header.mode), TAG_OUTPUT,
+            finals = run.finals if run.error is None else wire.zero_finals(layout, plan, rank)
+            comm.isend("output", 0, wire.output_tensors(finals, plan, rank, header.mode), TAG_OUTPUT,
                        "outputs")
         comm.isend("control", 0, [device_report(comm, run, layers).to_tensor()], TAG_STATS, "statistics", count=False)
         comm.flush()

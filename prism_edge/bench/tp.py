@@ -30,11 +30,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ...models import adapter_for
-from ...models.loading import Loaded, load_model
-from ...runtime.stats import flop_counter, peak_rss_kib
-from .. import env
-from ..requests import builtin_request, hf_config
+from ..models import adapter_for
+from ..models.loading import Loaded, load_model
+from ..runtime.stats import flop_counter, peak_rss_kib
+from ..cluster import env
+from ..eval.requests import builtin_request, hf_config
 
 # family -> (per-layer column-wise linears, per-layer row-wise linears), names inside one block
 TP_PLANS = {
@@ -141,7 +141,7 @@ def measure(loaded: Loaded, plan: dict, world: int, rank: int, repeat: int, leng
 
 def main(argv: list[str] | None = None) -> int:
     """One rank (torchrun's environment says which); rank 0 prints one JSON line."""
-    parser = argparse.ArgumentParser(prog="python -m prism_edge.app.bench.tp")
+    parser = argparse.ArgumentParser(prog="python -m prism_edge.bench.tp")
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=128)

@@ -21,10 +21,10 @@ import torch.distributed as dist
 
 from ..config import PrismConfig
 from ..models import Adapter
-from ..runtime.node import run_device
+from .node import run_device
 from ..runtime.simulator import plan_for
-from ..runtime.transport import DeviceLost, DistCommunicator
-from .requests import hf_config
+from .transport import DeviceLost, DistCommunicator
+from ..models.loading import hf_config
 
 PROBE_POSITIONS = 256  # long enough that the layers, not Python or timer wake-ups, dominate; short enough for a Pi
 PROBE_REPEATS = 3  # timed runs (median) after one warm-up

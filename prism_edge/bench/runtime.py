@@ -21,16 +21,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ...bench.links import EmulatedNetwork, available, parse_link
-from ...config import PrismConfig
-from ...eval.data import builtin_texts
-from ...eval.fidelity import mean_pool
-from ...models.loading import load_model
-from ...runtime.simulator import simulate
-from ...runtime.stats import measured
+from .links import EmulatedNetwork, available, parse_link
+from ..config import PrismConfig
+from ..eval.data import builtin_texts
+from ..eval.fidelity import mean_pool
+from ..models.loading import load_model
+from ..runtime.simulator import simulate
+from ..runtime.stats import measured
 from ..cluster import Cluster
-from ..requests import builtin_request
-from ..spec import LaunchSpec
+from ..eval.requests import builtin_request
+from ..cluster.spec import LaunchSpec
 from .common import Placement, free_port, run_ranks
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import ByteLedger
+from ..runtime.comm import ByteLedger
 
 # the j-th tensor of a message travels with tag + j, so a message of several tensors never mixes up
 TAG_HEADER, TAG_META, TAG_INPUT, TAG_OUTPUT, TAG_STATS = 32, 64, 96, 128, 160

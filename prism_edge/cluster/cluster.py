@@ -25,17 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...config import PrismConfig
-from ...models import adapter_for
-from ...models.loading import load_model
-from ...runtime import protocol
-from ...runtime.decode import Link, choose
-from ...runtime.generate import Generation, Sampling, check_prompt, encode_request
-from ...runtime.simulator import PrismOutput
-from ...runtime.rendezvous import Endpoint
-from ...runtime.transport import DeviceLost, DistCommunicator
-from ..spec import LaunchSpec
-from .dispatch import Coordinator
+from ..config import PrismConfig
+from ..models import adapter_for
+from ..models.loading import load_model
+from ..runtime import wire
+from ..runtime.decode import Link, choose
+from ..runtime.generate import Generation, Sampling, check_prompt, encode_request
+from ..runtime.simulator import PrismOutput
+from .rendezvous import Endpoint
+from .transport import DeviceLost, DistCommunicator
+from .spec import LaunchSpec
+from .coordinator import Coordinator
 from .errors import ClusterError, RequestError
 from .generation import TokenCallback, check_stop_ids, run_generation
 from .heartbeat import Heartbeat
@@ -152,9 +152,9 @@ class Cluster:
         check_prompt(self.adapter, input_ids, max_new_tokens)
         with self._lock:
             self._check_usable()
-            req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=protocol.GENERATE)
-            geo, wire = self.adapter.geometry, self.cfg.wire_for(req.batch.longest)
-            mode = choose(decode, req.plan, req.batch.positions, geo, wire, max_new_tokens, link or Link())
+            req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=wire.GENERATE)
+            geo, dtype = self.adapter.geometry, self.cfg.wire_for(req.batch.longest)
+            mode = choose(decode, req.plan, req.batch.positions, geo, dtype, max_new_tokens, link or Link())
             params = encode_request(max_new_tokens, sampling, stops, mode)
             with self._guard("generation"):
                 return run_generation(self.coordinator, req, params, input_ids, on_token, self.spec.timeout / 3)
@@ -162,7 +162,7 @@ class Cluster:
     def check_generate(self, input_ids: Tensor, max_new_tokens: int) -> None:
         """Raise the ValueError `generate` would raise for this prompt, without running anything."""
         check_prompt(self.adapter, input_ids, max_new_tokens)
-        self.coordinator.prepare({"input_ids": input_ids}, "last", op=protocol.GENERATE)
+        self.coordinator.prepare({"input_ids": input_ids}, "last", op=wire.GENERATE)
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -192,7 +192,7 @@ class Cluster:
         if self._broken or self._closed or self.world == 1:
             return
         try:
-            self.coordinator.tell(protocol.PING, range(1, self.world), "heartbeat")
+            self.coordinator.tell(wire.PING, range(1, self.world), "heartbeat")
         except DeviceLost as err:
             self._fail(str(err))
 
@@ -221,7 +221,7 @@ class Cluster:
             self._closed = True
             if not self._broken and self.world > 1:
                 try:
-                    self.coordinator.tell(protocol.SHUTDOWN, range(1, self.world), "shutdown")
+                    self.coordinator.tell(wire.SHUTDOWN, range(1, self.world), "shutdown")
                 except DeviceLost:
                     pass
             self._teardown()

@@ -22,11 +22,11 @@ from typing import Any, cast
 
 from torch import Tensor
 
-from ..runtime.generate import TOKEN_ID_BYTES, Generation, Sampling
-from ..runtime.stats import Stats
-from .cluster import Cluster
+from ...runtime.generate import TOKEN_ID_BYTES, Generation, Sampling
+from ...runtime.stats import Stats
+from ...cluster import Cluster
 from .api import ApiError, BadField, Emit, Stream, decode_mode, field
-from .requests import chat_ids, check_ids
+from ...eval.requests import chat_ids, check_ids
 from .textstream import TextStream
 
 DEFAULT_MAX_TOKENS = 256

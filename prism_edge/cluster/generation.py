@@ -25,15 +25,15 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ...models import Adapter
-from ...runtime import decode as modes
-from ...runtime.generate import MAX_STOPS, PARAMS, Generation, Sampling, decode_loop, decode_request, encode_request
-from ...runtime.node import DeviceRun, Fault, describe_error
-from ...runtime.protocol import PING
-from ...runtime.stats import pack_text, unpack_text
-from ...runtime.transport import TAG_DECODE_BYTES, TAG_DECODE_CONTROL, TAG_DECODE_STATUS, TAG_GENERATE, DistCommunicator
+from ..models import Adapter
+from ..runtime import decode as modes
+from ..runtime.generate import MAX_STOPS, PARAMS, Generation, Sampling, decode_loop, decode_request, encode_request
+from .node import DeviceRun, Fault, describe_error
+from ..runtime.wire import PING
+from ..runtime.stats import pack_text, unpack_text
+from .transport import TAG_DECODE_BYTES, TAG_DECODE_CONTROL, TAG_DECODE_STATUS, TAG_GENERATE, DistCommunicator
 from .decoders import CHUNK, Earlier, Last, Stop, continues
-from .dispatch import Coordinator, Request
+from .coordinator import Coordinator, Request
 from .errors import RequestError
 
 TokenCallback = Callable[[int], "bool | None"]  # on_token(id) -> True to stop generating

@@ -1,0 +1,1 @@
+"""HTTP serving: JSON endpoints and the OpenAI-compatible API over a Cluster."""
