@@ -11,7 +11,8 @@ import torch
 from prism_edge.cluster import env
 from prism_edge.app.serve.embeddings import Pooling
 from prism_edge.app.serve.textstream import TextStream
-from prism_edge.runtime.stats import ERROR_ROWS, DeviceReport, Stats
+from prism_edge.runtime.stats import DeviceReport, Stats
+from prism_edge.runtime.wire import ERROR_ROWS, REPORT_COLUMNS, report_buffer, report_from, report_tensor
 
 
 class Pieces:
@@ -64,15 +65,15 @@ def test_pooling_follows_the_sentence_transformers_folder(tmp_path):
 def test_device_report_travels_as_one_tensor():
     report = DeviceReport(sent=(10, 20), received=(30, 40), layer_flops=(5, 6), compute_s=(0.25, 0.5),
                           wait_s=(0.125, 0.0), input_bytes=7, output_bytes=8, flops=99, cpu_s=1.5, peak_rss_kib=2048)
-    wire = report.to_tensor()
-    assert wire.dtype == torch.int64 and wire.shape == DeviceReport.buffer(2).shape == (3 + ERROR_ROWS, 5)
-    assert DeviceReport.from_tensor(wire) == report
+    wire = report_tensor(report)
+    assert wire.dtype == torch.int64 and wire.shape == report_buffer(2).shape == (3 + ERROR_ROWS, 5)
+    assert report_from(wire) == report
     failed = report.__class__(**{**report.__dict__, "error": "in layer 1: RuntimeError: out of memory – ünïcode"})
-    assert DeviceReport.from_tensor(failed.to_tensor()).error == failed.error
-    long = DeviceReport.from_tensor(report.__class__(**{**report.__dict__, "error": "x" * 5000}).to_tensor())
-    assert long.error == "x" * (ERROR_ROWS * DeviceReport.COLUMNS * 8)  # cut to fit, never an error
-    uncounted = DeviceReport.from_tensor(report.__class__(**{**report.__dict__, "layer_flops": None,
-                                                             "flops": None}).to_tensor())
+    assert report_from(report_tensor(failed)).error == failed.error
+    long = report_from(report_tensor(report.__class__(**{**report.__dict__, "error": "x" * 5000})))
+    assert long.error == "x" * (ERROR_ROWS * REPORT_COLUMNS * 8)  # cut to fit, never an error
+    uncounted = report_from(report_tensor(report.__class__(**{**report.__dict__, "layer_flops": None,
+                                                               "flops": None})))
     assert uncounted.flops is None and uncounted.layer_flops is None
     stats = Stats.from_reports([report, uncounted], wall_s=2.0)
     assert stats.flops is None and stats.sent == ((10, 10), (20, 20)) and stats.peak_rss_mib == (2.0, 2.0)

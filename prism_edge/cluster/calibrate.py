@@ -37,8 +37,7 @@ def probe_inputs(adapter: Adapter) -> dict[str, torch.Tensor]:
         # ViT takes exactly its image size; DINOv2 any size: 8 x 8 patches keep its probe short
         size = cfg.image_size if adapter.family == "vit" else cfg.patch_size * 8
         return {"pixel_values": torch.zeros(1, cfg.num_channels, size, size)}
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or PROBE_POSITIONS
-    n = min(PROBE_POSITIONS, limit)
+    n = min(PROBE_POSITIONS, adapter.position_limit() or PROBE_POSITIONS)
     return {"input_ids": (torch.arange(n) % cfg.vocab_size).unsqueeze(0)}  # (1, n)
 
 

@@ -30,14 +30,16 @@ from ..models import adapter_for
 from ..models.loading import load_model
 from ..runtime import wire
 from ..runtime.decode import Link, choose
-from ..runtime.generate import Generation, Sampling, check_prompt, encode_request
+from ..runtime.generate import Generation, TokenCallback, check_prompt, check_request
+from ..runtime.sampling import Sampling
+from ..runtime.wire import DecodeParams
 from ..runtime.simulator import PrismOutput
 from .rendezvous import Endpoint
 from .transport import DeviceLost, DistCommunicator
 from .spec import LaunchSpec
 from .coordinator import Coordinator
 from .errors import ClusterError, RequestError
-from .generation import TokenCallback, check_stop_ids, run_generation
+from .generation import run_generation
 from .heartbeat import Heartbeat
 from .procs import LocalWorkers
 from .startup import Agreement, agree, open_group
@@ -143,19 +145,13 @@ class Cluster:
         new token id back (8 bytes per token).  on_token(id) is called as each arrives; returning True stops
         the generation (the last device stops within a few tokens).  decode: local | handoff | distributed |
         auto (runtime.decode; `link` is what auto assumes).  Returns a Generation (its `mode` says which)."""
-        sampling = sampling if sampling is not None else Sampling()
-        if not isinstance(sampling, Sampling):
-            raise ValueError(f"sampling must be a Sampling(...), got {type(sampling).__name__}")
-        stops = check_stop_ids(stop_ids, self.adapter.vocab_size())
-        if on_token is not None and not callable(on_token):
-            raise ValueError("on_token must be a function of one token id (or None)")
-        check_prompt(self.adapter, input_ids, max_new_tokens)
+        sampling, stops = check_request(self.adapter, input_ids, max_new_tokens, sampling, stop_ids, on_token)
         with self._lock:
             self._check_usable()
             req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=wire.GENERATE)
             geo, dtype = self.adapter.geometry, self.cfg.wire_for(req.batch.longest)
             mode = choose(decode, req.plan, req.batch.positions, geo, dtype, max_new_tokens, link or Link())
-            params = encode_request(max_new_tokens, sampling, stops, mode)
+            params = DecodeParams(max_new_tokens, sampling, stops, mode)
             with self._guard("generation"):
                 return run_generation(self.coordinator, req, params, input_ids, on_token, self.spec.timeout / 3)
 

@@ -25,7 +25,8 @@ from ..runtime import wire
 from .node import DeviceRun, describe_error, device_report, output_layout, run_device
 from ..runtime.simulator import PrismOutput, plan_for
 from ..runtime.stats import DeviceReport, Stats
-from .transport import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS, DistCommunicator
+from ..runtime.wire import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS
+from .transport import DistCommunicator
 from .errors import RequestError
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -87,8 +88,7 @@ class Coordinator:
             batch = self.adapter.prepare(**given, sink_token_ids=self.cfg.sink_token_ids)
         except (TypeError, RuntimeError, IndexError) as err:  # odd dtypes or shapes the checks did not foresee
             raise ValueError(f"the request's inputs cannot be read: {' '.join(str(err).split())}") from None
-        config = self.adapter.model.config
-        n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        n_pos = self.adapter.position_limit()
         if n_pos and self.adapter.family not in IMAGE_TYPES and int(batch.positions.max()) >= n_pos:
             raise ValueError(f"position {int(batch.positions.max())} is beyond the model's {n_pos} positions; "
                              f"truncate the input to {n_pos} tokens")
@@ -114,9 +114,9 @@ class Coordinator:
     def worker_reports(self) -> list[DeviceReport]:
         """Every worker's own numbers for the request, rank order."""
         layers = self.adapter.geometry.layers
-        raw = [self.comm.recv("control", p, [DeviceReport.buffer(layers)], TAG_STATS, "statistics", count=False)[0]
+        raw = [self.comm.recv("control", p, [wire.report_buffer(layers)], TAG_STATS, "statistics", count=False)[0]
                for p in range(1, self.world)]
-        return [DeviceReport.from_tensor(t) for t in raw]
+        return [wire.report_from(t) for t in raw]
 
     def stats(self, run: DeviceRun, workers: list[DeviceReport], t0: float) -> Stats:
         """Rank 0's report (taken last: it includes the pooler's FLOPs) and the workers', as the request's Stats."""

@@ -24,15 +24,8 @@ from ..runtime import wire
 from .node import Fault, device_report, output_layout, run_device
 from .rendezvous import Endpoint
 from ..runtime.simulator import plan_for
-from .transport import (
-    TAG_HEADER,
-    TAG_INPUT,
-    TAG_META,
-    TAG_OUTPUT,
-    TAG_STATS,
-    DeviceLost,
-    DistCommunicator,
-)
+from ..runtime.wire import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS
+from .transport import DeviceLost, DistCommunicator
 from . import env
 from .generation import serve_generation
 from .startup import agree, meet
@@ -138,13 +131,12 @@ def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, 
             finals = run.finals if run.error is None else wire.zero_finals(layout, plan, rank)
             comm.isend("output", 0, wire.output_tensors(finals, plan, rank, header.mode), TAG_OUTPUT,
                        "outputs")
-        comm.isend("control", 0, [device_report(comm, run, layers).to_tensor()], TAG_STATS, "statistics", count=False)
+        comm.isend("control", 0, [wire.report_tensor(device_report(comm, run, layers))], TAG_STATS, "statistics", count=False)
         comm.flush()
         if generating:
-            error, trace = serve_generation(adapter, comm, run, plan, batch.positions, header.length,
-                                            fault if fault is not None and fault.request == served + 1 else None)
-            if error is not None:
-                _report(rank, error, trace)
+            decoded = serve_generation(comm, run, fault if fault is not None and fault.request == served + 1 else None)
+            if decoded.error is not None:
+                _report(rank, decoded.error, decoded.trace)
         served += 1
 
 

@@ -1,56 +1,39 @@
-"""Generation on device processes, every end of it: rank 0 prefills with everyone, chooses the decode mode
-and sends every device the decode parameters; the last device decodes and streams each token id back
-(8 bytes per token); the earlier devices, by mode (runtime.decode), do nothing more (local), send the
-last device their K/V once (handoff), or answer its query for every layer of every token (distributed).
-The devices' roles are in decoders.py.
+"""Generation on device processes: what carries the tensors of runtime.generate's decoding loop here.
 
-Stopping early: the last device asks rank 0 whether to go on once every CHUNK tokens (a blocking word,
-so nothing is left in flight), and rank 0 says stop as soon as its `on_token` callback asked to (e.g.
-a stop string appeared in the text).  So the last device never decodes more than CHUNK - 1 tokens past
-a stop rank 0 decided; stop token ids and max_new_tokens it knows itself.  In distributed mode the last
-device tells the earlier devices before each token's layers whether they follow (1) or it is done (0).
+rank 0         prefills with every device, reads every prefill report (a failed prefill is not decoded:
+               the parameters say "abandoned"), sends every device the decode parameters, then takes the
+               token ids the last device streams back (8 bytes each) and, in distributed mode, answers
+               the last device's queries as any earlier device does; alone, it decodes itself.
+the last       runs `decode_loop` on its executor with `DistPeers`: each token id to rank 0, a go-on/stop
+device         question every CHUNK tokens (rank 0 says stop as soon as its on_token asked to, so the
+               last device never decodes more than CHUNK - 1 tokens past it), the hand-off waited for
+               layer by layer, or a query per layer per token to the earlier devices.
+earlier        `Earlier`: by mode, nothing more (local), their K/V once (handoff), or an answer per layer
+devices        per token (distributed; a word from the last device before each token says whether its
+               layers follow).
 
-Failures inside the request: rank 0 reads every prefill report before it sends the decode parameters;
-if a device failed in the prefill, the parameters say "abandoned" and nobody decodes.  After decoding,
-every worker sends rank 0 a status ("" or what failed); rank 0 then raises RequestError if one failed.
+Failures inside the generation go through the one containment path (node.Containment): the failing device
+computes nothing more but sends what its peers wait for (zeros of the planned shapes) and the generation
+ends early; every worker then sends rank 0 a status ("" or what failed) and rank 0 raises RequestError
+while the cluster stays up.  The formats and tags are runtime/wire.py's.
 """
 
 from __future__ import annotations
 
 import time
-import traceback
-from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 from torch import Tensor
 
-from ..models import Adapter
 from ..runtime import decode as modes
-from ..runtime.generate import MAX_STOPS, PARAMS, Generation, Sampling, decode_loop, decode_request, encode_request
-from .node import DeviceRun, Fault, describe_error
-from ..runtime.wire import PING
-from ..runtime.stats import pack_text, unpack_text
-from .transport import TAG_DECODE_BYTES, TAG_DECODE_CONTROL, TAG_DECODE_STATUS, TAG_GENERATE, DistCommunicator
-from .decoders import CHUNK, Earlier, Last, Stop, continues
+from ..runtime import wire
+from ..runtime.device import DeviceExecutor
+from ..runtime.generate import Generation, TokenCallback, decode_loop
+from ..runtime.wire import DecodeParams
 from .coordinator import Coordinator, Request
 from .errors import RequestError
-
-TokenCallback = Callable[[int], "bool | None"]  # on_token(id) -> True to stop generating
-ABANDONED = -1  # max_new_tokens in the decode parameters of a request whose prefill failed somewhere
-STATUS_CELLS = 80  # a worker's end-of-generation status: 640 bytes of text ("" when all went well)
-
-
-def check_stop_ids(stop_ids: Sequence[int], vocab: int) -> tuple[int, ...]:
-    """Stop token ids: at most MAX_STOPS integers in the vocabulary."""
-    if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Sequence):
-        raise ValueError(f"stop_ids must be a list of token ids, got {type(stop_ids).__name__}")
-    if len(stop_ids) > MAX_STOPS:
-        raise ValueError(f"stop_ids takes at most {MAX_STOPS} token ids, got {len(stop_ids)}")
-    for tid in stop_ids:
-        if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < vocab:
-            raise ValueError(f"stop_ids must be token ids in [0, {vocab}), got {tid!r}")
-    return tuple(stop_ids)
+from .node import Containment, DeviceRun, Fault
+from .transport import DistCommunicator
 
 
 class _Listener:
@@ -60,13 +43,13 @@ class _Listener:
         self.on_token, self.stopped = on_token, False
         self.error: BaseException | None = None
 
-    def give(self, tid: int) -> None:
-        if self.on_token is None or self.stopped:
-            return
-        try:
-            self.stopped = bool(self.on_token(tid))
-        except Exception as err:  # noqa: BLE001 - the protocol must finish before the error surfaces
-            self.stopped, self.error = True, err
+    def give(self, tid: int) -> bool:
+        if self.on_token is not None and not self.stopped:
+            try:
+                self.stopped = bool(self.on_token(tid))
+            except Exception as err:  # noqa: BLE001 - the protocol must finish before the error surfaces
+                self.stopped, self.error = True, err
+        return self.stopped
 
     def finish(self, result: Generation) -> Generation:
         if self.stopped and result.stopped_by != "stop token":
@@ -76,46 +59,63 @@ class _Listener:
         return result
 
 
+class Alone:
+    """The peers of a device that is the whole group: nobody to hand off to or ask; tokens go to on_token."""
+
+    def __init__(self, listener: _Listener) -> None:
+        self.listener = listener
+
+    def token(self, tid: int) -> bool:
+        return self.listener.give(tid)
+
+    def enter(self, index: int) -> list[list[Tensor]] | None:
+        return None
+
+    def ask(self, index: int, query: Tensor) -> list[list[Tensor]]:
+        return []
+
+
 # --------------------------------------------------------------------------- rank 0
-def run_generation(coord: Coordinator, req: Request, params: Tensor, prompt: Tensor,
+def run_generation(coord: Coordinator, req: Request, params: DecodeParams, prompt: Tensor,
                    on_token: TokenCallback | None, ping_every: float) -> Generation:
-    """Rank 0: the prefill with every device, then the decode (here when alone, else on the last device).
-    params: `encode_request(...)` with the chosen mode (never "auto" here)."""
+    """Rank 0: the prefill with every device, then the decode (here when alone, else on the last device)."""
     t0 = time.perf_counter()
-    world = coord.world
+    comm, world = coord.comm, coord.world
     run = coord.start(req, keep_cache=True)
     workers = coord.worker_reports()  # before the parameters: a failed prefill is not decoded
     failures = coord.failures(run, workers)
+    for p in range(1, world):
+        sent = DecodeParams.abandoned() if failures else params
+        comm.isend("control", p, [sent.encode()], wire.TAG_GENERATE, "decode parameters", count=False)
     if failures:
-        abandoned = encode_request(0, Sampling(), ())
-        abandoned[0] = ABANDONED
-        for p in range(1, world):
-            coord.comm.isend("control", p, [abandoned], TAG_GENERATE, "decode parameters", count=False)
-        coord.comm.flush()
+        comm.flush()
         coord.in_flight = False
         raise RequestError(failures, trace=run.trace)
-    for p in range(1, world):
-        coord.comm.isend("control", p, [params], TAG_GENERATE, "decode parameters", count=False)
-    mode = decode_request(params)[3]
-    result = Generation(prompt_ids=prompt.cpu(), prefill_stats=coord.stats(run, workers, t0), mode=mode)
+    result = Generation(prompt_ids=prompt.cpu(), prefill_stats=coord.stats(run, workers, t0), mode=params.mode)
     listener = _Listener(on_token)
+    assert run.executor is not None  # generation keeps every device's executor
     if world == 1:
         coord.in_flight = False
-        _decode_here(coord.adapter, run, req.batch.valid.shape[1], params, result, listener)
+        done = Containment()
+        with torch.inference_mode():
+            done.attempt("while decoding", decode_loop, run.executor, Alone(listener), params,
+                         run.finals["logits"][:, -1], req.batch.valid.shape[1], result)
+        if done.error is not None:  # one device, nothing in flight: only this request fails
+            raise RequestError([(0, done.error)], trace=done.trace)
         return listener.finish(result)
-    statuses = {p: coord.comm.irecv(p, [torch.zeros(STATUS_CELLS, dtype=torch.int64)], TAG_DECODE_STATUS,
-                                    "decode status") for p in range(1, world)}
-    earlier = Earlier(run, coord.comm, req.plan, req.batch.positions)
-    if mode == "handoff":
+    statuses = {p: comm.irecv(p, [wire.status_buffer()], wire.TAG_DECODE_STATUS, "decode status")
+                for p in range(1, world)}
+    earlier = Earlier(run.executor, comm)
+    if params.mode == "handoff":
         earlier.hand_off()
-    _receive(coord, params, result, listener, ping_every, earlier if mode == "distributed" else None)
-    handed, decoded = coord.comm.recv("control", world - 1, [torch.zeros(2, dtype=torch.int64)], TAG_DECODE_BYTES,
-                                      "decode byte counts", count=False)[0].tolist()
-    result.handoff_bytes, result.decode_bytes = int(handed), int(decoded)
+    _receive(coord, params, result, listener, ping_every, earlier if params.mode == "distributed" else None)
+    counts = comm.recv("control", world - 1, [wire.byte_counts_buffer()], wire.TAG_DECODE_BYTES,
+                       "decode byte counts", count=False)[0].tolist()
+    result.handoff_bytes, result.decode_bytes = int(counts[0]), int(counts[1])
     failures = [(0, earlier.error)] if earlier.error else []
     for p, works in statuses.items():
-        coord.comm.wait_recv("control", p, works, "decode status", count=False)
-        text = unpack_text(works[0][1])
+        comm.wait_recv("control", p, works, "decode status", count=False)
+        text = wire.unpack_text(works[0][1])
         failures += [(p, text)] if text else []
     coord.in_flight = False
     if failures:
@@ -123,80 +123,193 @@ def run_generation(coord: Coordinator, req: Request, params: Tensor, prompt: Ten
     return listener.finish(result)
 
 
-def _decode_here(adapter: Adapter, run: DeviceRun, length: int, params: Tensor, result: Generation,
-                 listener: _Listener) -> None:
-    max_new, sampling, stops, _ = decode_request(params)
-    assert run.executor is not None  # generation keeps every device's executor
-
-    def give(tid: int) -> None:
-        listener.give(tid)
-        if listener.stopped:
-            raise Stop
-
-    try:
-        with torch.inference_mode():
-            decode_loop(adapter, partial(modes.local_step, run.executor), run.finals["logits"][:, -1], length,
-                        max_new, sampling, stops, result, give)
-    except Stop:
-        pass
-    except Exception as err:  # one device, nothing in flight: only this request fails
-        raise RequestError([(0, describe_error(err, "while decoding"))], trace=traceback.format_exc()) from None
-
-
-def _receive(coord: Coordinator, params: Tensor, result: Generation, listener: _Listener, ping_every: float,
-             serving: Earlier | None) -> None:
+def _receive(coord: Coordinator, params: DecodeParams, result: Generation, listener: _Listener, ping_every: float,
+             serving: "Earlier | None") -> None:
     """Take the last device's tokens until its end marker, answering its questions (and, distributed,
     its queries); keep the idle ones awake."""
     comm, last = coord.comm, coord.world - 1
-    max_new, _, stops, _ = decode_request(params)
     count, asked, pinged = 0, 0, time.monotonic()
     while True:
-        tid = int(comm.recv("token", last, [torch.zeros(1, dtype=torch.int64)], TAG_GENERATE + 1 + count,
-                            "new token")[0])
-        if tid < 0:
+        tid = int(comm.recv("token", last, [wire.word_buffer()], wire.token_tag(count), "new token")[0])
+        if tid == wire.END:
             break
         count += 1
         if not listener.stopped:  # tokens decoded after a stop are dropped
             result.new_ids.append(tid)
             listener.give(tid)
-            if tid in stops:
+            if tid in params.stop_ids:
                 result.stopped_by = "stop token"
-        if continues(count, tid, max_new, stops):
-            word = torch.tensor([0 if listener.stopped else 1], dtype=torch.int64)
-            comm.isend("control", last, [word], TAG_DECODE_CONTROL + asked, "go on / stop", count=False)
+        if params.continues(count, tid):
+            comm.isend("control", last, [wire.word(0 if listener.stopped else 1)], wire.TAG_DECODE_CONTROL + asked,
+                       "go on / stop", count=False)
             asked += 1
         if serving is not None:
             serving.serve_token(count - 1)
         elif time.monotonic() - pinged > ping_every:  # the idle devices wait for their next header
-            coord.tell(PING, range(1, last), "heartbeat")
+            coord.tell(wire.PING, range(1, last), "heartbeat")
             pinged = time.monotonic()
     comm.flush()
 
 
 # --------------------------------------------------------------------------- the workers
-def serve_generation(adapter: Adapter, comm: DistCommunicator, run: DeviceRun, plan, positions: Tensor,
-                     length: int, fault: Fault | None = None) -> tuple[str | None, str | None]:
-    """Any rank > 0 after a GENERATE prefill: take the decode parameters, play its part, report its status.
-    Returns (what failed here, its traceback), or (None, None)."""
-    params = comm.recv("control", 0, [torch.zeros(PARAMS, dtype=torch.float64)], TAG_GENERATE,
-                       "decode parameters", count=False)[0]
-    if int(params[0]) == ABANDONED:  # a device failed in the prefill: rank 0 refused the request
-        return None, None
-    role: Last | Earlier
+def serve_generation(comm: DistCommunicator, run: DeviceRun, fault: Fault | None = None) -> Containment:
+    """Any rank > 0 after a GENERATE prefill: take the decode parameters, play its part, report its status."""
+    params = DecodeParams.decode(comm.recv("control", 0, [DecodeParams.buffer()], wire.TAG_GENERATE,
+                                           "decode parameters", count=False)[0])
+    assert run.executor is not None
+    role: Containment
+    if params.is_abandoned:  # a device failed in the prefill: rank 0 refused the request
+        return Containment()
     if comm.rank == comm.world - 1:
-        role = Last(adapter, comm, run, plan, positions, params, fault)
-        role.decode(length)
+        role = DistPeers(run.executor, comm, params, fault)
+        role.decode(run.finals)
     else:
-        role = Earlier(run, comm, plan, positions, fault)
-        mode = decode_request(params)[3]
-        if mode == "handoff":
+        role = Earlier(run.executor, comm, fault)
+        if params.mode == "handoff":
             role.hand_off()
-        elif mode == "distributed":
+        elif params.mode == "distributed":
             role.serve()
-    comm.isend("control", 0, [pack_text(role.error or "", STATUS_CELLS)], TAG_DECODE_STATUS, "decode status",
-               count=False)
+    comm.isend("control", 0, [wire.pack_text(role.error or "", wire.STATUS_CELLS)], wire.TAG_DECODE_STATUS,
+               "decode status", count=False)
     comm.flush()
-    return role.error, role.trace
+    return role
 
 
-__all__ = ["CHUNK", "Sampling", "check_stop_ids", "run_generation", "serve_generation"]
+class Earlier(Containment):
+    """An earlier device's part: its K/V handed off once, or its partial attention for every query.
+    Rank 0 plays it too, from inside its token loop."""
+
+    def __init__(self, dev: DeviceExecutor, comm: DistCommunicator, fault: Fault | None = None) -> None:
+        super().__init__()
+        self.dev, self.comm, self.last, self.fault = dev, comm, comm.world - 1, fault
+        self.layers = dev.geo.layers
+
+    def hand_off(self) -> None:
+        shapes = modes.handoff_shapes(self.dev.geo, self.dev.codec.wire, int(self.dev.shared_rows().sum()))
+        for i in range(self.layers):
+            message = self.attempt(f"in layer {i}'s hand-off", self.dev.handoff_message, i)
+            self.comm.isend("handoff", self.last, message or [torch.zeros(s, dtype=d) for s, d in shapes],
+                            wire.handoff_tag(i), f"layer {i} hand-off")
+        self.comm.flush()
+
+    def _answer(self, i: int, q: Tensor) -> list[Tensor] | None:
+        if self.fault is not None and self.error is None:
+            self.attempt(f"answering layer {i}'s decode query", self.fault.strike, i, "decode")
+        return self.attempt(f"answering layer {i}'s decode query", self.dev.answer, i, q)
+
+    def serve_token(self, t: int) -> bool:
+        """Wait for the last device's word before token t's layers; answer each layer's query.  False: done."""
+        follows = self.comm.recv("control", self.last, [wire.word_buffer()], wire.TAG_DECODE_WORD + t,
+                                 "decode word", count=False)[0]
+        if int(follows) == 0:
+            return False
+        shapes = modes.partial_shapes(self.dev.geo, self.dev.codec.wire)
+        with torch.inference_mode():
+            for i in range(self.layers):
+                q = self.comm.recv("decode", self.last, [torch.empty(shapes[0][0], dtype=shapes[0][1])],
+                                   wire.query_tag(t, i, self.layers), f"layer {i} query")[0]
+                answer = self._answer(i, q) or [torch.zeros(s, dtype=d) for s, d in shapes]
+                self.comm.isend("decode", self.last, answer, wire.answer_tag(t, i, self.layers),
+                                f"layer {i} partial attention")
+        self.comm.flush()
+        return True
+
+    def serve(self) -> None:
+        t = 0
+        while self.serve_token(t):
+            t += 1
+
+
+class DistPeers(Containment):
+    """The last device's peers over torch.distributed: streams token ids to rank 0 and asks it every CHUNK
+    tokens whether to go on; takes the hand-off layer by layer; sends the earlier devices each query."""
+
+    def __init__(self, dev: DeviceExecutor, comm: DistCommunicator, params: DecodeParams,
+                 fault: Fault | None = None) -> None:
+        super().__init__()
+        self.dev, self.comm, self.params, self.fault = dev, comm, params, fault
+        self.earlier = range(comm.world - 1)
+        self.sent = self.asked = 0
+        self.told = False  # distributed: the earlier devices heard that no more layers follow
+        self.open: int | None = None  # distributed: the next layer of the current token still to exchange
+        self.pending: dict[int, list] = {}
+        if params.mode == "handoff":  # posted now, waited for layer by layer in the first token's forward
+            rows = [int(modes.shared_mask(dev.plan, dev.request_positions, p).sum()) for p in self.earlier]
+            shapes = [modes.handoff_shapes(dev.geo, dev.codec.wire, r) for r in rows]
+            self.pending = {i: [comm.irecv(p, [torch.empty(s, dtype=d) for s, d in shapes[p]], wire.handoff_tag(i),
+                                           f"layer {i} hand-off") for p in self.earlier] for i in range(dev.geo.layers)}
+
+    def decode(self, finals: dict[str, Tensor]) -> None:
+        """The whole decode on this device, then the end marker and the byte counts to rank 0."""
+        with torch.inference_mode():
+            self.attempt("while decoding", decode_loop, self.dev, self, self.params, finals["logits"][:, -1],
+                         self.dev.request_positions.shape[1], Generation(prompt_ids=torch.zeros(1, 0, dtype=torch.long)))
+        if self.error is not None:  # finish what the peers wait for, end early
+            self._settle()
+        if self.params.mode == "distributed" and not self.told:  # ranks 1.. wait for the next token's word; rank 0
+            for p in self.earlier[1:]:  # learns of the end from the end marker
+                self.comm.isend("control", p, [wire.word(0)], wire.TAG_DECODE_WORD + self.sent, "decode word",
+                                count=False)
+        self.comm.isend("token", 0, [wire.word(wire.END)], wire.token_tag(self.sent), "end of generation")
+        ledger, me = self.comm.ledger, self.comm.rank
+        counts = wire.byte_counts(ledger.received("handoff", me), ledger.sent("decode", me) + ledger.received("decode", me))
+        self.comm.isend("control", 0, [counts], wire.TAG_DECODE_BYTES, "decode byte counts", count=False)
+        self.comm.flush()
+
+    def _settle(self) -> None:
+        """After a failure: take the hand-off still in flight and finish the current token's exchanges with
+        zero queries, so that every earlier device is where the end of the generation expects it."""
+        for index in sorted(self.pending):
+            for p, works in enumerate(self.pending.pop(index)):
+                self.comm.wait_recv("handoff", p, works, f"layer {index} hand-off")
+        if self.params.mode == "distributed" and self.open is not None:
+            shapes = modes.partial_shapes(self.dev.geo, self.dev.codec.wire)
+            for i in range(self.open, self.dev.geo.layers):
+                self._exchange(i, torch.zeros(shapes[0][0], dtype=shapes[0][1]))
+
+    def token(self, tid: int) -> bool:
+        self.comm.isend("token", 0, [wire.word(tid)], wire.token_tag(self.sent), "new token")
+        self.sent += 1
+        stopped = False
+        if self.params.continues(self.sent, tid):
+            answer = self.comm.recv("control", 0, [wire.word_buffer()], wire.TAG_DECODE_CONTROL + self.asked,
+                                    "go on / stop", count=False)[0]
+            self.asked += 1
+            stopped = int(answer) == 0
+        if self.params.mode == "distributed":  # the earlier devices learn whether this token's layers follow
+            follows = not stopped and tid not in self.params.stop_ids and self.sent < self.params.max_new_tokens
+            for p in self.earlier:
+                self.comm.isend("control", p, [wire.word(int(follows))], wire.TAG_DECODE_WORD + self.sent - 1,
+                                "decode word", count=False)
+            self.told = not follows
+            self.open = 0 if follows else None
+        return stopped
+
+    def enter(self, index: int) -> list[list[Tensor]] | None:
+        if self.fault is not None:
+            self.fault.strike(index, "decode")
+        if index not in self.pending:
+            return None
+        messages = []
+        for p, works in enumerate(self.pending.pop(index)):
+            self.comm.wait_recv("handoff", p, works, f"layer {index} hand-off")
+            messages.append([buf for _, buf in works])
+        return messages
+
+    def ask(self, index: int, query: Tensor) -> list[list[Tensor]]:
+        return list(self._exchange(index, query).values())
+
+    def _exchange(self, index: int, query: Tensor) -> dict[int, list[Tensor]]:
+        """Layer `index` of the current token: the query to every earlier device, their partial attentions back."""
+        token, layers = self.sent - 1, self.dev.geo.layers
+        shapes = modes.partial_shapes(self.dev.geo, self.dev.codec.wire)
+        posted = {p: self.comm.irecv(p, [torch.empty(s, dtype=d) for s, d in shapes], wire.answer_tag(token, index, layers),
+                                     f"layer {index} partial attention") for p in self.earlier}
+        for p in self.earlier:
+            self.comm.isend("decode", p, [query], wire.query_tag(token, index, layers), f"layer {index} query")
+        out = {}
+        for p, works in posted.items():
+            self.comm.wait_recv("decode", p, works, f"layer {index} partial attention")
+            out[p] = [buf for _, buf in works]
+        self.open = index + 1 if index + 1 < layers else None
+        return out

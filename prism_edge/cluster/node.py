@@ -65,18 +65,6 @@ class Fault:
         raise InjectedFault(f"injected fault ({self.kind} at layer {layer})")
 
 
-@dataclass
-class DeviceRun:
-    finals: dict[str, Tensor]
-    cpu_s: float = 0.0  # this thread's CPU time for the request (time.thread_time)
-    compute_s: list[float] = field(default_factory=list)  # per layer
-    wait_s: list[float] = field(default_factory=list)
-    tally: FlopTally | None = None
-    executor: DeviceExecutor | None = None  # kept for decoding (GENERATE)
-    error: str | None = None  # what failed inside the request (one line); finals are then empty
-    trace: str | None = None  # its traceback, for --debug
-
-
 def describe_error(err: BaseException, where: str) -> str:
     """One line for a failure inside a request: what, where."""
     text = " ".join(str(err).split()) or "(no message)"
@@ -84,14 +72,44 @@ def describe_error(err: BaseException, where: str) -> str:
 
 
 @dataclass
-class _Loop:
-    """One request's layer loop on one device: what every layer step needs.
+class Containment:
+    """The one failure-containment path, for the prefill and for decoding alike.
 
-    A failure inside the request's computation (a bug, out of memory) is caught and remembered: from then
-    on the device computes nothing but still posts, sends and waits for every message the request's plan
-    holds, sending zeros of the planned shapes, so its peers finish the request in step and the group
-    stays usable; rank 0 learns of the failure from the device's report.
+    A failure inside a request's computation (a bug, out of memory) is caught and remembered (the first one,
+    as one line and its traceback); from then on `attempt` computes nothing, and the caller still sends every
+    message its peers wait for (zeros of the planned shapes), so the request ends in step and the group stays
+    usable; rank 0 learns of the failure from the device's report or status.  A lost peer is never contained.
     """
+
+    error: str | None = None  # what failed inside the request (one line)
+    trace: str | None = None  # its traceback, for --debug
+
+    def attempt(self, where: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), or None once anything in the request has failed (now or before)."""
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args)
+        except DeviceLost:
+            raise
+        except Exception as err:  # noqa: BLE001 - contained: the request fails, the device goes on
+            self.error, self.trace = describe_error(err, where), traceback.format_exc()
+            return None
+
+
+@dataclass
+class DeviceRun(Containment):
+    finals: dict[str, Tensor] = field(default_factory=dict)  # empty when the request failed here
+    cpu_s: float = 0.0  # this thread's CPU time for the request (time.thread_time)
+    compute_s: list[float] = field(default_factory=list)  # per layer
+    wait_s: list[float] = field(default_factory=list)
+    tally: FlopTally | None = None
+    executor: DeviceExecutor | None = None  # kept for decoding (GENERATE)
+
+
+@dataclass
+class _Loop:
+    """One request's layer loop on one device: what every layer step needs (failures: Containment)."""
 
     dev: DeviceExecutor
     comm: DistCommunicator
@@ -102,22 +120,15 @@ class _Loop:
     fault: Fault | None = None
 
     def attempt(self, stage: object, point: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """tally.run(stage, ...) of fn(*args) unless the request already failed; a failure is remembered
-        (where: the stage) and None returned.  point: where a testing fault may strike."""
-        if self.run.error is not None:
-            return None
-        try:
+        """tally.run(stage, ...) of fn(*args), contained (see Containment).  point: where a testing fault may strike."""
+        def step() -> Any:
             if self.fault is not None and isinstance(stage, int):
                 self.fault.strike(stage, point)
             return self.tally.run(stage, self.comm.rank, fn, *args)
-        except DeviceLost:
-            raise
-        except Exception as err:  # noqa: BLE001 - contained: the request fails, the device goes on
-            where = f"in layer {stage}" if isinstance(stage, int) else {"embed": "in the embedding"}.get(
-                str(stage), f"in the {stage}")
-            self.run.error = describe_error(err, where)
-            self.run.trace = traceback.format_exc()
-            return None
+
+        where = f"in layer {stage}" if isinstance(stage, int) else {"embed": "in the embedding"}.get(
+            str(stage), f"in the {stage}")
+        return self.run.attempt(where, step)
 
     def zeros(self) -> dict[int, list[Tensor]]:
         """The layer's outgoing messages as zeros of their planned shapes (after a failure)."""
@@ -178,7 +189,7 @@ def run_device(
     dev = DeviceExecutor(adapter, plan, comm.rank, cfg, batch)
     dev.keep_cache = keep_cache
     tally = FlopTally(count_flops)
-    run = DeviceRun(finals={}, tally=tally, executor=dev)
+    run = DeviceRun(tally=tally, executor=dev)
     loop = _Loop(dev, comm, tally, run, overlap, slowdown, fault)
     cpu0 = time.thread_time()
     with torch.inference_mode():
@@ -216,4 +227,4 @@ def device_report(comm: DistCommunicator, run: DeviceRun, layers: int) -> Device
     )
 
 
-__all__ = ["DeviceRun", "Fault", "InjectedFault", "describe_error", "device_report", "output_layout", "run_device"]
+__all__ = ["Containment", "DeviceRun", "Fault", "InjectedFault", "describe_error", "device_report", "output_layout", "run_device"]

@@ -19,20 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..runtime.comm import ByteLedger
-
-# the j-th tensor of a message travels with tag + j, so a message of several tensors never mixes up
-TAG_HEADER, TAG_META, TAG_INPUT, TAG_OUTPUT, TAG_STATS = 32, 64, 96, 128, 160
-TAG_LAYER = 256  # tensor j of layer i's message travels with tag TAG_LAYER + LAYER_TAGS * i + j
-LAYER_TAGS = 4  # tensors per layer message at most: rows, int8 scales, group sizes (one spare)
-TAG_GENERATE = 1 << 20  # decode parameters to every device; new token t comes back with tag + 1 + t
-TAG_DECODE_CONTROL = 3 << 19  # rank 0 -> last device: go on / stop, the c-th time with tag + c
-TAG_HANDOFF = 1 << 22  # earlier device -> last: layer i's K/V with tag + LAYER_TAGS * i + j
-TAG_DECODE_WORD = 5 << 20  # last -> earlier devices, before token t's layers: 1 (they follow) or 0 (done), tag + t
-TAG_DECODE_BYTES = 7 << 20  # last -> rank 0 at the end: hand-off and decode bytes it exchanged
-TAG_DECODE_STATUS = (7 << 20) + 16  # every worker -> rank 0 at the end of a generation: "" or what failed
-TAG_DECODE_QUERY = 1 << 23  # last -> earlier device: token t's query of layer i, tag + 4 * (t * layers + i)
-TAG_DECODE_ANSWER = 1 << 24  # earlier device -> last: its partial attention for it, tag + 4 * (t * layers + i) + j
-
+from ..runtime.wire import layer_tag
 
 class DeviceLost(RuntimeError):
     """A peer died, hung or fell out of step: this process cannot go on and the cluster must stop."""
@@ -125,13 +112,13 @@ class DistCommunicator:
     def post_layer(self, index: int, expected: dict[int, list[tuple[tuple[int, ...], torch.dtype]]]) -> dict:
         """Post the layer's receives before computing anything: gloo sends go out only once posted."""
         return {src: self.irecv(src, [torch.empty(shape, dtype=dtype) for shape, dtype in parts],
-                                TAG_LAYER + LAYER_TAGS * index, f"layer {index} message")
+                                layer_tag(index), f"layer {index} message")
                 for src, parts in expected.items()}
 
     def send_layer(self, index: int, outgoing: dict[int, list[Tensor]]) -> None:
         self.flush()  # the previous layer's sends: long done unless a peer is stuck
         for dst, tensors in outgoing.items():
-            self.isend(index, dst, tensors, TAG_LAYER + LAYER_TAGS * index, f"layer {index} message")
+            self.isend(index, dst, tensors, layer_tag(index), f"layer {index} message")
 
     def collect_layer(self, index: int, posted: dict, expected: dict) -> dict[int, list[Tensor]]:
         deadline = time.monotonic() + self.timeout

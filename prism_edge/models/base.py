@@ -139,10 +139,10 @@ class Adapter:
     def vocab_size(self) -> int:
         return int(getattr(self.config, "vocab_size", None) or 2**31)
 
-    def max_positions(self) -> int | None:
-        """The longest input the model's position table covers (None: rotary, no table)."""
-        if self.geometry.rotary:
-            return None
+    def position_limit(self) -> int | None:
+        """The most positions a text model takes: its position table, or the context a rotary model was built
+        for (max_position_embeddings); None for image models (their positions come from the image size).
+        The one place this is read: requests, prompts and the start-up probe all ask here."""
         return getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
 
     def special_ids(self) -> set[int]:
@@ -229,7 +229,7 @@ class TextAdapter(Adapter):
         batch, length = ids.shape
         if length == 0:
             raise ValueError("input_ids is empty (length 0); give every sequence at least one token")
-        limit = self.max_positions()
+        limit = self.position_limit()
         if limit and length > limit:
             raise ValueError(f"input_ids has {length} positions but the model takes at most {limit}; shorten the "
                              "text or tokenize with truncation=True, max_length=" + str(limit))

@@ -9,10 +9,16 @@ devices step together) and one process per device (torch.distributed in between)
 
 Device `rank` computes Q, K, V for its own rows only, and K, V only for the rows it receives (or
 receives them ready-made): no device ever computes K/V for another device's full slice.
+
+Decoding is the same executor's other half (after a prefill with keep_cache): a new position joins the
+last device's slice and runs `decode_layer` there; what it sees of the earlier devices' rows is what the
+prefill left in the cache, their hand-off (`handoff_message` -> `install_handoff`), or their partial
+attention for its query (`answer`), by decode mode (runtime/decode.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +27,15 @@ from torch import Tensor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..config import PrismConfig
-from ..models.base import Adapter, Batch
+from ..models.base import Adapter, Batch, Geometry
 from ..partition import masks
 from ..partition.plan import Plan
 from . import message
 from .attention import Partial, expand_kv, importance, merge_heads, partial_attention, split_heads
+from .decode import kv_codec, query_wire, shared_mask
 from .message import Codec
+
+Ask = Callable[[int, Tensor], list[list[Tensor]]]  # (layer, query) -> every earlier device's [out, lse]
 
 
 def resolve_payload(cfg: PrismConfig, rotary: bool, hidden: int, kv_width: int) -> str:
@@ -77,7 +86,97 @@ class LayerState:
         return self.q, self.k, self.v
 
 
-class DeviceExecutor:
+class _Heads:
+    """What the prefill and the decode halves share: head reshapes and attention over a subset of the keys."""
+
+    adapter: Adapter
+    geo: Geometry
+
+    def _heads(self, t: Tensor, heads: int) -> Tensor:
+        return split_heads(t, heads, self.geo.head_dim)  # (B, heads, n, hd)
+
+    def _flat(self, t: Tensor) -> Tensor:
+        return merge_heads(t)  # (B, n, heads * hd)
+
+    def _expand_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return expand_kv(k, v, self.geo.heads)
+
+    def _partial(self, index: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Partial:
+        k, v = self._expand_kv(k, v)
+        return partial_attention(q, k, v, mask, self.adapter.scale(index))
+
+
+class _DecodeHalf(_Heads):
+    """The executor's decode half: one new position at a time, after a prefill that kept its cache."""
+
+    plan: Plan
+    rank: int
+    codec: Codec
+    cache: list[LayerCache]
+    request_positions: Tensor
+    _shared: Tensor | None
+
+    def decode_layer(self, index: int, x: Tensor, positions: Tensor, ask: Ask | None = None) -> Tensor:
+        """One new position (B, 1, d) through layer `index` on the decoding (last) device; its K/V join the
+        cache.  ask None: attention over the rows this device holds (its cache and what it received at
+        prefill, or was handed off).  Else the own cache's partial attention, merged exactly with every
+        earlier device's answer to `ask(index, query)` (their partials over the rows they own)."""
+        g, layer, c = self.geo, self.adapter.layers()[index], self.cache[index]
+        h = self.adapter.attn_input(layer, x)
+        q, k, v = self.adapter.qkv(layer, h)
+        q, k, v = self._heads(q, g.heads), self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
+        if g.rotary:
+            rot = self.adapter.rotary(x, positions)
+            assert rot is not None  # a rotary family's adapter returns (cos, sin)
+            q, k = apply_rotary_pos_emb(q, k, *rot)
+        c.k, c.v = torch.cat([c.k, k], 2), torch.cat([c.v, v], 2)
+        c.own_mask = torch.cat([c.own_mask, c.own_mask.new_zeros(c.own_mask.shape[:-1] + (1,))], -1)
+        if ask is None:
+            mask = torch.cat([c.remote_mask, c.own_mask], -1)
+            ctx = self._partial(index, q, torch.cat([c.remote_k, c.k], 2), torch.cat([c.remote_v, c.v], 2), mask).out
+        else:
+            merged = self._partial(index, q, c.k, c.v, c.own_mask)
+            for out, lse in ask(index, q.to(query_wire(self.codec.wire)).contiguous()):
+                merged = merged.join(Partial(out.to(q.dtype), lse.to(q.dtype)))
+            ctx = merged.out
+        return self.adapter.after_attention(layer, x, h, self._flat(ctx))
+
+    def shared_rows(self) -> Tensor:
+        """(B, n) the own rows the decoding device needs from this (earlier) device."""
+        if self._shared is None:
+            self._shared = shared_mask(self.plan, self.request_positions, self.rank)
+        return self._shared
+
+    def answer(self, index: int, query: Tensor) -> list[Tensor]:
+        """An earlier device's answer to the decoding device's query (B, H, 1, hd): its partial attention
+        (output and log-sum-exp, at the query's wire dtype) over its shared rows of layer `index`."""
+        c = self.cache[index]
+        mask = torch.zeros_like(c.own_mask).masked_fill(~self.shared_rows().view(1, 1, 1, -1), torch.finfo(c.k.dtype).min)
+        part = self._partial(index, query.to(c.k.dtype), c.k, c.v, mask)
+        wire = query_wire(self.codec.wire)
+        return [part.out.to(wire), part.lse.to(wire)]
+
+    def handoff_message(self, index: int) -> list[Tensor]:
+        """An earlier device's K/V of its shared rows of layer `index` (generation: B = 1), encoded for the
+        wire: (R, 2 * kv_width)."""
+        c, rows = self.cache[index], self.shared_rows()[0]
+        kv = torch.cat([c.k[0, :, rows].transpose(0, 1).flatten(1), c.v[0, :, rows].transpose(0, 1).flatten(1)], -1)
+        return message.encode(kv, kv_codec(self.geo, self.codec.wire))
+
+    def install_handoff(self, index: int, messages: list[list[Tensor]]) -> None:
+        """The decoding device: every earlier device's handed-off K/V replace what it received at prefill."""
+        g, cache = self.geo, self.cache[index]
+        codec = kv_codec(g, self.codec.wire)
+        rows = [message.decode(m, codec, cache.k.dtype).to(cache.k.device) for m in messages]
+        k, v = torch.cat(rows).split(g.kv_width, dim=-1)  # (R, kv_width) each
+        cache.remote_k = k.view(1, -1, g.kv_heads, g.head_dim).transpose(1, 2)  # (1, Hkv, R, hd)
+        cache.remote_v = v.view(1, -1, g.kv_heads, g.head_dim).transpose(1, 2)
+        cache.remote_mask = cache.remote_mask.new_zeros(1, 1, 1, cache.remote_k.shape[2])
+
+
+class DeviceExecutor(_DecodeHalf):
+    """One device's share of every layer: the prefill half here, the decode half inherited."""
+
     def __init__(self, adapter: Adapter, plan: Plan, rank: int, cfg: PrismConfig, batch: Batch) -> None:
         if not cfg.is_resolved:
             cfg = cfg.resolved(adapter.kind)
@@ -90,12 +189,14 @@ class DeviceExecutor:
         kv = self.payload == "kv"
         self.codec = Codec(cfg.wire_for(batch.longest), cfg.grouping or "contiguous",
                            quant_group=g.head_dim if kv else g.hidden, cluster_width=g.kv_width if kv else g.hidden)
+        self.request_positions = batch.positions  # (B, N)
         self.positions = torch.gather(batch.positions, 1, self.slice.index)  # (B, n)
         self.remote_positions = [
             torch.gather(batch.positions, 1, r.slot_index.clamp(min=0)) for r in self.in_routes
         ]  # (B, S) per incoming route; only exact slots' entries are meaningful
         self._own_mask: Tensor | None = None
         self._rope: tuple | None = None
+        self._shared: Tensor | None = None
         self.keep_cache = False  # keep each layer's K/V after the forward, for decoding on this device
         self.cache: list[LayerCache] = []
 
@@ -140,12 +241,6 @@ class DeviceExecutor:
     # ------------------------------------------------------------------ the layer
     def embed(self, local: dict[str, Tensor]) -> Tensor:
         return self.adapter.embed(local)
-
-    def _heads(self, t: Tensor, heads: int) -> Tensor:
-        return split_heads(t, heads, self.geo.head_dim)  # (B, heads, n, hd)
-
-    def _flat(self, t: Tensor) -> Tensor:
-        return merge_heads(t)  # (B, n, heads * hd)
 
     def send(self, index: int, x: Tensor) -> tuple[LayerState, dict[int, list[Tensor]]]:
         """Only what the outgoing messages need: the attention input (and K, V for a kv payload; Q and
@@ -217,13 +312,6 @@ class DeviceExecutor:
             values.append(v)
             slots.append((valid, count))
         return keys, values, slots
-
-    def _expand_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return expand_kv(k, v, self.geo.heads)
-
-    def _partial(self, index: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Partial:
-        k, v = self._expand_kv(k, v)
-        return partial_attention(q, k, v, mask, self.adapter.scale(index))
 
     def attend_own(self, index: int, state: LayerState) -> Partial:
         """Attention over this device's own keys only: what can run while the exchange is in flight."""

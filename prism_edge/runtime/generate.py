@@ -1,22 +1,22 @@
-"""Text generation under PRISM (simulator): distributed prefill, then KV-cache decode on the last device.
+"""Text generation under PRISM: a distributed prefill, then one new position at a time on the last device.
 
-Layout: the prompt is split across the P devices as in any forward pass (partition-aware causal
-mask, Segment Means from earlier to later devices).  Every new token is appended to the **last**
-device's slice.  In a decoder no position ever attends to a later one, so the earlier devices never
-need the new tokens, and the last device already holds everything a new token may see: its own
-exact K/V (prompt slice + generated tokens) and the rows it received from the earlier devices at
-prefill (means, sinks, halo).  Decoding therefore needs **no traffic after prefill** beyond handing
-each new token id to whoever prints it (8 bytes), and it is exact for this layout: the same as
-re-running the PRISM forward over the grown sequence with the prompt's slices and the new tokens on
-the last device (tested).  The cost: decode runs on one device, and the new tokens see the earlier
-devices only through the prefill's compressed rows.
+Layout: the prompt is split across the P devices as in any forward pass (partition-aware causal mask,
+Segment Means from earlier to later devices).  Every new token joins the **last** device's slice: in a
+decoder no position attends to a later one, so the earlier devices never need the new tokens, and the
+last device holds its own exact K/V (prompt slice and generated tokens) and what it received at prefill.
+The decode mode (runtime/decode.py) says what else a new token sees of the earlier devices' rows.
+
+`decode_loop` is the one decoding loop: the simulator's `generate` and the device processes
+(cluster/generation.py) run it on the last device's executor and differ only in their `Peers`, what
+carries the hand-off, the queries and the token stream (here: `LocalPeers`, every tensor through a
+LocalCommunicator whose ledger counts it).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -24,80 +24,15 @@ from torch import Tensor, nn
 from ..config import PrismConfig
 from ..models import adapter_for
 from ..models.base import check_ids
-from .comm import ByteLedger
-from .decode import MODES, Link, choose, distributed_step, handoff, local_step
+from .comm import LocalCommunicator
+from .decode import Link, choose
+from .device import DeviceExecutor
+from .sampling import Sampling
 from .simulator import run_devices
 from .stats import Stats
+from .wire import MAX_STOPS, TOKEN_ID_BYTES, DecodeParams
 
-TOKEN_ID_BYTES = 8  # an int64 token id from the last device to the coordinator
-
-
-@dataclass
-class Sampling:
-    """Greedy when do_sample is False; otherwise temperature, top-k (0 = off), top-p (1 = off), seed."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        def number(name: str, value) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            return float(value)
-
-        if not isinstance(self.do_sample, bool):
-            raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}")
-        if number("temperature", self.temperature) <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
-        if not 0 < number("top_p", self.top_p) <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}; 1 turns it off")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}; 0 turns it off")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-
-    def pick(self, logits: Tensor, generator: torch.Generator | None) -> Tensor:
-        """(B, V) -> (B,) next token ids."""
-        if not self.do_sample:
-            return logits.argmax(-1)
-        logits = logits.float() / self.temperature
-        if self.top_k:
-            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1:
-            probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
-            drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest prefix reaching top_p
-            logits = logits.scatter(-1, order, logits.gather(-1, order).masked_fill(drop, float("-inf")))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-MAX_STOPS = 8
-PARAMS = 10 + MAX_STOPS  # [max_new, do_sample, temperature, top_k, top_p, seed high, seed low, stops, mode, -, stop ids]
-
-
-def encode_request(max_new_tokens: int, sampling: Sampling, stop_ids: tuple[int, ...], mode: str = "local") -> Tensor:
-    """The decode parameters as one float64 tensor (what rank 0 sends every device after the prefill).
-    The seed travels as two 32-bit halves, which float64 holds exactly."""
-    if len(stop_ids) > MAX_STOPS:
-        raise ValueError(f"at most {MAX_STOPS} stop token ids, got {len(stop_ids)}")
-    seed = sampling.seed
-    t = torch.zeros(PARAMS, dtype=torch.float64)
-    t[:10] = torch.tensor([max_new_tokens, float(sampling.do_sample), sampling.temperature, sampling.top_k,
-                           sampling.top_p, -1 if seed is None else seed >> 32, 0 if seed is None else seed & 0xFFFFFFFF,
-                           len(stop_ids), MODES.index(mode), 0], dtype=torch.float64)
-    t[10 : 10 + len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.float64)
-    return t
-
-
-def decode_request(t: Tensor) -> tuple[int, Sampling, tuple[int, ...], str]:
-    v = t.tolist()
-    seed = None if v[5] < 0 else (int(v[5]) << 32) | int(v[6])
-    stops = tuple(int(x) for x in v[10 : 10 + int(v[7])])
-    return int(v[0]), Sampling(bool(v[1]), v[2], int(v[3]), v[4], seed), stops, MODES[int(v[8])]
+TokenCallback = Callable[[int], "bool | None"]  # on_token(id) -> True to stop generating
 
 
 @dataclass
@@ -134,6 +69,7 @@ class Generation:
         return torch.cat([self.prompt_ids, torch.tensor([self.new_ids], dtype=self.prompt_ids.dtype)], dim=1)
 
 
+# --------------------------------------------------------------------------- what a request may ask
 def check_prompt(adapter, input_ids: Tensor, max_new_tokens: int) -> None:
     """What both the simulator's and the cluster's generate refuse, with what to do instead."""
     model = adapter.model
@@ -146,10 +82,115 @@ def check_prompt(adapter, input_ids: Tensor, max_new_tokens: int) -> None:
         raise ValueError("the prompt is empty; give at least one token")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = adapter.position_limit()
     if limit and input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceed the model's "
                          f"{limit} positions; shorten one of them")
+
+
+def check_stop_ids(stop_ids: Sequence[int], vocab: int) -> tuple[int, ...]:
+    """Stop token ids: at most MAX_STOPS integers in the vocabulary."""
+    if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Sequence):
+        raise ValueError(f"stop_ids must be a list of token ids, got {type(stop_ids).__name__}")
+    if len(stop_ids) > MAX_STOPS:
+        raise ValueError(f"stop_ids takes at most {MAX_STOPS} token ids, got {len(stop_ids)}")
+    for tid in stop_ids:
+        if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < vocab:
+            raise ValueError(f"stop_ids must be token ids in [0, {vocab}), got {tid!r}")
+    return tuple(stop_ids)
+
+
+def check_request(adapter, input_ids: Tensor, max_new_tokens: int, sampling: Sampling | None,
+                  stop_ids: Sequence[int], on_token: TokenCallback | None) -> tuple[Sampling, tuple[int, ...]]:
+    """Every check of a generation request, before anything runs: (sampling, stop ids) as they will be used."""
+    sampling = sampling if sampling is not None else Sampling()
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a Sampling(...), got {type(sampling).__name__}")
+    if on_token is not None and not callable(on_token):
+        raise ValueError("on_token must be a function of one token id (or None)")
+    stops = check_stop_ids(stop_ids, adapter.vocab_size())
+    check_prompt(adapter, input_ids, max_new_tokens)
+    return sampling, stops
+
+
+# --------------------------------------------------------------------------- the decoding loop
+class Peers(Protocol):
+    """The decoding device's view of the other devices while it decodes (what carries the tensors)."""
+
+    def token(self, tid: int) -> bool:
+        """A new token was picked (hand it on); True: stop after it."""
+
+    def enter(self, index: int) -> list[list[Tensor]] | None:
+        """Layer `index` of a new position begins: every earlier device's hand-off for it, once (handoff)."""
+
+    def ask(self, index: int, query: Tensor) -> list[list[Tensor]]:
+        """Distributed: every earlier device's partial attention [out, lse] for this layer's query."""
+
+
+def decode_loop(dev: DeviceExecutor, peers: Peers, params: DecodeParams, logits: Tensor, position: int,
+           result: Generation, keep_logits: bool = False, teacher: list[int] | None = None) -> None:
+    """Pick a token from `logits` (B=1, V), hand it on, run it through every layer on `dev` (the last device,
+    after a prefill with keep_cache), repeat: until max_new_tokens, a stop token, or `peers` says stop.
+    teacher: feed these tokens instead of the picked ones (keep_logits shows what the model would have said)."""
+    device = logits.device
+    sampling = params.sampling
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    ask = peers.ask if params.mode == "distributed" else None
+    for _ in range(params.max_new_tokens):
+        if keep_logits:
+            result.logits.append(logits[0].float().cpu())
+        token = sampling.pick(logits, generator)  # (1,)
+        if teacher is not None:
+            token = torch.tensor([teacher[len(result.new_ids)]], device=device)
+        tid = int(token)
+        result.new_ids.append(tid)
+        if peers.token(tid):
+            result.stopped_by = "stop"
+            break
+        if tid in params.stop_ids:
+            result.stopped_by = "stop token"
+            break
+        if len(result.new_ids) == params.max_new_tokens:
+            break  # the last token is never fed back: its logits would go unused
+        pos = torch.tensor([[position]], device=device)
+        x = dev.embed({"input_ids": token.view(1, 1), "positions": pos})
+        for i in range(dev.geo.layers):
+            handed = peers.enter(i)
+            if handed is not None:
+                dev.install_handoff(i, handed)
+            x = dev.decode_layer(i, x, pos, ask)
+        logits = dev.final(x)["logits"][:, -1]
+        position += 1
+
+
+class LocalPeers:
+    """The simulator's peers: every device in this process, every tensor through one LocalCommunicator (its
+    ledger counts the hand-off and the decode traffic, as the device processes' communicators do)."""
+
+    def __init__(self, devs: list[DeviceExecutor], mode: str, on_token: TokenCallback | None = None) -> None:
+        self.devs, self.on_token, self.last = devs, on_token, len(devs) - 1
+        self.comm = LocalCommunicator(len(devs))
+        self.handed: dict[int, list[list[Tensor]]] = {}
+        if mode == "handoff":  # once, right after the prefill (the device processes overlap it with decoding)
+            for i in range(devs[-1].geo.layers):
+                got = self.comm.exchange("handoff", [{self.last: d.handoff_message(i)} for d in devs[:-1]] + [{}])
+                self.handed[i] = [got[self.last][p] for p in range(self.last)]
+
+    def token(self, tid: int) -> bool:
+        return bool(self.on_token(tid)) if self.on_token is not None else False
+
+    def enter(self, index: int) -> list[list[Tensor]] | None:
+        return self.handed.pop(index, None)
+
+    def ask(self, index: int, query: Tensor) -> list[list[Tensor]]:
+        earlier = range(self.last)
+        asked = self.comm.exchange("decode", [{} for _ in earlier] + [{p: [query] for p in earlier}])
+        answers = [{self.last: self.devs[p].answer(index, asked[p][self.last][0])} for p in earlier]
+        got = self.comm.exchange("decode", answers + [{}])
+        return [got[self.last][p] for p in earlier]
+
+    def bytes(self, stage: str) -> int:
+        return sum(b for (s, _, _), b in self.comm.ledger.entries.items() if s == stage)
 
 
 @torch.inference_mode()
@@ -160,8 +201,8 @@ def generate(
     *,
     max_new_tokens: int = 32,
     sampling: Sampling | None = None,
-    stop_ids: tuple[int, ...] = (),
-    on_token: Callable[[int], None] | None = None,
+    stop_ids: Sequence[int] = (),
+    on_token: TokenCallback | None = None,
     keep_logits: bool = False,
     decode: str = "auto",
     link: Link | None = None,
@@ -169,59 +210,21 @@ def generate(
 ) -> Generation:
     """Prefill `input_ids` (one prompt, shape (1, N)) across cfg.devices, then decode on the last device.
 
+    on_token(id) is called for each new token; returning True stops the generation.
     decode: local | handoff | distributed | auto (runtime.decode; `link` is what auto assumes).
     teacher: feed these tokens instead of the sampled ones (teacher forcing; keep_logits shows what the
     model would have said at each step)."""
     adapter = adapter_for(model)
-    check_prompt(adapter, input_ids, max_new_tokens)
-    sampling = sampling or Sampling()
+    sampling, stops = check_request(adapter, input_ids, max_new_tokens, sampling, stop_ids, on_token)
     device = next(model.parameters()).device
     out, devs = run_devices(model, cfg, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
-    last, positions = devs[-1], devs[-1].positions.new_tensor(range(input_ids.shape[1])).unsqueeze(0)
-    mode = choose(decode, last.plan, positions, last.geo, last.codec.wire, max_new_tokens, link or Link())
+    last = devs[-1]
+    mode = choose(decode, last.plan, last.request_positions, last.geo, last.codec.wire, max_new_tokens,
+                  link or Link())
     result = Generation(prompt_ids=input_ids.cpu(), prefill_stats=out.stats, mode=mode)
-    ledger = ByteLedger()
-    if mode == "handoff":
-        handoff(devs, positions, ledger)
-    if mode == "distributed":
-        def step(i, x, pos):
-            return distributed_step(devs, positions, i, x, pos, ledger)
-    else:
-        def step(i, x, pos):
-            return local_step(last, i, x, pos)
+    peers = LocalPeers(devs, mode, on_token)
     assert out.logits is not None  # a causal LM's output (check_prompt)
-    decode_loop(adapter, step, out.logits[:, -1], input_ids.shape[1], max_new_tokens, sampling, stop_ids,
-                result, on_token, keep_logits, teacher)
-    result.handoff_bytes = sum(b for (stage, _, _), b in ledger.entries.items() if stage == "handoff")
-    result.decode_bytes = sum(b for (stage, _, _), b in ledger.entries.items() if stage == "decode")
+    decode_loop(last, peers, DecodeParams(max_new_tokens, sampling, stops, mode), out.logits[:, -1],
+                input_ids.shape[1], result, keep_logits, teacher)
+    result.handoff_bytes, result.decode_bytes = peers.bytes("handoff"), peers.bytes("decode")
     return result
-
-
-def decode_loop(adapter, step, logits: Tensor, position: int, max_new_tokens: int, sampling: Sampling,
-                stop_ids: tuple[int, ...], result: Generation, on_token=None, keep_logits: bool = False,
-                teacher: list[int] | None = None) -> None:
-    """Sample, run the new token through every layer with `step(layer, x, positions)`, repeat: the same
-    loop in the simulator and the runtime."""
-    device = logits.device
-    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    for _ in range(max_new_tokens):
-        if keep_logits:
-            result.logits.append(logits[0].float().cpu())
-        token = sampling.pick(logits, generator)  # (1,)
-        if teacher is not None:
-            token = torch.tensor([teacher[len(result.new_ids)]], device=device)
-        tid = int(token)
-        result.new_ids.append(tid)
-        if on_token is not None:
-            on_token(tid)
-        if tid in stop_ids:
-            result.stopped_by = "stop token"
-            break
-        if len(result.new_ids) == max_new_tokens:
-            break  # the last token is never fed back: its logits would go unused
-        pos = torch.tensor([[position]], device=device)
-        x = adapter.embed({"input_ids": token.view(1, 1), "positions": pos})
-        for i in range(adapter.geometry.layers):
-            x = step(i, x, pos)
-        logits = adapter.final(x)["logits"][:, -1]
-        position += 1

@@ -187,9 +187,7 @@ class DeviceReport:
     memory), as one line: the device then finished the request's exchange with zeros, and rank 0 refuses
     the request (RequestError) while the group stays usable.
 
-    It travels as one int64 tensor (nothing is pickled): `to_tensor` / `from_tensor` are the only code
-    that knows the layout, (layers + 1 + ERROR_ROWS, COLUMNS): a row per layer, a totals row, then the
-    error text (UTF-8, 8 bytes per cell).  Times travel in nanoseconds; a FLOP count of -1 means "not counted".
+    It travels as one int64 tensor (runtime/wire.py: report_tensor / report_from).
     """
 
     sent: tuple[int, ...]
@@ -203,55 +201,6 @@ class DeviceReport:
     cpu_s: float
     peak_rss_kib: int
     error: str = ""
-
-    COLUMNS = 5  # layer rows: sent, received, flops, compute ns, wait ns; totals: input, output, flops, cpu ns, rss
-
-    @staticmethod
-    def buffer(layers: int) -> Tensor:
-        """An empty tensor of the wire shape, to receive a report into."""
-        return torch.zeros(layers + 1 + ERROR_ROWS, DeviceReport.COLUMNS, dtype=torch.int64)
-
-    def to_tensor(self) -> Tensor:
-        layers = len(self.sent)
-        t = self.buffer(layers)
-        flops = self.layer_flops if self.layer_flops is not None else (-1,) * layers
-        for i in range(layers):
-            t[i] = torch.tensor([self.sent[i], self.received[i], flops[i], round(self.compute_s[i] * 1e9),
-                                 round(self.wait_s[i] * 1e9)])
-        t[layers] = torch.tensor([self.input_bytes, self.output_bytes, -1 if self.flops is None else self.flops,
-                                  round(self.cpu_s * 1e9), self.peak_rss_kib])
-        t[layers + 1:] = pack_text(self.error, ERROR_ROWS * self.COLUMNS).view(ERROR_ROWS, self.COLUMNS)
-        return t
-
-    @classmethod
-    def from_tensor(cls, t: Tensor) -> "DeviceReport":
-        rows = t[:-ERROR_ROWS].tolist()
-        layers, total = rows[:-1], rows[-1]
-        counted = total[2] >= 0
-        return cls(
-            sent=tuple(r[0] for r in layers), received=tuple(r[1] for r in layers),
-            layer_flops=tuple(r[2] for r in layers) if counted else None,
-            compute_s=tuple(r[3] * 1e-9 for r in layers), wait_s=tuple(r[4] * 1e-9 for r in layers),
-            input_bytes=total[0], output_bytes=total[1], flops=total[2] if counted else None,
-            cpu_s=total[3] * 1e-9, peak_rss_kib=total[4], error=unpack_text(t[-ERROR_ROWS:]),
-        )
-
-
-ERROR_ROWS = 16  # rows of a report that carry its error text: 16 x 5 cells x 8 bytes = 640 bytes
-
-
-def pack_text(text: str, cells: int) -> Tensor:
-    """One line of text as `cells` int64 values (UTF-8, zero-padded, cut to fit: 8 bytes a cell)."""
-    data = text.encode("utf-8", errors="replace")[: cells * 8]
-    buf = bytearray(cells * 8)
-    buf[: len(data)] = data
-    return torch.frombuffer(buf, dtype=torch.int64).clone()
-
-
-def unpack_text(t: Tensor) -> str:
-    """The text `pack_text` packed (a character cut in half at the end is dropped)."""
-    raw = t.contiguous().view(torch.uint8).numpy().tobytes().rstrip(b"\0")
-    return raw.decode("utf-8", errors="ignore")
 
 
 def measured(stats: Stats | None) -> Stats:

@@ -1,7 +1,21 @@
-"""What travels between the coordinator (rank 0) and the devices besides the per-layer exchange.
+"""Every format that crosses a process boundary, in one place (the per-layer rows themselves: message.py).
 
-Every message is a plain tensor of a known dtype and shape; nothing is pickled.  A fixed-size int64
-header announces a request's shapes, then rank 0 sends each device only what it needs:
+Every message is a plain tensor of a known dtype and shape; nothing is pickled.  Each travels with a tag
+(the j-th tensor of a message with tag + j).  A request:
+
+  header     (16,) int64    op, request number, shapes, output mode, input keys   -- rank 0 -> every device
+  meta, positions, inputs   (below)                                            -- rank 0 -> devices
+  layer i    (rows, width)  per route: message.py                              -- device -> device
+  outputs    what the output mode needs                                        -- devices -> rank 0
+  report     a DeviceReport as one int64 tensor                                -- devices -> rank 0
+
+A generation adds, after the prefill's reports: the decode parameters (float64, rank 0 -> every device),
+each new token id (int64, last device -> rank 0), a go-on/stop word every CHUNK tokens (rank 0 -> last),
+the hand-off (earlier devices -> last, once) or a query and partial attention per layer per token
+(distributed; a word per token tells the earlier devices whether layers follow), then the last device's
+byte counts and every worker's status (a line of text, "" when all went well).
+
+A header announces a request's shapes, then rank 0 sends each device only what it needs:
 
   meta       (B, N) uint8   bit 0: real position, bit 1: attention sink    -- every device, to plan
   positions  (B, N) int64   only when they are not the HF default 0..N-1    -- every device
@@ -21,7 +35,9 @@ from torch import Tensor
 
 from ..models.base import Batch
 from ..partition.plan import Plan
-from .modes import OUTPUT_MODES
+from .modes import DECODE_MODES, OUTPUT_MODES
+from .sampling import Sampling
+from .stats import DeviceReport
 
 HEADER_LEN = 16
 MAGIC = 0x5052534D  # "PRSM": a desynchronised or foreign peer fails loudly, not silently
@@ -191,3 +207,175 @@ def assemble(parts: list[list[Tensor]], names: list[str], plan: Plan, mode: str,
             total = torch.stack([part[i] for part in parts]).sum(0)  # (B, w)
             out[name] = (total / count.unsqueeze(-1).to(total.dtype)).unsqueeze(1)
     return out
+
+
+# ---------------------------------------------------------------------------------------- tags
+TAG_HEADER, TAG_META, TAG_INPUT, TAG_OUTPUT, TAG_STATS = 32, 64, 96, 128, 160
+TAG_LAYER = 256  # tensor j of layer i's message travels with tag TAG_LAYER + LAYER_TAGS * i + j
+LAYER_TAGS = 4  # tensors per layer message at most: rows, int8 scales, group sizes (one spare)
+TAG_GENERATE = 1 << 20  # decode parameters to every device; new token t comes back with tag + 1 + t
+TAG_DECODE_CONTROL = 3 << 19  # rank 0 -> last device: go on / stop, the c-th time with tag + c
+TAG_HANDOFF = 1 << 22  # earlier device -> last: layer i's K/V with tag + LAYER_TAGS * i + j
+TAG_DECODE_WORD = 5 << 20  # last -> earlier devices, before token t's layers: 1 (they follow) or 0 (done), tag + t
+TAG_DECODE_BYTES = 7 << 20  # last -> rank 0 at the end: hand-off and decode bytes it exchanged
+TAG_DECODE_STATUS = (7 << 20) + 16  # every worker -> rank 0 at the end of a generation: "" or what failed
+TAG_DECODE_QUERY = 1 << 23  # last -> earlier device: token t's query of layer i, tag + 4 * (t * layers + i)
+TAG_DECODE_ANSWER = 1 << 24  # earlier device -> last: its partial attention for it, tag + 4 * (t * layers + i) + j
+
+
+def layer_tag(index: int) -> int:
+    return TAG_LAYER + LAYER_TAGS * index
+
+
+def handoff_tag(index: int) -> int:
+    return TAG_HANDOFF + LAYER_TAGS * index
+
+
+def token_tag(count: int) -> int:
+    """The count-th new token (0-based) from the last device to rank 0, and the end marker after the last."""
+    return TAG_GENERATE + 1 + count
+
+
+def query_tag(token: int, index: int, layers: int) -> int:
+    return TAG_DECODE_QUERY + 4 * (token * layers + index)
+
+
+def answer_tag(token: int, index: int, layers: int) -> int:
+    return TAG_DECODE_ANSWER + 4 * (token * layers + index)
+
+
+# ---------------------------------------------------------------------------------------- words and text
+TOKEN_ID_BYTES = 8  # an int64 token id from the last device to the coordinator
+END = -1  # the token id that ends a generation's stream
+
+
+def word(value: int) -> Tensor:
+    """A one-value int64 message: a token id, a go-on/stop or follow/done word."""
+    return torch.tensor([value], dtype=torch.int64)
+
+
+def word_buffer() -> Tensor:
+    return torch.zeros(1, dtype=torch.int64)
+
+
+def pack_text(text: str, cells: int) -> Tensor:
+    """One line of text as `cells` int64 values (UTF-8, zero-padded, cut to fit: 8 bytes a cell)."""
+    data = text.encode("utf-8", errors="replace")[: cells * 8]
+    buf = bytearray(cells * 8)
+    buf[: len(data)] = data
+    return torch.frombuffer(buf, dtype=torch.int64).clone()
+
+
+def unpack_text(t: Tensor) -> str:
+    """The text `pack_text` packed (a character cut in half at the end is dropped)."""
+    raw = t.contiguous().view(torch.uint8).numpy().tobytes().rstrip(b"\0")
+    return raw.decode("utf-8", errors="ignore")
+
+
+STATUS_CELLS = 80  # a worker's end-of-generation status: 640 bytes of text ("" when all went well)
+
+
+def status_buffer() -> Tensor:
+    return torch.zeros(STATUS_CELLS, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------- decode parameters
+MAX_STOPS = 8
+PARAMS = 10 + MAX_STOPS  # [max_new, do_sample, temperature, top_k, top_p, seed high, seed low, stops, mode, -, ids]
+ABANDONED = -1  # max_new_tokens in the parameters of a request whose prefill failed somewhere: nobody decodes
+CHUNK = 4  # tokens between the last device's "go on?" questions: bounds decoding past a stop, costs a round trip
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """What rank 0 sends every device after a generation's prefill: how to decode, and in which mode."""
+
+    max_new_tokens: int
+    sampling: Sampling
+    stop_ids: tuple[int, ...] = ()
+    mode: str = "local"
+
+    def __post_init__(self) -> None:
+        if len(self.stop_ids) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop token ids, got {len(self.stop_ids)}")
+        if self.mode not in DECODE_MODES[1:]:
+            raise ValueError(f"decode mode {self.mode!r} is not one a device runs; choose by decode.choose first")
+
+    @classmethod
+    def abandoned(cls) -> "DecodeParams":
+        return cls(ABANDONED, Sampling())
+
+    @property
+    def is_abandoned(self) -> bool:
+        return self.max_new_tokens == ABANDONED
+
+    def continues(self, count: int, tid: int) -> bool:
+        """Whether the last device asks rank 0 before its next token: both ends evaluate this the same way."""
+        return count % CHUNK == 0 and count < self.max_new_tokens and tid not in self.stop_ids
+
+    def encode(self) -> Tensor:
+        """One float64 tensor; the seed travels as two 32-bit halves, which float64 holds exactly."""
+        s = self.sampling
+        seed = s.seed
+        t = torch.zeros(PARAMS, dtype=torch.float64)
+        t[:10] = torch.tensor([self.max_new_tokens, float(s.do_sample), s.temperature, s.top_k, s.top_p,
+                               -1 if seed is None else seed >> 32, 0 if seed is None else seed & 0xFFFFFFFF,
+                               len(self.stop_ids), DECODE_MODES.index(self.mode), 0], dtype=torch.float64)
+        t[10 : 10 + len(self.stop_ids)] = torch.tensor(self.stop_ids, dtype=torch.float64)
+        return t
+
+    @classmethod
+    def decode(cls, t: Tensor) -> "DecodeParams":
+        v = t.tolist()
+        seed = None if v[5] < 0 else (int(v[5]) << 32) | int(v[6])
+        stops = tuple(int(x) for x in v[10 : 10 + int(v[7])])
+        return cls(int(v[0]), Sampling(bool(v[1]), v[2], int(v[3]), v[4], seed), stops, DECODE_MODES[int(v[8])])
+
+    @staticmethod
+    def buffer() -> Tensor:
+        return torch.zeros(PARAMS, dtype=torch.float64)
+
+
+def byte_counts(handoff: int, decode: int) -> Tensor:
+    """The last device's hand-off and decode bytes, for rank 0 at the end of a generation."""
+    return torch.tensor([handoff, decode], dtype=torch.int64)
+
+
+def byte_counts_buffer() -> Tensor:
+    return torch.zeros(2, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------- the device report
+ERROR_ROWS = 16  # rows of a report that carry its error text: 16 x 5 cells x 8 bytes = 640 bytes
+REPORT_COLUMNS = 5  # layer rows: sent, received, flops, compute ns, wait ns; totals: input, output, flops, cpu ns, rss
+
+
+def report_buffer(layers: int) -> Tensor:
+    """An empty tensor of a report's wire shape, (layers + 1 + ERROR_ROWS, REPORT_COLUMNS): a row per layer,
+    a totals row, then the error text.  Times travel in nanoseconds; a FLOP count of -1 means "not counted"."""
+    return torch.zeros(layers + 1 + ERROR_ROWS, REPORT_COLUMNS, dtype=torch.int64)
+
+
+def report_tensor(r: DeviceReport) -> Tensor:
+    layers = len(r.sent)
+    t = report_buffer(layers)
+    flops = r.layer_flops if r.layer_flops is not None else (-1,) * layers
+    for i in range(layers):
+        t[i] = torch.tensor([r.sent[i], r.received[i], flops[i], round(r.compute_s[i] * 1e9), round(r.wait_s[i] * 1e9)])
+    t[layers] = torch.tensor([r.input_bytes, r.output_bytes, -1 if r.flops is None else r.flops,
+                              round(r.cpu_s * 1e9), r.peak_rss_kib])
+    t[layers + 1:] = pack_text(r.error, ERROR_ROWS * REPORT_COLUMNS).view(ERROR_ROWS, REPORT_COLUMNS)
+    return t
+
+
+def report_from(t: Tensor) -> DeviceReport:
+    rows = t[:-ERROR_ROWS].tolist()
+    layers, total = rows[:-1], rows[-1]
+    counted = total[2] >= 0
+    return DeviceReport(
+        sent=tuple(r[0] for r in layers), received=tuple(r[1] for r in layers),
+        layer_flops=tuple(r[2] for r in layers) if counted else None,
+        compute_s=tuple(r[3] * 1e-9 for r in layers), wait_s=tuple(r[4] * 1e-9 for r in layers),
+        input_bytes=total[0], output_bytes=total[1], flops=total[2] if counted else None,
+        cpu_s=total[3] * 1e-9, peak_rss_kib=total[4], error=unpack_text(t[-ERROR_ROWS:]),
+    )
