@@ -158,3 +158,35 @@ def test_the_checker_sees_what_it_should():
     assert "prism_edge.bench.schemes" in g["prism_edge.app.commands"]  # imported inside a function
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+P2P_AND_COLLECTIVES = {"send", "recv", "isend", "irecv", "allgather", "all_gather", "allreduce", "all_reduce",
+                       "broadcast", "barrier", "gather", "scatter", "all_to_all", "reduce_scatter"}
+# the tensor-parallel baseline runs torch's own TP (DTensor collectives), not prism-edge's runtime
+OWN_COLLECTIVES = {"prism_edge.cluster.transport", "prism_edge.bench.tp"}
+
+
+def distributed_calls(path: Path) -> list[str]:
+    """`x.send(...)`-style calls of torch.distributed's point-to-point and collective functions in a module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in P2P_AND_COLLECTIVES:
+            owner = ast.unparse(node.func.value)
+            if owner in ("dist", "torch.distributed") or "group" in owner:
+                found.append(f"{ast.unparse(node.func)} (line {node.lineno})")
+    return found
+
+
+def test_only_the_transport_sends_and_receives():
+    """Every byte between processes goes through cluster/transport.py (which counts it)."""
+    offenders = {name: calls for name, path in modules().items() if name not in OWN_COLLECTIVES
+                 for calls in [distributed_calls(path)] if calls}
+    assert not offenders, f"torch.distributed sends, receives or collectives outside the transport: {offenders}"
+    assert distributed_calls(modules()["prism_edge.cluster.transport"])  # the checker sees the real ones
+
+
+def test_one_bench_package_and_the_runtime_below_the_application():
+    names = modules()
+    assert not [n for n in names if n.startswith(("prism_edge.app.cluster", "prism_edge.app.bench"))]
+    assert [n for n in names if ".bench" in n and not n.startswith("prism_edge.bench")] == []
+    assert "prism_edge.cluster.transport" in names and "prism_edge.runtime.wire" in names

@@ -14,7 +14,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from ..config import PrismConfig
 from ..models import Adapter
 from .node import run_device
 from ..runtime.simulator import plan_for
-from .transport import DeviceLost, DistCommunicator
+from .transport import DeviceLost, DistCommunicator, all_gather_floats, barrier, broadcast_floats
 from ..models.loading import hf_config
 
 PROBE_POSITIONS = 256  # long enough that the layers, not Python or timer wake-ups, dominate; short enough for a Pi
@@ -66,12 +65,12 @@ def weights_from_times(times: list[float]) -> tuple[float, ...]:
 def probe_in_turn(group: dist.ProcessGroup, rank: int, world: int, probe: Callable[[], float], timeout: float
                   ) -> float:
     """Run `probe` on every rank, one rank at a time (the others wait at a barrier); this rank's result."""
-    wait, seconds = timedelta(seconds=timeout), 0.0
+    seconds = 0.0
     try:
         for turn in range(world):
             if turn == rank:
                 seconds = probe()
-            group.allreduce([torch.zeros(1)]).wait(wait)  # a barrier
+            barrier(group, timeout)
     except RuntimeError as err:
         raise DeviceLost(f"rank {rank}: a rank dropped out while timing the devices for --weights auto "
                          f"({str(err).splitlines()[0]}); see that rank's error") from None
@@ -82,16 +81,9 @@ def agree_weights(group: dist.ProcessGroup, rank: int, world: int, seconds: floa
                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """All-gather every rank's probe time; rank 0 sets the weights and broadcasts them.
     Returns (every rank's seconds, the weights)."""
-    wait = timedelta(seconds=timeout)
     try:
-        mine = torch.tensor([seconds], dtype=torch.float64)
-        every = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-        group.allgather([every], [mine]).wait(wait)
-        times = [float(t) for t in every]
-        weights = torch.tensor(weights_from_times(times) if rank == 0 else [0.0] * world, dtype=torch.float64)
-        opts = dist.BroadcastOptions()
-        opts.rootRank, opts.rootTensor = 0, 0
-        group.broadcast([weights], opts).wait(wait)
+        times = all_gather_floats(group, world, seconds, timeout)
+        weights = broadcast_floats(group, list(weights_from_times(times)) if rank == 0 else [0.0] * world, timeout)
     except RuntimeError as err:
         raise DeviceLost(f"rank {rank}: a rank dropped out while timing the devices for --weights auto "
                          f"({str(err).splitlines()[0]}); see that rank's error") from None

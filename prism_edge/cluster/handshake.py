@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import PrismConfig
-from .transport import DeviceLost
+from .transport import DeviceLost, all_gather_bytes
 from ..version import __version__
 
 
@@ -59,19 +58,6 @@ def identity(model: nn.Module, cfg: PrismConfig, model_name: str, auto_weights: 
     }
 
 
-def _gather(group: dist.ProcessGroup, world: int, payload: bytes, timeout: float) -> list[bytes]:
-    wait = timedelta(seconds=timeout)
-    size = torch.tensor([len(payload)], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    group.allgather([sizes], [size]).wait(wait)
-    longest = int(max(s.item() for s in sizes))
-    mine = torch.zeros(longest, dtype=torch.uint8)
-    mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    docs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
-    group.allgather([docs], [mine]).wait(wait)
-    return [bytes(d[: int(s.item())].tolist()) for d, s in zip(docs, sizes)]
-
-
 def differences(reference: dict, other: dict) -> list[str]:
     """Human-readable differences that make two ranks incompatible (`other` against rank 0's)."""
     out = []
@@ -94,7 +80,7 @@ def differences(reference: dict, other: dict) -> list[str]:
 def check(group: dist.ProcessGroup, rank: int, world: int, ident: dict, timeout: float) -> list[dict]:
     """All-gather every rank's identity; raise HandshakeError on any rank if one differs from rank 0."""
     try:
-        raw = _gather(group, world, json.dumps(ident, sort_keys=True).encode(), timeout)
+        raw = all_gather_bytes(group, world, json.dumps(ident, sort_keys=True).encode(), timeout)
     except RuntimeError as err:
         raise DeviceLost(f"rank {rank}: a rank dropped out during the start-up handshake "
                          f"({str(err).splitlines()[0]}); see that rank's error") from None

@@ -156,3 +156,40 @@ class DistCommunicator:
             return DeviceLost(f"{me}: lost rank {peer} while exchanging the {what} (connection closed: that process "
                               f"crashed, was killed or stopped); stopping")
         return DeviceLost(f"{me}: exchanging the {what} with rank {peer} failed: {kind}; stopping")
+
+
+# ---------------------------------------------------------------------------------------- start-up collectives
+# The start-up agreement (handshake.py, calibrate.py) uses the group's collectives; like every send and
+# receive they live here.  A rank that drops out raises RuntimeError from gloo: the callers name the phase.
+def all_gather_bytes(group: dist.ProcessGroup, world: int, payload: bytes, timeout: float) -> list[bytes]:
+    """Every rank's payload (any lengths), rank order: lengths first, then the zero-padded bytes."""
+    wait = timedelta(seconds=timeout)
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    group.allgather([sizes], [size]).wait(wait)
+    longest = int(max(s.item() for s in sizes))
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    docs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
+    group.allgather([docs], [mine]).wait(wait)
+    return [bytes(d[: int(s.item())].tolist()) for d, s in zip(docs, sizes)]
+
+
+def barrier(group: dist.ProcessGroup, timeout: float) -> None:
+    group.allreduce([torch.zeros(1)]).wait(timedelta(seconds=timeout))
+
+
+def all_gather_floats(group: dist.ProcessGroup, world: int, value: float, timeout: float) -> list[float]:
+    mine = torch.tensor([value], dtype=torch.float64)
+    every = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    group.allgather([every], [mine]).wait(timedelta(seconds=timeout))
+    return [float(t) for t in every]
+
+
+def broadcast_floats(group: dist.ProcessGroup, values: list[float], timeout: float) -> list[float]:
+    """Rank 0's `values` on every rank (the others pass a list of the same length)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    opts = dist.BroadcastOptions()
+    opts.rootRank, opts.rootTensor = 0, 0
+    group.broadcast([t], opts).wait(timedelta(seconds=timeout))
+    return [float(v) for v in t]
