@@ -85,7 +85,7 @@ class Adapter:
         position_ids: Tensor | None = None,
         pixel_values: Tensor | None = None,
         # a tuple[int, ...] (as the subclasses declare); Any here because callers spread a dict of input
-        # tensors into these keywords (app/calibrate.py), which mypy would also match against this one
+        # tensors into these keywords (cluster/calibrate.py), which mypy would also match against this one
         sink_token_ids: Any = (),
     ) -> Batch:
         raise NotImplementedError
