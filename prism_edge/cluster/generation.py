@@ -32,7 +32,8 @@ from ..runtime.generate import Generation, TokenCallback, decode_loop
 from ..runtime.wire import DecodeParams
 from .coordinator import Coordinator, Request
 from .errors import RequestError
-from .node import Containment, DeviceRun, Fault
+from ..runtime.loop import Containment
+from .node import DeviceRun, Fault
 from .transport import DistCommunicator
 
 

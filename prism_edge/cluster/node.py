@@ -1,6 +1,7 @@
-"""One device's work for one request: the per-request layer loop, shared by rank 0 and the workers.
+"""One device's work for one request in a device process, shared by rank 0 and the workers.
 
-The loop runs exactly the simulator's DeviceExecutor; only the communicator differs.  Per layer:
+It drives the same per-layer steps as the simulator (runtime/loop.py `Forward` over the DeviceExecutor);
+only what carries the messages differs.  Per layer:
 
   post receives  ->  attention input (and K/V for a kv payload)  ->  the outgoing means  ->  send
   ->  while the means travel: own Q/K/V and attention over the own keys  ->  wait for the means
@@ -14,10 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,8 +25,9 @@ from ..models import Adapter
 from ..models.base import Batch
 from ..partition.plan import Plan
 from ..runtime.device import DeviceExecutor
+from ..runtime.loop import Containment, Forward, describe_error
 from ..runtime.stats import DeviceReport, FlopTally, peak_rss_kib
-from .transport import DeviceLost, DistCommunicator
+from .transport import DistCommunicator
 
 FAULTS = ("die", "hang", "raise", "late", "decode")
 # where each kind strikes: die / hang as the layer starts; raise in the layer's computation before its message
@@ -65,38 +64,6 @@ class Fault:
         raise InjectedFault(f"injected fault ({self.kind} at layer {layer})")
 
 
-def describe_error(err: BaseException, where: str) -> str:
-    """One line for a failure inside a request: what, where."""
-    text = " ".join(str(err).split()) or "(no message)"
-    return f"{where}: {type(err).__name__}: {text}"
-
-
-@dataclass
-class Containment:
-    """The one failure-containment path, for the prefill and for decoding alike.
-
-    A failure inside a request's computation (a bug, out of memory) is caught and remembered (the first one,
-    as one line and its traceback); from then on `attempt` computes nothing, and the caller still sends every
-    message its peers wait for (zeros of the planned shapes), so the request ends in step and the group stays
-    usable; rank 0 learns of the failure from the device's report or status.  A lost peer is never contained.
-    """
-
-    error: str | None = None  # what failed inside the request (one line)
-    trace: str | None = None  # its traceback, for --debug
-
-    def attempt(self, where: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args), or None once anything in the request has failed (now or before)."""
-        if self.error is not None:
-            return None
-        try:
-            return fn(*args)
-        except DeviceLost:
-            raise
-        except Exception as err:  # noqa: BLE001 - contained: the request fails, the device goes on
-            self.error, self.trace = describe_error(err, where), traceback.format_exc()
-            return None
-
-
 @dataclass
 class DeviceRun(Containment):
     finals: dict[str, Tensor] = field(default_factory=dict)  # empty when the request failed here
@@ -105,60 +72,6 @@ class DeviceRun(Containment):
     wait_s: list[float] = field(default_factory=list)
     tally: FlopTally | None = None
     executor: DeviceExecutor | None = None  # kept for decoding (GENERATE)
-
-
-@dataclass
-class _Loop:
-    """One request's layer loop on one device: what every layer step needs (failures: Containment)."""
-
-    dev: DeviceExecutor
-    comm: DistCommunicator
-    tally: FlopTally
-    run: DeviceRun
-    overlap: bool
-    slowdown: float
-    fault: Fault | None = None
-
-    def attempt(self, stage: object, point: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """tally.run(stage, ...) of fn(*args), contained (see Containment).  point: where a testing fault may strike."""
-        def step() -> Any:
-            if self.fault is not None and isinstance(stage, int):
-                self.fault.strike(stage, point)
-            return self.tally.run(stage, self.comm.rank, fn, *args)
-
-        where = f"in layer {stage}" if isinstance(stage, int) else {"embed": "in the embedding"}.get(
-            str(stage), f"in the {stage}")
-        return self.run.attempt(where, step)
-
-    def zeros(self) -> dict[int, list[Tensor]]:
-        """The layer's outgoing messages as zeros of their planned shapes (after a failure)."""
-        dev, width = self.dev, self.dev.wire_width()
-        return {r.dst: [torch.zeros(shape, dtype=dtype) for shape, dtype in dev.codec.expected(r, width)]
-                for r in dev.out_routes}
-
-    def layer(self, i: int, x: Tensor | None) -> Tensor | None:
-        dev, comm = self.dev, self.comm
-        t0, c0 = time.perf_counter(), time.thread_time()
-        if self.fault is not None:
-            self.fault.strike(i, "start")
-        expected = dev.expected()
-        posted = comm.post_layer(i, expected)
-        sent = self.attempt(i, "send", dev.send, i, x)
-        state, outgoing = sent if sent is not None else (None, None)
-        if not self.overlap:  # the plain order: all of the layer's projections before anything is sent
-            self.attempt(i, "project", dev.project, state)
-        comm.send_layer(i, outgoing if self.run.error is None and outgoing is not None else self.zeros())
-        # overlap: while the messages travel, Q/K/V of the own rows and attention over them
-        own = self.attempt(i, "own", dev.attend_own, i, state) if self.overlap and dev.in_routes else None
-        t1 = time.perf_counter()
-        incoming = comm.collect_layer(i, posted, expected)
-        t2 = time.perf_counter()
-        x = self.attempt(i, "receive", dev.receive, i, state, incoming, own)
-        if self.slowdown:  # by CPU time: the work done, however long other processes kept this one waiting
-            time.sleep(self.slowdown * (time.thread_time() - c0))
-        self.run.compute_s.append((t1 - t0) + (time.perf_counter() - t2))
-        self.run.wait_s.append(t2 - t1)
-        return x
 
 
 def run_device(
@@ -188,15 +101,29 @@ def run_device(
         local = {k: v.to(device) for k, v in local.items()}
     dev = DeviceExecutor(adapter, plan, comm.rank, cfg, batch)
     dev.keep_cache = keep_cache
-    tally = FlopTally(count_flops)
-    run = DeviceRun(tally=tally, executor=dev)
-    loop = _Loop(dev, comm, tally, run, overlap, slowdown, fault)
+    run = DeviceRun(tally=FlopTally(count_flops), executor=dev)
+    assert run.tally is not None
+    steps = Forward(dev, local, run.tally, overlap=overlap, contain=run, strike=fault.strike if fault else None)
     cpu0 = time.thread_time()
     with torch.inference_mode():
-        x = loop.attempt("embed", "-", dev.embed, local)
+        steps.start()
         for i in range(adapter.geometry.layers):
-            x = loop.layer(i, x)
-        run.finals = loop.attempt("head", "-", dev.final, x) or {}
+            t0, c0 = time.perf_counter(), time.thread_time()
+            if fault is not None:
+                fault.strike(i, "start")
+            expected = dev.expected()
+            posted = comm.post_layer(i, expected)  # before computing anything: gloo sends go out once posted
+            comm.send_layer(i, steps.send(i))
+            steps.meanwhile(i)
+            t1 = time.perf_counter()
+            incoming = comm.collect_layer(i, posted, expected)
+            t2 = time.perf_counter()
+            steps.receive(i, incoming)
+            if slowdown:  # by CPU time: the work done, however long other processes kept this one waiting
+                time.sleep(slowdown * (time.thread_time() - c0))
+            run.compute_s.append((t1 - t0) + (time.perf_counter() - t2))
+            run.wait_s.append(t2 - t1)
+        run.finals = steps.finish()
     run.cpu_s = time.thread_time() - cpu0
     return run
 

@@ -19,9 +19,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..runtime.comm import ByteLedger
+from ..runtime.loop import PeerLost
 from ..runtime.wire import layer_tag
 
-class DeviceLost(RuntimeError):
+class DeviceLost(PeerLost):
     """A peer died, hung or fell out of step: this process cannot go on and the cluster must stop."""
 
 

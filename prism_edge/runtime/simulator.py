@@ -12,6 +12,7 @@ from ..models import Adapter, Batch, adapter_for
 from ..partition.plan import Fidelity, Plan, make_plan
 from .comm import ByteLedger, LocalCommunicator
 from .device import DeviceExecutor
+from .loop import Forward
 from .wire import input_tensors, meta_tensors, output_tensors, request_header
 from .stats import FlopTally, Stats
 
@@ -143,14 +144,16 @@ def run_devices(
         for t in meta_tensors(batch, header) + input_tensors(batch, plan, p):
             ledger.record("input", 0, p, t)
 
-    xs = [tally.run("embed", p, d.embed, local_batch.gather(d.slice.index)) for p, d in enumerate(devs)]
+    steps = [Forward(d, local_batch.gather(d.slice.index), tally, overlap=overlap) for d in devs]
+    for f in steps:
+        f.start()
     for i in range(adapter.geometry.layers):
-        sent = [tally.run(i, p, d.send, i, xs[p]) for p, d in enumerate(devs)]
-        incoming = comm.exchange(i, [out for _, out in sent])
-        own = [tally.run(i, p, d.attend_own, i, sent[p][0]) if overlap and d.in_routes else None
-               for p, d in enumerate(devs)]
-        xs = [tally.run(i, p, d.receive, i, sent[p][0], incoming[p], own[p]) for p, d in enumerate(devs)]
-    finals = [tally.run("head", p, d.final, xs[p]) for p, d in enumerate(devs)]
+        incoming = comm.exchange(i, [f.send(i) for f in steps])
+        for f in steps:
+            f.meanwhile(i)
+        for f, got in zip(steps, incoming):
+            f.receive(i, got)
+    finals = [f.finish() for f in steps]
     for p in range(1, plan.world):
         for t in output_tensors(finals[p], plan, p, "all"):
             ledger.record("output", p, 0, t)
