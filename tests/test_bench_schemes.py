@@ -28,12 +28,13 @@ def test_parse_scheme():
 
 @pytest.mark.real
 def test_short_bench_on_loopback(minilm, tmp_path):
+    from prism_edge.bench.options import SchemesOptions
     from prism_edge.bench.schemes import main
     from prism_edge.eval.requests import builtin_request
 
     length, layers, hidden = 32, 6, 384
-    text = main("minilm", tmp_path, ["loopback"], 2, ["full", "voltage", "tp", "prism:4:plain"], repeats=1,
-                length=length)
+    text = main(SchemesOptions(out=tmp_path, link=("loopback",), devices=2,
+                               schemes=("full", "voltage", "tp", "prism:4:plain"), repeats=1, length=length))
     rows = {r["scheme"]: r for r in json.loads((tmp_path / "schemes-minilm.json").read_text())}
     for col in ("latency (ms)", "bytes per request", "busiest device GFLOPs", "÷ perfect split", "peak RSS (MiB)"):
         assert col in text

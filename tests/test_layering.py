@@ -155,7 +155,7 @@ def test_the_checker_sees_what_it_should():
     g = graph()
     assert "prism_edge.runtime.wire" in g["prism_edge.runtime.simulator"]
     assert "prism_edge.flags" in g["prism_edge.cluster.spec"]  # `from ..flags import config_args`
-    assert "prism_edge.bench.schemes" in g["prism_edge.app.commands"]  # imported inside a function
+    assert "prism_edge.eval.harness" in g["prism_edge.app.commands"]  # imported inside a function
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
 

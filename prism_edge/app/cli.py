@@ -9,6 +9,7 @@
   prism-edge finetune --task fashion --out DIR   PRISM-aware fine-tuning through the partitioned forward
   prism-edge bench schemes --link wifi slow   PRISM vs Voltage vs tensor parallelism vs one device
   prism-edge bench hetero        one of two devices at half speed: equal slices vs --weights auto
+                                 (every bench a subcommand with its own flags: prism-edge bench --help)
 
 This module holds argument tables only and imports nothing heavy: each command's code (and torch)
 loads when the command runs, so `--help` and a mistyped flag answer at once.  Choices that live in
@@ -26,15 +27,34 @@ import typing
 
 from ..runtime.modes import DECODE_MODES, OUTPUT_MODES
 from ..cluster.env import DEBUG_ENV
+from ..bench.options import BENCHES, benches_with
 from ..flags import add_config_flags
 from ..cluster.spec import LaunchSpec
-
-BENCHES = ("schemes", "targets", "generation", "overhead", "runtime", "hetero", "faults")
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # one line, non-zero exit
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        hint = "" if message.endswith("--help)") else f" (see {self.prog} --help)"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+    def parse_args(self, args: typing.Any = None, namespace: typing.Any = None) -> typing.Any:
+        """argparse's, with a flag of another bench named as such (`bench runtime --trials 3`)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.error(_unrecognized(parsed, extra))
+        return parsed
+
+
+def _unrecognized(args: argparse.Namespace, extra: list[str]) -> str:
+    """argparse's message, and for a bench the benches that do have each flag it does not."""
+    text = f"unrecognized arguments: {' '.join(extra)}"
+    bench = getattr(args, "bench", None) if getattr(args, "command", None) == "bench" else None
+    for flag in dict.fromkeys(a.split("=")[0] for a in extra if a.startswith("--")):
+        owners = benches_with(flag)
+        if bench and owners:
+            names = ", ".join(owners[:-1]) + " and " + owners[-1] if len(owners) > 1 else owners[0]
+            text += f"; {flag} is a flag of bench {names}, not of bench {bench}"
+    return text + (f" (see prism-edge bench {bench} --help)" if bench else "")
 
 
 def _command(parser: argparse.ArgumentParser, target: str) -> None:
@@ -178,35 +198,15 @@ def _finetune_command(sub: typing.Any) -> None:
 
 
 def _bench_command(sub: typing.Any) -> None:
-    bench = sub.add_parser("bench", help="benchmarks that print a table and write results")
-    bench.add_argument("what", choices=BENCHES)
-    bench.add_argument("--out", default="results", help="folder for the JSON/markdown results")
-    bench.add_argument("--model", default="minilm", help="model alias or path (schemes, runtime, overhead, hetero)")
-    bench.add_argument("--repeats", type=int, help="timed repeats (default: the bench's own: overhead and runtime "
-                       "20, schemes and hetero 5)")
-    bench.add_argument("--length", type=int, default=128, help="tokens per sequence")
-    bench.add_argument("--devices", type=int, default=2, help="devices (schemes)")
-    bench.add_argument("--schemes", nargs="+",
-                       help="schemes: full, voltage, tp, prism:CR[:VARIANT] (VARIANT as in eval --variants, e.g. "
-                            "prism:128:plain, prism:16:fp16; default: a standard set)")
-    bench.add_argument("--device-counts", type=int, nargs="+", default=[1, 2, 4], help="runtime: device counts")
-    bench.add_argument("--cr", type=int, default=16, help="runtime, hetero: compression rate")
-    bench.add_argument("--link", nargs="*", default=[],
-                       help="schemes: links to bench on (loopback, wifi, slow, lan or RATEmbit[,DELAYms]; emulated "
-                            "links need root); runtime: also measure overlap on these links")
-    bench.add_argument("--rounds", type=int, default=3, help="runtime, hetero: interleaved rounds")
-    bench.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 1024],
-                       help="generation: prompt lengths (news and Wikipedia prose)")
-    bench.add_argument("--prompts", type=int, default=4, help="generation: prompts per source and length")
-    bench.add_argument("--chat-prompts", type=int, default=6, help="generation: short chat questions")
-    bench.add_argument("--new-tokens", type=int, default=64, help="generation: greedy tokens per prompt")
-    bench.add_argument("--variants", nargs="+", default=["defaults", "sinks+w32+top32+int8"],
-                       help="generation: PRISM fidelity variants (eval --variants spelling)")
-    bench.add_argument("--modes", nargs="+", default=["auto"], choices=DECODE_MODES,
-                       help="generation: decode modes per variant")
-    bench.add_argument("--name", help="generation: suffix for the output files")
-    bench.add_argument("--trials", type=int, default=20, help="faults: trials per kind of fault")
-    _command(bench, "prism_edge.app.commands:cmd_bench")
+    """`prism-edge bench BENCH`: one subcommand per bench, its flags from its options dataclass (bench/options.py)."""
+    bench = sub.add_parser("bench", help="benchmarks that print a table and write results",
+                           description="Benchmarks that print a table and write results; `prism-edge bench BENCH "
+                           "--help` lists a bench's flags.")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH", parser_class=Parser)
+    for name, options in BENCHES.items():
+        one = benches.add_parser(name, help=options.summary, description=options.__doc__)
+        options.add_flags(one)
+        _command(one, "prism_edge.app.commands:cmd_bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

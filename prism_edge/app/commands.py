@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import time
@@ -204,52 +205,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    out, cache = Path(args.out), env.cache_dir()
-    repeats = {} if args.repeats is None else {"repeats": args.repeats}  # else: each bench's own default
-    if args.what == "generation" and args.link:
-        from ..bench.generation_link import main as timed
+    """`prism-edge bench BENCH`: the bench's options from its flags, then its main(options, cache)."""
+    from ..bench.options import BENCHES
 
-        text = timed(out, args.link, devices=args.devices, lengths=args.prompt_lengths, prompts=args.prompts,
-                     new=args.new_tokens, variants=args.variants, modes=args.modes, cache=cache)
-    elif args.what == "generation":
-        from ..bench.generation import main as generation
-
-        text = generation(out, cache, devices=[p for p in args.device_counts if p > 1], cr=args.cr,
-                          new=args.new_tokens, lengths=args.prompt_lengths, per_source=args.prompts,
-                          chat=args.chat_prompts, variants=args.variants, modes=args.modes, name=args.name)
-    elif args.what == "faults":
-        from ..bench.faults import main as faults
-
-        if args.trials < 1:
-            raise ValueError(f"--trials must be >= 1, got {args.trials}")
-        text = faults(out, trials=args.trials)
-    elif args.what == "targets":
-        from ..bench.targets import main as targets
-
-        text = targets(out, cache)
-    elif args.what == "overhead":
-        from ..bench.overhead import main as overhead
-
-        text = overhead(args.model, out, length=args.length, cache=cache, **repeats)
-    else:
-        text = _process_bench(args, out, cache, repeats)
+    options = BENCHES[args.bench].from_args(args)
+    text = importlib.import_module(options.entry).main(options, cache=env.cache_dir())
     print(text)
-    _log(f"results written to {out}/")
+    _log(f"results written to {options.out}/")
     return 0
-
-
-def _process_bench(args: argparse.Namespace, out: Path, cache: Path, repeats: dict[str, int]) -> str:
-    """The benches that run device processes (prism_edge.bench)."""
-    if args.what == "schemes":
-        from ..bench.schemes import DEFAULT_SCHEMES, main as schemes
-
-        return schemes(args.model, out, args.link, args.devices, args.schemes or list(DEFAULT_SCHEMES),
-                       length=args.length, cache=cache, **repeats)
-    if args.what == "runtime":
-        from ..bench.runtime import main as runtime
-
-        return runtime(args.model, out, args.device_counts, args.cr, length=args.length, links=args.link,
-                       rounds=args.rounds, cache=cache, **repeats)
-    from ..bench.hetero import main as hetero
-
-    return hetero(args.model, out, args.cr, length=args.length, rounds=args.rounds, cache=cache, **repeats)

@@ -32,6 +32,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .common import free_port
+from .options import FaultsOptions
 
 TIMEOUT = 5.0  # --timeout of the kill / hang trials
 STARTUP = 8.0  # --startup-timeout of the start-up trials
@@ -161,8 +162,10 @@ def startup(model: str, kind: str, rng: random.Random) -> dict[str, Any]:
     return {"kind": kind, "ended_s": time.monotonic() - t0, "hang": hung, "named": named, "codes": codes}
 
 
-def main(out: Path, trials: int = 20, seed: int = 0) -> str:
-    rng = random.Random(seed)
+def main(options: FaultsOptions, cache: Any = None) -> str:
+    """`prism-edge bench faults` (cache: unused, the trials save their own tiny model); writes faults.json / .md."""
+    out, trials = options.out, options.trials
+    rng = random.Random(options.seed)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="prism-edge-faults-") as tmp:
         model = _tiny_bert(Path(tmp) / "bert")

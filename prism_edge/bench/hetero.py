@@ -27,6 +27,7 @@ from ..models.loading import load_model
 from ..cluster import env
 from ..cluster import Cluster
 from ..eval.requests import builtin_request
+from .options import HeteroOptions
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,10 @@ def table(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines)
 
 
-def main(model: str, out: Path, cr: int = 16, repeats: int = 5, length: int = 128, rounds: int = 3,
-         cache: Path | None = None) -> str:
+def main(options: HeteroOptions, cache: Path | None = None) -> str:
+    """`prism-edge bench hetero`: the three set-ups over interleaved rounds; writes JSON and Markdown."""
+    model, cr, repeats, length, rounds, out = (options.model, options.cr, options.repeats, options.length,
+                                               options.rounds, options.out)
     rows = run(model, cr, repeats, rounds, length, cache)
     out.mkdir(parents=True, exist_ok=True)
     (out / "hetero.json").write_text(json.dumps(rows, indent=1))

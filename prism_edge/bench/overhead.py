@@ -20,6 +20,7 @@ from ..eval.data import builtin_texts
 from ..models.loading import load_model
 from ..runtime.simulator import simulate
 from ..runtime.stats import measured
+from .options import OverheadOptions
 
 
 def _timed(fn) -> float:
@@ -61,7 +62,9 @@ def bytes_per_layer(model, inputs: dict, devices: int, crs: list[int]) -> list[d
     return rows
 
 
-def main(model_name: str, out: Path, repeats: int = 20, length: int = 128, cache: Path | None = None) -> str:
+def main(options: OverheadOptions, cache: Path | None = None) -> str:
+    """`prism-edge bench overhead`: writes overhead.json and overhead.md."""
+    model_name, out, repeats, length = options.model, options.out, options.repeats, options.length
     torch.set_num_threads(1)
     loaded = load_model(model_name, cache_dir=cache)
     tok: Any = loaded.tokenizer

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ..cluster import Cluster
 from ..eval.requests import builtin_request
 from ..cluster.spec import LaunchSpec
 from .common import Placement, free_port, run_ranks
+from .options import RuntimeOptions
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -134,9 +135,10 @@ def overlap(model: str, link_name: str, devices: int, cr: int, repeats: int, rou
     }
 
 
-def main(model: str, out: Path, devices: list[int], cr: int, repeats: int = 20, length: int = 128,
-         links: Sequence[str] = (), rounds: int = 3, cache: Path | None = None) -> str:
-    rows = loopback(model, devices, cr, repeats, length, cache)
+def main(options: RuntimeOptions, cache: Path | None = None) -> str:
+    """`prism-edge bench runtime`: loopback per device count, wire dtypes, overlap per link; writes JSON, Markdown."""
+    model, cr, repeats, length = options.model, options.cr, options.repeats, options.length
+    rows = loopback(model, list(options.device_counts), cr, repeats, length, cache)
     lines = [f"## Multi-process runtime on loopback — {model}, {len(builtin_texts())} built-in texts (≤ {length} "
              f"tokens), CR={cr}, 1 thread per device, 2 cores, median of {repeats}", "",
              "| P | runtime wall (ms) | simulator, all P devices in 1 process (ms) | runtime ÷ (simulator ÷ P) | "
@@ -155,8 +157,8 @@ def main(model: str, out: Path, devices: list[int], cr: int, repeats: int = 20, 
               f"{w['cosine_to_full']:.5f} | {w['max_abs_vs_fp32_wire']:.2e} |" for w in wires]
     overlaps: list[dict[str, Any]] = []
     result = {"model": model, "loopback": rows, "wire_precision": wires, "overlap": overlaps}
-    for link in links:
-        ov = overlap(model, link, 2, cr, repeats, rounds, length, cache)
+    for link in options.link:
+        ov = overlap(model, link, 2, cr, repeats, options.rounds, length, cache)
         overlaps.append(ov)
         lines += [""]
         if "skipped" in ov:
@@ -164,13 +166,14 @@ def main(model: str, out: Path, devices: list[int], cr: int, repeats: int = 20, 
             continue
         saved = 1 - ov["overlap_on_s"] / ov["overlap_off_s"]
         lines += [f"## Overlap on an emulated link — {link} ({ov['rate_mbit']:g} Mbit/s, {ov['delay_ms']:g} ms "
-                  f"one-way), P=2, CR={cr}, median over {rounds} interleaved runs of {repeats} requests", "",
+                  f"one-way), P=2, CR={cr}, median over {options.rounds} interleaved runs of {repeats} requests", "",
                   "| overlap | wall per request (ms) | mean wait per device (ms) |", "|---|---|---|",
                   f"| on | {ov['overlap_on_s'] * 1e3:.1f} | {ov['wait_on_s'] * 1e3:.1f} |",
                   f"| off | {ov['overlap_off_s'] * 1e3:.1f} | {ov['wait_off_s'] * 1e3:.1f} |", "",
                   f"Overlap changes the wall time by {-100 * saved:+.1f} %. Bytes per request (ledger): "
                   f"{ov['request_bytes']:,}; interface counters over all runs: "
                   f"{ov['interface_tx_bytes_all_runs']:,} B sent (includes start-up and handshakes)."]
+    out = options.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtime.json").write_text(json.dumps(result, indent=1))
     table = "\n".join(lines) + "\n"

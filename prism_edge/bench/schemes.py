@@ -18,7 +18,6 @@ import csv
 import json
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,53 +26,13 @@ from tqdm import tqdm
 
 from .links import EmulatedNetwork, available, parse_link
 from ..config import PrismConfig
-from ..eval.variants import variant_config, variant_options
 from ..models.loading import load_model
 from ..runtime.simulator import simulate
 from ..runtime.stats import busiest_flops
 from ..eval.requests import builtin_request
 from ..cluster.spec import LaunchSpec
 from .common import Placement, free_port, run_ranks
-
-
-@dataclass(frozen=True)
-class Scheme:
-    name: str  # label in tables and plots
-    kind: str  # full | voltage | prism | tp
-    cr: int = 1
-    variant: str = "defaults"  # PRISM's fidelity options, in `prism-edge eval --variants` spelling
-
-    def config(self, devices: int) -> PrismConfig | None:
-        if self.kind == "tp":
-            return None
-        if self.kind == "full":
-            return PrismConfig(devices=1, scheme="full")
-        if self.kind == "voltage":
-            return PrismConfig(devices=devices, scheme="voltage")
-        return variant_config(self.variant, devices, self.cr)
-
-
-def parse_scheme(text: str) -> Scheme:
-    """full | voltage | tp | prism:CR[:VARIANT]: e.g. prism:16 (the defaults), prism:128:plain (pure Segment
-    Means), prism:16:fp16 (the defaults on a float16 wire), prism:16:sinks+w8+top8+int8.  A variant that
-    does not start with `plain` or `defaults` changes the defaults."""
-    kind, _, rest = text.lower().partition(":")
-    if kind in ("full", "voltage", "tp") and not rest:
-        return Scheme(kind, kind)
-    cr, _, variant = rest.partition(":")
-    if kind == "prism" and cr.isdigit() and int(cr) >= 1:
-        first = variant.split("+")[0]
-        variant = variant if first in ("plain", "defaults") else "defaults" + (f"+{variant}" if variant else "")
-        try:
-            variant_options(variant)
-        except ValueError as err:
-            raise ValueError(f"unknown option in scheme {text!r}: {err}") from None
-        return Scheme(text.lower(), "prism", int(cr), variant)
-    raise ValueError(f"unknown scheme {text!r}; use full, voltage, tp or prism:CR[:VARIANT] (e.g. prism:16:int8)")
-
-
-DEFAULT_SCHEMES = ("full", "voltage", "tp", "prism:16", "prism:64", "prism:16:fp16", "prism:16:plain",
-                   "prism:128:plain")
+from .options import Scheme, SchemesOptions, parse_scheme
 
 
 def run_runtime(place: Placement, model: str, cfg: PrismConfig, repeats: int, length: int,
@@ -257,12 +216,13 @@ def plot(all_rows: list[dict], out: Path, model: str) -> list[Path]:
     return files
 
 
-def main(model: str, out: Path, links: list[str], devices: int, scheme_specs: list[str], repeats: int = 5,
-         length: int = 128, cache: Any = None) -> str:
-    schemes = [parse_scheme(s) for s in scheme_specs]
+def main(options: SchemesOptions, cache: Any = None) -> str:
+    """`prism-edge bench schemes`: every scheme on every link, one table each; writes JSON, CSV, Markdown and PNG."""
+    model, out, devices, repeats, length = options.model, options.out, options.devices, options.repeats, options.length
+    schemes = [parse_scheme(s) for s in options.schemes]
     out.mkdir(parents=True, exist_ok=True)
     all_rows, parts = [], []
-    for link in links or ["loopback"]:
+    for link in options.link:
         rows, note = run(model, link, devices, schemes, repeats, length, cache)
         all_rows += rows
         parts.append(table(rows, f"### {model} on {note}, P={devices}, median of {repeats} requests"))

@@ -22,6 +22,7 @@ from ..eval.data import builtin_texts
 from ..models.loading import load_model
 from ..runtime.simulator import simulate
 from ..runtime.stats import busiest_flops, measured
+from .options import TargetsOptions
 
 CRS = (16, 64, 128)
 
@@ -66,12 +67,12 @@ def flop_ratios(cache: Any, devices: int = 4, length: int = 512) -> tuple[list[d
     return rows, full, int(enc["input_ids"].shape[1])
 
 
-def accuracy_vs_bytes(devices: int = 4, crs=(4, 16, 64, 128), limit: int = 50) -> list[dict]:
+def accuracy_vs_bytes(cache: Any, devices: int = 4, crs=(4, 16, 64, 128), limit: int = 50) -> list[dict]:
     """MiniLM embedding cosine to the full model against bytes, plain means vs the defaults (eval harness)."""
     from ..eval.harness import grid, make_task
     from ..models.loading import load_model
 
-    task = make_task("lee", load_model("minilm"), limit=limit)
+    task = make_task("lee", load_model("minilm", cache_dir=cache), limit=limit)
     rows = grid(task, "minilm", [devices], list(crs), ["plain", "defaults"], progress=False)
     return [{"variant": "defaults" if r.variant == "defaults" else "plain means", "cr": r.cr,
              "cosine": r.metrics["cosine"], "bytes_per_seq": r.bytes_per_item,
@@ -100,14 +101,16 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(out: Path, cache: Any = None) -> str:
+def main(options: TargetsOptions, cache: Any = None) -> str:
+    """`prism-edge bench targets`: writes targets.json, targets.md and the accuracy plot."""
+    out = options.out
     out.mkdir(parents=True, exist_ok=True)
     steps = tqdm(total=3, desc="targets")
     br = byte_ratios(cache)
     steps.update()
     fr, full, n = flop_ratios(cache)
     steps.update()
-    acc = accuracy_vs_bytes()
+    acc = accuracy_vs_bytes(cache)
     steps.update()
     steps.close()
     plot_accuracy(acc, out / "accuracy-vs-bytes-minilm.png")

@@ -12,35 +12,31 @@ import argparse
 import dataclasses
 import re
 import sys
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import PrismConfig
-from ..flags import config_args
+from ..flags import add_dataclass_flags, config_args, dataclass_args, dataclass_from_args, flag_fields, option
+from ..flags import auto_weights as _auto_weights
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass(frozen=True)
 class LaunchSpec:
     """Runtime settings every device process of a cluster shares (the PrismConfig says what to compute)."""
 
-    model: str = _help("alias (minilm, smollm2), hub name or local folder every rank can load", default="minilm")
-    threads: int = _help("torch threads per device process", default=1)
-    timeout: float = _help("seconds a device may stay silent before every other device stops", default=30.0)
-    startup_timeout: float = _help("seconds to wait for every rank to join and load the model", default=300.0)
-    overlap: bool = _help("attend to the own positions while the means are in flight", default=True)
-    count_flops: bool = _help("count FLOPs per device (slower)", default=False)
-    device: str = _help("where a device process's model runs: cpu, cuda, cuda:N", default="cpu")
-    cache_dir: str | None = _help("folder for converted weights (default: $PRISM_EDGE_CACHE or "
-                                  "~/.cache/prism-edge)", default=None)
-    verbose: bool = _help("log each worker's shutdown", default=False)
+    model: str = option("alias (minilm, smollm2), hub name or local folder every rank can load", default="minilm")
+    threads: int = option("torch threads per device process", default=1)
+    timeout: float = option("seconds a device may stay silent before every other device stops", default=30.0)
+    startup_timeout: float = option("seconds to wait for every rank to join and load the model", default=300.0)
+    overlap: bool = option("attend to the own positions while the means are in flight", default=True)
+    count_flops: bool = option("count FLOPs per device (slower)", default=False)
+    device: str = option("where a device process's model runs: cpu, cuda, cuda:N", default="cpu")
+    cache_dir: str | None = option("folder for converted weights (default: $PRISM_EDGE_CACHE or "
+                                   "~/.cache/prism-edge)", default=None)
+    verbose: bool = option("log each worker's shutdown", default=False)
     # set by `--weights auto` (a PrismConfig flag), not a flag of its own
     auto_weights: bool = field(default=False, metadata={"flag": False})
 
@@ -58,28 +54,16 @@ class LaunchSpec:
     # ------------------------------------------------------------------ flags
     @staticmethod
     def flag_fields() -> list[dataclasses.Field]:
-        return [f for f in dataclasses.fields(LaunchSpec) if f.metadata.get("flag", True)]
+        return flag_fields(LaunchSpec)
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser, model_default: str | None = None) -> None:
         """One flag per field; defaults from the dataclass (model_default: a command's own default model)."""
-        hints = typing.get_type_hints(cls)
-        for f in cls.flag_fields():
-            default = model_default if f.name == "model" and model_default else f.default
-            kw: dict[str, Any] = {"dest": f.name, "default": default,
-                                  "help": f.metadata["help"] + (f" (default {default})" if default is not None else "")}
-            kind = ([a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]])[0]
-            if kind is bool:
-                kw["action"] = argparse.BooleanOptionalAction
-            else:
-                kw["type"] = kind
-            parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+        add_dataclass_flags(parser, cls, {"model": model_default} if model_default else None)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LaunchSpec":
-        from ..flags import auto_weights
-
-        return cls(**{f.name: getattr(args, f.name) for f in cls.flag_fields()}, auto_weights=auto_weights(args))
+        return dataclass_from_args(cls, args, auto_weights=_auto_weights(args))
 
     @classmethod
     def with_settings(cls, model: str | None, settings: Mapping[str, Any]) -> "LaunchSpec":
@@ -95,13 +79,7 @@ class LaunchSpec:
 
     def flags(self) -> list[str]:
         """The flags that give this spec back (through add_flags + from_args) in another process."""
-        out: list[str] = []
-        for f in self.flag_fields():
-            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
-            if value is None:
-                continue
-            out += ([flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)])
-        return out + (["--weights", "auto"] if self.auto_weights else [])
+        return dataclass_args(self) + (["--weights", "auto"] if self.auto_weights else [])
 
     def worker_command(self, cfg: PrismConfig, rank: int, world: int, master: str, bind: str | None = None,
                        extra: Sequence[str] = ()) -> list[str]:
