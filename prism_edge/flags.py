@@ -15,7 +15,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from .config import GROUPINGS, PAYLOADS, SCHEMES, WIRE_DTYPES, PrismConfig
+from .config import GROUPINGS, PAYLOADS, SCHEMES, WIRE_DTYPES, PrismConfig, RunConfig
 
 CHOICES = {"scheme": SCHEMES, "payload": PAYLOADS, "wire_dtype": WIRE_DTYPES, "grouping": GROUPINGS}
 AUTO = "auto"
@@ -73,10 +73,11 @@ def config_from(args: argparse.Namespace, allow_auto: bool = False) -> PrismConf
     return PrismConfig(**values)
 
 
-def config_args(cfg: PrismConfig) -> list[str]:
-    """The CLI flags that rebuild `cfg` in a worker process."""
+def config_args(cfg: PrismConfig | RunConfig) -> list[str]:
+    """The CLI flags that rebuild `cfg` in a worker process (a RunConfig: its options; the worker resolves
+    them for the same kind of model)."""
     args: list[str] = []
-    for f in dataclasses.fields(cfg):
+    for f in dataclasses.fields(PrismConfig):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if value is None or value == ():
             continue

@@ -41,6 +41,8 @@ def test_launch_spec_gives_the_flags_and_the_worker_command_line():
     assert LaunchSpec.from_args(args) == spec
     assert config_from(args, allow_auto=True) == cfg  # --weights auto leaves weights to the start-up probe
     assert config_from(parser.parse_args(["run", *config_args(cfg)])) == cfg
+    run = cfg.resolve("decoder")  # rank 0 sends its workers the resolved options; they resolve them back to it
+    assert config_from(parser.parse_args(["run", *config_args(run)])).resolve("decoder") == run
 
 
 def test_weights_auto_is_for_device_processes_only():

@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     g = adapter.geometry
     print(f"model    {args.model}: {type(loaded.model).__name__}, {g.layers} layers, hidden {g.hidden}, "
           f"{g.heads} heads ({g.kv_heads} KV)")
-    print(f"split    {cfg.resolved(adapter.kind).describe()}")
+    print(f"split    {cfg.resolve(adapter.kind).describe()}")
     print(f"input    {len(report.positions)} sequence(s), {min(report.positions)}-{max(report.positions)} positions")
     print("\nresult (PRISM against the unpartitioned model)")
     for line in report.details[: args.show]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import PrismConfig
+from ..config import RunConfig
 from ..models import Adapter
 from ..models.base import Batch
 from ..partition.plan import Plan
@@ -152,7 +152,7 @@ class _Loop:
 
 def run_device(
     adapter: Adapter,
-    cfg: PrismConfig,
+    cfg: RunConfig,
     plan: Plan,
     batch: Batch,
     local: dict[str, Tensor],

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PrismConfig
+from ..config import PrismConfig, RunConfig
 from ..flags import config_args
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -103,8 +103,8 @@ class LaunchSpec:
             out += ([flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)])
         return out + (["--weights", "auto"] if self.auto_weights else [])
 
-    def worker_command(self, cfg: PrismConfig, rank: int, world: int, master: str, bind: str | None = None,
-                       extra: Sequence[str] = ()) -> list[str]:
+    def worker_command(self, cfg: PrismConfig | RunConfig, rank: int, world: int, master: str,
+                       bind: str | None = None, extra: Sequence[str] = ()) -> list[str]:
         """The command line of device process `rank` (`python -m prism_edge.worker ...`) with this spec and cfg;
         extra: request flags for a rank 0 started this way (--repeat, --json, ...)."""
         cmd = [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import PrismConfig
+from ..config import PrismConfig, RunConfig, resolve
 from ..models import adapter_for
 from ..models.base import check_ids
 from .comm import ByteLedger
@@ -155,7 +155,7 @@ def check_prompt(adapter, input_ids: Tensor, max_new_tokens: int) -> None:
 @torch.inference_mode()
 def generate(
     model: nn.Module,
-    cfg: PrismConfig,
+    cfg: PrismConfig | RunConfig,
     input_ids: Tensor,
     *,
     max_new_tokens: int = 32,
@@ -176,7 +176,8 @@ def generate(
     check_prompt(adapter, input_ids, max_new_tokens)
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
-    out, devs = run_devices(model, cfg, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
+    run = resolve(cfg, adapter.kind)  # once, here: the prefill and every decode step read this one
+    out, devs = run_devices(model, run, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
     last, positions = devs[-1], devs[-1].positions.new_tensor(range(input_ids.shape[1])).unsqueeze(0)
     mode = choose(decode, last.plan, positions, last.geo, last.codec.wire, max_new_tokens, link or Link())
     result = Generation(prompt_ids=input_ids.cpu(), prefill_stats=out.stats, mode=mode)
