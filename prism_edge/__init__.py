@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import PrismConfig
+from .config import PrismConfig, RunConfig
 from .version import __version__
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers
@@ -35,4 +35,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["Cluster", "ClusterError", "PrismConfig", "PrismOutput", "Stats", "simulate", "__version__"]
+__all__ = ["Cluster", "ClusterError", "PrismConfig", "PrismOutput", "RunConfig", "Stats", "simulate", "__version__"]

@@ -1,8 +1,12 @@
-"""The one configuration object of a PRISM run: a frozen dataclass validated at construction.
+"""The configuration of a PRISM run: frozen dataclasses validated at construction.
 
-Fidelity options left at None take the default of the model's kind (decoder, encoder or vision),
-chosen from the measured accuracy-against-bytes frontiers in docs/RESULTS.md; `resolved(kind)`
-fills them in.  Every option is exact at CR=1 and every byte it costs is counted.
+PrismConfig is what a user writes: fidelity options left at None take the default of the model's kind
+(decoder, encoder or vision), chosen from the measured accuracy-against-bytes frontiers in
+docs/RESULTS.md.  `PrismConfig.resolve(kind)` fills them in, once, at an entry point (simulate,
+generate, Cluster, a worker), giving a RunConfig: every option spelled out, none of them None, and the
+facts derived from them (the devices and CR in effect, the wire of a request, the plan's Fidelity) as
+its properties.  Everything downstream (the planner, every device's executor, the start-up handshake)
+takes a RunConfig.  Every option is exact at CR=1 and every byte it costs is counted.
 """
 
 from __future__ import annotations
@@ -146,35 +150,34 @@ class PrismConfig:
         """Voltage and full are exact: every position travels (or stays) as itself."""
         return self.cr if self.scheme == "prism" else 1
 
-    @property
-    def is_resolved(self) -> bool:
-        return all(getattr(self, name) is not None for name in FIDELITY_FIELDS)
-
-    def resolved(self, kind: str) -> "PrismConfig":
-        """This config with every unset fidelity option at the default for a `kind` of model.
+    def resolve(self, kind: str, *, training: bool = False) -> "RunConfig":
+        """This config for a `kind` of model: every unset fidelity option at that kind's default.
 
         Voltage and full ship everything exactly: their options are those of pure means (off), but a
         wire dtype the user chose still applies; so does CR=1, whose default wire is float32 whatever the
-        kind's.  Anchor recompute needs a causal model.
+        kind's.  Anchor recompute needs a causal model.  training (a forward that will be differentiated):
+        int8 rounding has no gradient, so a default int8 wire becomes float32 (a chosen one stays).
         """
         if kind not in KINDS:
             raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
         if self.scheme != "prism":
-            base = {**PLAIN, "wire_dtype": self.wire_dtype or "float32"}
-            return dataclasses.replace(self, **base)
-        if kind != "decoder" and self.anchor:
-            raise ValueError(f"anchor={self.anchor} needs a decoder (causal) model: an encoder's first positions "
-                             "depend on every later one; use anchor=0 (or leave it unset)")
-        if kind != "decoder" and self.tail:
-            raise ValueError(f"tail={self.tail} needs a decoder (causal) model: it shapes the prompt for "
-                             "generation; use tail=0 (or leave it unset)")
-        defaults = dict(FAMILY_DEFAULTS[kind])
-        if self.cr == 1:
-            defaults["wire_dtype"] = "float32"  # CR=1 asks for exactness: a lossy default wire would break it
-        if self.wire_dtype is not None:
-            defaults["int8_from"] = 0  # a wire the user chose is the wire, at any length (unless int8_from says)
-        return dataclasses.replace(self, **{name: defaults[name] for name in FIDELITY_FIELDS
-                                            if getattr(self, name) is None})
+            chosen = {**PLAIN, "wire_dtype": self.wire_dtype or "float32"}
+        else:
+            defaults = dict(FAMILY_DEFAULTS[kind])
+            if self.cr == 1:
+                defaults["wire_dtype"] = "float32"  # CR=1 asks for exactness: a lossy default wire would break it
+            if self.wire_dtype is not None:
+                defaults["int8_from"] = 0  # a wire the user chose is the wire, at any length (unless int8_from says)
+            elif training and defaults["wire_dtype"] == "int8":
+                defaults["wire_dtype"] = "float32"
+            chosen = {name: defaults[name] if getattr(self, name) is None else getattr(self, name)
+                      for name in FIDELITY_FIELDS}
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return RunConfig(**{**given, **chosen}, kind=kind)
+
+    def resolved(self, kind: str) -> "RunConfig":
+        """The earlier name of `resolve` (kept for code that calls it)."""
+        return self.resolve(kind)
 
     def wire_for(self, positions: int) -> str:
         """The wire dtype of a request whose longest sequence has `positions` real positions (padding never
@@ -200,3 +203,131 @@ class PrismConfig:
                 f"{show('count_bias')}, exact when cheap {show('exact_when_cheap')}, tail {show('tail')}, "
                 f"wire {show('wire_dtype')}" + (f" (float16 below {self.int8_from} positions)"
                                                  if self.wire_dtype == "int8" and self.int8_from else ""))
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """What a route sends exactly and how it summarises the rest (a RunConfig's `fidelity`)."""
+
+    cr: int = 1
+    window: int = 0
+    window_frac: float = 0.0
+    anchor: int = 0
+    topk: int = 0
+    topk_frac: float = 0.0
+    exact_when_cheap: bool = False
+    tail: int = 0  # decoders: the last device owns the last `tail` positions and receives every earlier one exactly
+
+    def window_for(self, receiver_rows: int) -> int:
+        return max(self.window, math.ceil(self.window_frac * receiver_rows))
+
+    def topk_for(self, candidates: int) -> int:
+        return min(candidates, max(self.topk, math.ceil(self.topk_frac * candidates)))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A PrismConfig resolved for one kind of model (`PrismConfig.resolve(kind)`): every option spelled out,
+    none of them None, validated here; what the planner, the executors and every device process take.
+
+    The fields are PrismConfig's (the same meaning; see its help texts), plus the `kind` they were resolved
+    for.  `weights` None means equal slices (it is not an option left to a default).
+    """
+
+    devices: int
+    cr: int
+    scheme: str
+    sinks: bool
+    window: int
+    window_frac: float
+    anchor: int
+    topk: int
+    topk_frac: float
+    grouping: str
+    count_bias: bool
+    exact_when_cheap: bool
+    tail: int
+    payload: str
+    wire_dtype: str
+    int8_from: int
+    weights: tuple[float, ...] | None
+    sink_token_ids: tuple[int, ...]
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown model kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        unset = [name for name in FIDELITY_FIELDS if getattr(self, name) is None]
+        if unset:
+            raise ValueError(f"a RunConfig spells out every option, but {', '.join(unset)} is None; build it with "
+                             "PrismConfig(...).resolve(kind)")
+        _ = self.settings  # the user's checks (types, ranges, choices, weights), on the resolved values
+        if self.kind != "decoder" and self.anchor:
+            raise ValueError(f"anchor={self.anchor} needs a decoder (causal) model: an encoder's first positions "
+                             "depend on every later one; use anchor=0 (or leave it unset)")
+        if self.kind != "decoder" and self.tail:
+            raise ValueError(f"tail={self.tail} needs a decoder (causal) model: it shapes the prompt for "
+                             "generation; use tail=0 (or leave it unset)")
+
+    @property
+    def settings(self) -> PrismConfig:
+        """These options as a PrismConfig with every one of them set (resolving it again gives this back)."""
+        return PrismConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PrismConfig)})
+
+    @property
+    def causal(self) -> bool:
+        return self.kind == "decoder"
+
+    @property
+    def effective_devices(self) -> int:
+        """Scheme `full` runs everything on one device, whatever `devices` says."""
+        return 1 if self.scheme == "full" else self.devices
+
+    @property
+    def effective_cr(self) -> int:
+        """Voltage and full are exact: every position travels (or stays) as itself."""
+        return self.cr if self.scheme == "prism" else 1
+
+    @property
+    def slice_weights(self) -> tuple[float, ...] | None:
+        """The relative device speeds the slices follow (None: equal slices; scheme full has one device)."""
+        return self.weights if self.scheme != "full" else None
+
+    @property
+    def fidelity(self) -> Fidelity:
+        """What the plan's routes send exactly and how they summarise: Voltage and full are plain exact
+        exchanges (CR=1, no extras)."""
+        if self.scheme != "prism":
+            return Fidelity()
+        return Fidelity(cr=self.cr, window=self.window, window_frac=self.window_frac, anchor=self.anchor,
+                        topk=self.topk, topk_frac=self.topk_frac, exact_when_cheap=self.exact_when_cheap,
+                        tail=self.tail)
+
+    def wire_for(self, positions: int) -> str:
+        """The wire dtype of a request whose longest sequence has `positions` real positions (padding never
+        counts): `wire_dtype`, except that an int8 wire gives way to float16 below `int8_from` positions."""
+        return "float16" if self.wire_dtype == "int8" and positions < self.int8_from else self.wire_dtype
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """One line naming the split and every fidelity option."""
+        return self.settings.describe()
+
+
+AnyConfig = PrismConfig | RunConfig  # what an entry point takes: a PrismConfig to resolve, or a RunConfig
+
+
+def resolve(cfg: AnyConfig | None, kind: str, *, training: bool = False, name: str = "cfg") -> RunConfig:
+    """What an entry point (simulate, generate, Cluster, a worker) does with the config it was given, once:
+    None is PrismConfig(); a PrismConfig is resolved for `kind`; a RunConfig must be `kind`'s already."""
+    cfg = cfg if cfg is not None else PrismConfig()
+    if isinstance(cfg, RunConfig):
+        if cfg.kind != kind:
+            raise ValueError(f"{name} was resolved for kind {cfg.kind!r} but this model's kind is {kind!r}; pass "
+                             f"its options instead ({name}.settings, a PrismConfig)")
+        return cfg
+    if not isinstance(cfg, PrismConfig):
+        raise ValueError(f"{name} must be a PrismConfig, got {type(cfg).__name__}; use PrismConfig(devices=4, cr=16)")
+    return cfg.resolve(kind, training=training)

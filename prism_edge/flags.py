@@ -22,7 +22,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from .config import GROUPINGS, PAYLOADS, SCHEMES, WIRE_DTYPES, PrismConfig
+from .config import GROUPINGS, PAYLOADS, SCHEMES, WIRE_DTYPES, PrismConfig, RunConfig
 
 CHOICES = {"scheme": SCHEMES, "payload": PAYLOADS, "wire_dtype": WIRE_DTYPES, "grouping": GROUPINGS}
 AUTO = "auto"
@@ -80,9 +80,10 @@ def config_from(args: argparse.Namespace, allow_auto: bool = False) -> PrismConf
     return PrismConfig(**values)
 
 
-def config_args(cfg: PrismConfig) -> list[str]:
-    """The CLI flags that rebuild `cfg` in a worker process."""
-    return dataclass_args(cfg)
+def config_args(cfg: PrismConfig | RunConfig) -> list[str]:
+    """The CLI flags that rebuild `cfg` in a worker process (a RunConfig: its options; the worker resolves
+    them for the same kind of model)."""
+    return dataclass_args(cfg.settings if isinstance(cfg, RunConfig) else cfg)
 
 
 # ---------------------------------------------------------------------- any options dataclass <-> flags

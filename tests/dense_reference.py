@@ -53,7 +53,7 @@ class Dense:
         """`longest`: the longest sequence of the request this one was batched with (it picks the wire
         when int8 gives way to float16 for short requests); default: this sequence's own length."""
         self.ad = adapter_for(model)
-        self.cfg = cfg.resolved(self.ad.kind)
+        self.cfg = cfg.resolve(self.ad.kind)
         self.g = self.ad.geometry
         self.longest = longest
         self.wire = self.cfg.wire_dtype

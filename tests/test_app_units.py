@@ -91,3 +91,21 @@ def test_testing_hooks_name_their_rank():
     assert env.cache_dir({env.CACHE_ENV: "/x"}).as_posix() == "/x"
     assert env.torchrun_seat({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "9"}) == (
         1, 2, "h:9", False)
+
+
+def test_cluster_docstring_lists_the_settings_it_takes():
+    """Cluster(model, **settings) takes every LaunchSpec field but the model (its own argument), and only those."""
+    import dataclasses
+    import re
+
+    from prism_edge.cluster import Cluster
+    from prism_edge.cluster.spec import LaunchSpec
+
+    doc = " ".join((Cluster.__doc__ or "").split())
+    listed = re.search(r"settings: any other LaunchSpec field \(([^)]*)\)", doc)
+    assert listed is not None
+    names = {f.name for f in dataclasses.fields(LaunchSpec)} - {"model"}
+    assert set(listed.group(1).split(", ")) == names
+    assert LaunchSpec.with_settings("minilm", {n: getattr(LaunchSpec(), n) for n in names}) == LaunchSpec()
+    with pytest.raises(ValueError, match="unknown Cluster setting"):
+        LaunchSpec.with_settings("minilm", {"debug": True})

@@ -41,6 +41,8 @@ def test_launch_spec_gives_the_flags_and_the_worker_command_line():
     assert LaunchSpec.from_args(args) == spec
     assert config_from(args, allow_auto=True) == cfg  # --weights auto leaves weights to the start-up probe
     assert config_from(parser.parse_args(["run", *config_args(cfg)])) == cfg
+    run = cfg.resolve("decoder")  # rank 0 sends its workers the resolved options; they resolve them back to it
+    assert config_from(parser.parse_args(["run", *config_args(run)])).resolve("decoder") == run
 
 
 def test_weights_auto_is_for_device_processes_only():
@@ -79,6 +81,10 @@ def test_help_and_argument_errors_answer_at_once(argv):
         (["run", "--model", "/nonexistent/model"], "cannot load model '/nonexistent/model'"),
         (["eval", "--task", "lee", "--variants", "best"], "unknown variant token 'best'"),
         (["eval", "--task", "nonesuch"], "unknown task 'nonesuch'; choose one of lee"),
+        (["eval", "--task", "lee", "--length", "1024"],
+         "task lee does not take --length (an option of perplexity); drop it (lee takes --batch-size)"),
+        (["eval", "--task", "cbt", "--context-chars", "400", "--batch-size", "2"],
+         "task cbt does not take --batch-size (an option of lee, "),
         (["finetune", "--task", "lee", "--out", "x"], "no fine-tuning recipe for task 'lee'"),
         (["launch", "--weights", "auto", "1"], "single word auto"),
         (["eval", "--task", "cifar10"], "pass --model"),

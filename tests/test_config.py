@@ -50,16 +50,107 @@ def test_unset_options_resolve_per_kind_and_set_ones_stay():
     from prism_edge.config import FAMILY_DEFAULTS, FIDELITY_FIELDS
 
     for kind, defaults in FAMILY_DEFAULTS.items():
-        resolved = PrismConfig().resolved(kind)
-        assert resolved.is_resolved and all(getattr(resolved, f) == defaults[f] for f in FIDELITY_FIELDS
-                                            if f != "wire_dtype")
-    assert PrismConfig(window=3, sinks=False).resolved("encoder").window == 3
-    assert not PrismConfig(window=3, sinks=False).resolved("decoder").sinks
-    assert PrismConfig(cr=1).resolved("decoder").wire_dtype == "float32"  # CR=1 stays exact
-    voltage = PrismConfig(scheme="voltage", wire_dtype="float16").resolved("encoder")
+        resolved = PrismConfig().resolve(kind)
+        assert all(getattr(resolved, f) == defaults[f] for f in FIDELITY_FIELDS if f != "wire_dtype")
+    assert PrismConfig(window=3, sinks=False).resolve("encoder").window == 3
+    assert not PrismConfig(window=3, sinks=False).resolve("decoder").sinks
+    assert PrismConfig(cr=1).resolve("decoder").wire_dtype == "float32"  # CR=1 stays exact
+    voltage = PrismConfig(scheme="voltage", wire_dtype="float16").resolve("encoder")
     assert voltage.window == 0 and not voltage.sinks and voltage.wire_dtype == "float16"
     with pytest.raises(ValueError, match="anchor=4 needs a decoder"):
-        PrismConfig(anchor=4).resolved("encoder")
+        PrismConfig(anchor=4).resolve("encoder")
+    assert PrismConfig(cr=8).resolved("vision") == PrismConfig(cr=8).resolve("vision")  # the earlier name
+
+
+# kind, PrismConfig options, resolve(training=...), what the RunConfig holds (and `fidelity`, `effective_*`)
+DEC, ENC, VIS = "decoder", "encoder", "vision"
+RESOLUTION = [
+    (DEC, {}, False, dict(sinks=True, window=64, window_frac=0.0, anchor=0, topk=64, topk_frac=0.5,
+                          grouping="contiguous", count_bias=False, exact_when_cheap=True, tail=0,
+                          wire_dtype="int8", int8_from=256)),
+    (ENC, {}, False, dict(sinks=True, window=8, topk=8, topk_frac=0.0, grouping="contiguous", count_bias=False,
+                          wire_dtype="int8", int8_from=0)),
+    (VIS, {}, False, dict(sinks=True, window=0, topk=16, grouping="similarity", count_bias=True,
+                          wire_dtype="int8", int8_from=0)),
+    # CR=1 is exact: float32 wire whatever the kind's (a decoder keeps its int8_from, moot on float32)
+    (DEC, dict(cr=1), False, dict(wire_dtype="float32", int8_from=256, window=64)),
+    (ENC, dict(cr=1), False, dict(wire_dtype="float32", int8_from=0)),
+    # a wire the user chose applies at any length, unless int8_from says otherwise
+    (DEC, dict(wire_dtype="int8"), False, dict(wire_dtype="int8", int8_from=0)),
+    (DEC, dict(wire_dtype="int8", int8_from=9), False, dict(wire_dtype="int8", int8_from=9)),
+    (ENC, dict(wire_dtype="bfloat16"), False, dict(wire_dtype="bfloat16", int8_from=0, window=8)),
+    # options the user set stay; the rest take the kind's defaults
+    (DEC, dict(window=3, sinks=False, anchor=4, tail=2, topk=0, grouping="similarity"), False,
+     dict(window=3, sinks=False, anchor=4, tail=2, topk=0, topk_frac=0.5, grouping="similarity")),
+    (VIS, dict(count_bias=False, exact_when_cheap=False, window_frac=0.25), False,
+     dict(count_bias=False, exact_when_cheap=False, window_frac=0.25, topk=16)),
+    # training: a default int8 wire becomes float32 (no gradient through rounding); a chosen one stays
+    (DEC, {}, True, dict(wire_dtype="float32", int8_from=256)),
+    (VIS, dict(wire_dtype="int8"), True, dict(wire_dtype="int8", int8_from=0)),
+    (ENC, dict(wire_dtype="float16"), True, dict(wire_dtype="float16")),
+    # Voltage and full are exact exchanges: every fidelity option off, whatever was set; a chosen wire stays
+    (ENC, dict(scheme="voltage", window=3, topk=5, sinks=True), False,
+     dict(window=0, topk=0, sinks=False, exact_when_cheap=False, wire_dtype="float32", int8_from=0)),
+    (DEC, dict(scheme="voltage", wire_dtype="float16", anchor=4), False, dict(anchor=0, wire_dtype="float16")),
+    (VIS, dict(scheme="full", devices=3, cr=8), False, dict(devices=3, cr=8, grouping="contiguous",
+                                                            count_bias=False, wire_dtype="float32")),
+]
+
+
+@pytest.mark.parametrize("kind, given, training, expected", RESOLUTION)
+def test_resolution_table(kind, given, training, expected):
+    """Every (kind, scheme, CR, options the user set) resolves to a RunConfig with no option left None."""
+    import dataclasses
+
+    from prism_edge.config import PLAIN, Fidelity, RunConfig
+
+    cfg = PrismConfig(**given)
+    run = cfg.resolve(kind, training=training)
+    assert isinstance(run, RunConfig) and run.kind == kind
+    assert all(getattr(run, f.name) is not None for f in dataclasses.fields(run) if f.name != "weights")
+    assert {name: getattr(run, name) for name in expected} == expected
+    for name in ("devices", "cr", "scheme", "payload", "weights", "sink_token_ids"):  # never resolved: as given
+        assert getattr(run, name) == getattr(cfg, name)
+    prism = cfg.scheme == "prism"
+    assert run.effective_devices == (1 if cfg.scheme == "full" else cfg.devices)
+    assert run.effective_cr == (cfg.cr if prism else 1) == run.fidelity.cr
+    if prism:
+        assert run.fidelity == Fidelity(cr=run.cr, window=run.window, window_frac=run.window_frac,
+                                        anchor=run.anchor, topk=run.topk, topk_frac=run.topk_frac,
+                                        exact_when_cheap=run.exact_when_cheap, tail=run.tail)
+    else:
+        assert run.fidelity == Fidelity()
+        assert all(getattr(run, name) == value for name, value in PLAIN.items() if name != "wire_dtype")
+    assert run.settings.resolve(kind) == run  # resolving the spelled-out options gives the same run back
+    assert run.describe() == run.settings.describe() and "default" not in run.describe()
+
+
+def test_run_config_is_validated_at_construction():
+    from prism_edge.config import RunConfig, resolve
+
+    run = PrismConfig(devices=2).resolve("encoder")
+    with pytest.raises(ValueError, match="window is None"):
+        run.replace(window=None)
+    with pytest.raises(ValueError, match="devices must be >= 1"):
+        run.replace(devices=0)
+    with pytest.raises(ValueError, match="unknown grouping"):
+        run.replace(grouping="kmeans")
+    with pytest.raises(ValueError, match="tail=3 needs a decoder"):
+        run.replace(tail=3)
+    with pytest.raises(ValueError, match="unknown model kind 'audio'"):
+        run.replace(kind="audio")
+    with pytest.raises(ValueError, match="unknown model kind 'audio'"):
+        PrismConfig().resolve("audio")
+    assert run.replace(weights=(2.0, 1.0)).slice_weights == (2.0, 1.0)
+    assert PrismConfig(scheme="full", devices=2, weights=(2.0, 1.0)).resolve("encoder").slice_weights is None
+    # the entry points' resolve: None is the default config, a RunConfig must be of the model's kind
+    assert resolve(None, "vision") == PrismConfig().resolve("vision")
+    assert resolve(run, "encoder") is run
+    with pytest.raises(ValueError, match="resolved for kind 'encoder' but this model's kind is 'decoder'"):
+        resolve(run, "decoder")
+    with pytest.raises(ValueError, match="cfg must be a PrismConfig, got dict"):
+        resolve({"devices": 2}, "decoder")
+    assert isinstance(run, RunConfig)
 
 
 def test_devices_more_than_positions():
@@ -106,13 +197,13 @@ def test_short_requests_give_the_int8_wire_up_for_float16():
     explicit float16 wire — and from there on as int8; encoders keep int8 at any length."""
     from prism_edge.config import FAMILY_DEFAULTS
 
-    decoder = PrismConfig().resolved("decoder")
+    decoder = PrismConfig().resolve("decoder")
     assert decoder.int8_from == FAMILY_DEFAULTS["decoder"]["int8_from"] > 0
     assert decoder.wire_for(decoder.int8_from - 1) == "float16" and decoder.wire_for(decoder.int8_from) == "int8"
-    assert PrismConfig().resolved("encoder").wire_for(3) == "int8"
+    assert PrismConfig().resolve("encoder").wire_for(3) == "int8"
     assert PrismConfig(wire_dtype="float32", int8_from=100).wire_for(3) == "float32"
-    assert PrismConfig(wire_dtype="int8").resolved("decoder").wire_for(3) == "int8"  # chosen: int8 at any length
-    assert PrismConfig(wire_dtype="int8", int8_from=9).resolved("decoder").wire_for(3) == "float16"
+    assert PrismConfig(wire_dtype="int8").resolve("decoder").wire_for(3) == "int8"  # chosen: int8 at any length
+    assert PrismConfig(wire_dtype="int8", int8_from=9).resolve("decoder").wire_for(3) == "float16"
     assert "float16 below 256 positions" in decoder.describe()
     model = tiny("llama-lm")
     ids = (torch.arange(24) * 7 % 50 + 3).unsqueeze(0)

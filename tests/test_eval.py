@@ -176,3 +176,47 @@ def test_imagenet_and_cifar_samples_through_the_image_path(dataset, tmp_path):
     assert ref.items == 20 and task.pixels.shape == (20, 3, 32, 32)
     assert task.evaluate(PrismConfig(devices=4, cr=1)).metrics["agreement"] == 1.0
     assert task.evaluate(PrismConfig(devices=4, cr=4)).bytes_per_item > 0
+
+
+# task -> the options its constructor reads besides `limit` (an option a task would ignore is refused)
+TAKES = {
+    "lee": {"batch_size"}, "polarity": {"batch_size", "folds"}, "perplexity": {"batch_size", "length", "source"},
+    "cloze": {"context_chars", "items"}, "fashion": {"batch_size", "data_dir"}, "samples": {"batch_size", "dataset"},
+    "dino-embed": {"batch_size", "data_dir"}, "dino-probe": {"batch_size", "data_dir", "train"},
+    "sst2": {"batch_size", "data_dir", "split"}, "mrpc": {"batch_size", "data_dir", "split"},
+    "stsb": {"batch_size", "data_dir", "split"}, "cifar10": {"batch_size", "data_dir", "split"},
+    "cifar100": {"batch_size", "data_dir", "split"}, "imagenet": {"batch_size", "data_dir", "split"},
+    "cbt": {"data_dir", "split", "config"},
+}
+
+
+def test_tasks_refuse_options_they_do_not_take():
+    from prism_edge.eval.harness import check_options
+    from prism_edge.eval.tasks import TASKS
+
+    assert {name: set(task.takes) for name, task in TASKS.items()} == TAKES
+    every = set().union(*TAKES.values())
+    for name, takes in TAKES.items():
+        check_options(name, {k: 1 for k in takes})  # what it takes passes; None means not given
+        check_options(name, {k: None for k in every})
+        for option in sorted(every - takes):
+            with pytest.raises(ValueError, match=f"task {name} does not take {option} \\(an option of .+\\); drop it"):
+                check_options(name, {option: 1})
+    with pytest.raises(ValueError, match="task lee does not take length .*, source .*; drop them"):
+        make_task("lee", None, length=1024, source="wiki")  # refused before the task touches the model
+    with pytest.raises(ValueError, match="unknown task 'nonesuch'"):
+        make_task("nonesuch", None)
+
+
+def test_every_option_a_task_takes_reaches_its_constructor():
+    """`takes` names only what a constructor in the task's class chain accepts (or reads from Task.options)."""
+    import inspect
+
+    from prism_edge.eval.tasks import TASKS
+
+    for name, task in TASKS.items():
+        chain = [k for k in task.__mro__ if k.__module__.startswith("prism_edge.eval")]
+        params = {p for k in chain if "__init__" in vars(k) for p in inspect.signature(k.__init__).parameters}
+        source = "".join(inspect.getsource(k) for k in chain)
+        for option in task.takes:
+            assert option in params or f'self.options.get("{option}")' in source, (name, option)

@@ -34,7 +34,7 @@ def test_padding_never_leaks(name, cr, variant):
     cfg = PrismConfig(devices=3, cr=cr, **variant)
     # a float16 wire (decoders' defaults for short requests) rounds at 1e-3 relative: batched and lone float32
     # sums differ in the last bit, which now and then lands a value on the other side of a rounding boundary
-    wire = cfg.resolved(adapter_for(model).kind).wire_for(max(lengths))
+    wire = cfg.resolve(adapter_for(model).kind).wire_for(max(lengths))
     tol = 1e-4 if wire in ("float16", "bfloat16") else TOL
     padded = _out(simulate(model, cfg, input_ids=ids, attention_mask=mask))
     for b, n in enumerate(lengths):

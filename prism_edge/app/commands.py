@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     g = adapter.geometry
     print(f"model    {args.model}: {type(loaded.model).__name__}, {g.layers} layers, hidden {g.hidden}, "
           f"{g.heads} heads ({g.kv_heads} KV)")
-    print(f"split    {cfg.resolved(adapter.kind).describe()}")
+    print(f"split    {cfg.resolve(adapter.kind).describe()}")
     print(f"input    {len(report.positions)} sequence(s), {min(report.positions)}-{max(report.positions)} positions")
     print("\nresult (PRISM against the unpartitioned model)")
     for line in report.details[: args.show]:
@@ -134,19 +134,22 @@ def _generate_on_cluster(args: argparse.Namespace, cfg: Any, ids: torch.Tensor, 
                                 on_token=printer, decode=args.decode)
 
 
+# the task options of `eval`, by the name a task's constructor reads them under
+EVAL_FLAGS = {"length": "--length", "source": "--source", "data_dir": "--data-dir", "split": "--split",
+              "config": "--cbt-config", "dataset": "--dataset", "batch_size": "--batch-size",
+              "context_chars": "--context-chars"}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..eval.harness import finetuned_variant, grid, make_task, markdown, write
+    from ..eval.harness import check_options, finetuned_variant, grid, make_task, markdown, write
     from ..eval.tasks import TASKS
 
     _threads(args)
-    if args.task not in TASKS:
-        raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+    options = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in EVAL_FLAGS.items()}
+    check_options(args.task, options, EVAL_FLAGS)  # before loading anything: unknown tasks, ignored options
     model_name = args.model or TASKS[args.task].default_model
     if not model_name:
         raise ValueError(f"task {args.task} has no bundled model; pass --model (a classifier for that data set)")
-    options = {"length": args.length, "source": args.source, "data_dir": args.data_dir, "split": args.split,
-               "config": args.cbt_config, "dataset": args.dataset, "batch_size": args.batch_size,
-               "context_chars": args.context_chars}
     _log(f"loading {model_name} ...")
     task = make_task(args.task, load_model(model_name, cache_dir=env.cache_dir()), limit=args.limit, **options)
     _log(task.describe())

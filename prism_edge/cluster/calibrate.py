@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..config import PrismConfig
+from ..config import RunConfig
 from ..models import Adapter
 from .node import run_device
 from ..runtime.simulator import plan_for
@@ -40,7 +40,7 @@ def probe_inputs(adapter: Adapter) -> dict[str, torch.Tensor]:
     return {"input_ids": (torch.arange(n) % cfg.vocab_size).unsqueeze(0)}  # (1, n)
 
 
-def time_forward(adapter: Adapter, cfg: PrismConfig, slowdown: float = 0.0, repeats: int = PROBE_REPEATS) -> float:
+def time_forward(adapter: Adapter, cfg: RunConfig, slowdown: float = 0.0, repeats: int = PROBE_REPEATS) -> float:
     """Median seconds of this process's forward over the probe, as one device (no exchange)."""
     one = cfg.replace(devices=1, weights=None)
     batch = adapter.prepare(**probe_inputs(adapter))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import PrismConfig
+from ..config import AnyConfig, PrismConfig, RunConfig, resolve
 from ..models import adapter_for
 from ..models.loading import load_model
 from ..runtime import wire
@@ -49,9 +49,9 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def _config(config: PrismConfig | None, devices: int | None, spec: LaunchSpec) -> PrismConfig:
+def _config(config: AnyConfig | None, devices: int | None, spec: LaunchSpec) -> AnyConfig:
     cfg = config if config is not None else PrismConfig()
-    if not isinstance(cfg, PrismConfig):
+    if not isinstance(cfg, (PrismConfig, RunConfig)):
         raise ValueError(f"config must be a PrismConfig, got {type(cfg).__name__}")
     cfg = cfg.replace(devices=devices) if devices is not None else cfg
     if spec.auto_weights and cfg.weights is not None:
@@ -62,15 +62,15 @@ def _config(config: PrismConfig | None, devices: int | None, spec: LaunchSpec) -
 class Cluster:
     """Rank 0 of a PRISM device group: keeps workers and weights loaded and serves many requests, one at a time.
 
-    model: an alias (minilm, smollm2), hub name or local folder that every rank can load.  settings: any
-    LaunchSpec field (threads, timeout, startup_timeout, overlap, count_flops, device, cache_dir, verbose, debug,
-    auto_weights), with LaunchSpec's defaults; or the whole LaunchSpec as `spec`.  spawn: start the other devices as local processes (False:
-    they join from elsewhere through `endpoint`); worker_env: extra environment for spawned workers.
+    model: alias, hub name or folder every rank can load.  config: resolved once, for its kind, into `cfg`.
+    settings: any other LaunchSpec field (threads, timeout, startup_timeout, overlap, count_flops, device, cache_dir,
+    verbose, auto_weights), with its defaults; or the whole LaunchSpec as `spec`.  spawn: start the other devices as
+    local processes (False: they join through `endpoint`); worker_env: extra environment for spawned workers.
     This process's own torch threads and exit hooks are the caller's: set_threads=True sets them to
     `threads` until close(), and close_at_exit=True closes the cluster when the interpreter exits.
     """
 
-    def __init__(self, model: str | None = None, config: PrismConfig | None = None, *, devices: int | None = None,
+    def __init__(self, model: str | None = None, config: AnyConfig | None = None, *, devices: int | None = None,
                  spec: LaunchSpec | None = None, spawn: bool = True, endpoint: Endpoint | None = None,
                  log: Callable[[str], None] | None = None, worker_env: dict[str, str] | None = None,
                  set_threads: bool = False, close_at_exit: bool = False, **settings: Any) -> None:
@@ -101,11 +101,11 @@ class Cluster:
         if close_at_exit:
             atexit.register(self.close)
 
-    def _start(self, cfg: PrismConfig, spawn: bool, endpoint: Endpoint | None, worker_env: dict[str, str] | None) -> None:
+    def _start(self, given: AnyConfig, spawn: bool, endpoint: Endpoint | None, worker_env: dict[str, str] | None) -> None:
         self.loaded = load_model(self.spec.model, cache_dir=self.spec.cache_dir)  # first: workers hit a warm cache
         self.model, self.tokenizer = self.loaded.model.to(self.device), self.loaded.tokenizer
         self.adapter = adapter_for(self.model)
-        cfg = cfg.resolved(self.adapter.kind)  # workers get every option spelled out
+        cfg = resolve(given, self.adapter.kind, name="config")  # once; workers get every option spelled out
         self._comm = DistCommunicator(None, 0, 1, self.spec.timeout)  # alone: no group
         self.agreement = Agreement(cfg, [])
         if self.world > 1:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import PrismConfig
+from ..config import RunConfig
 from ..models import Adapter
 from ..models.base import Batch
 from ..models.loading import IMAGE_TYPES
@@ -67,7 +67,7 @@ class Coordinator:
     that escapes while it is set leaves the devices out of step (the cluster must go down); any other
     leaves them ready for the next request."""
 
-    def __init__(self, adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, overlap: bool,
+    def __init__(self, adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, overlap: bool,
                  count_flops: bool) -> None:
         self.adapter, self.cfg, self.comm = adapter, cfg, comm
         self.overlap, self.count_flops = overlap, count_flops

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging as hf_logging
 
-from ..config import PrismConfig
+from ..config import PrismConfig, RunConfig
 from ..models import Adapter, adapter_for
 from ..models.loading import load_model
 from ..runtime import wire
@@ -71,8 +71,8 @@ def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | No
         loaded = load_model(spec.model, cache_dir=spec.cache_dir)
         loaded.model.to(spec.torch_device())
         adapter = adapter_for(loaded.model)
-        # as rank 0 does: the handshake compares resolved configs
-        agreed = agree(group, seat.rank, seat.world, loaded.model, adapter, cfg.resolved(adapter.kind), spec, slowdown)
+        # as rank 0 does: resolved once, here; the handshake compares resolved configs
+        agreed = agree(group, seat.rank, seat.world, loaded.model, adapter, cfg.resolve(adapter.kind), spec, slowdown)
     except BaseException:
         group.shutdown()
         raise
@@ -93,7 +93,7 @@ def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | No
     return 0
 
 
-def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, overlap: bool = True,
+def serve_worker(adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, overlap: bool = True,
                  count_flops: bool = False, fault: Fault | None = None, slowdown: float = 0.0,
                  log: Callable[[str], None] | None = None) -> None:
     """Rank > 0: wait for requests from rank 0 until it says stop.
@@ -103,7 +103,6 @@ def serve_worker(adapter: Adapter, cfg: PrismConfig, comm: DistCommunicator, *, 
     inside a request (cluster.node) is reported to rank 0 and the worker serves the next one.
     """
     rank, layers, causal, last = comm.rank, adapter.geometry.layers, adapter.geometry.causal, comm.world - 1
-    cfg = cfg.resolved(adapter.kind)
     layout = output_layout(adapter)
     served = 0
     while True:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import PrismConfig
+from ..config import RunConfig
 from .transport import DeviceLost, all_gather_bytes
 from ..version import __version__
 
@@ -40,7 +40,7 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
-def identity(model: nn.Module, cfg: PrismConfig, model_name: str, auto_weights: bool = False) -> dict:
+def identity(model: nn.Module, cfg: RunConfig, model_name: str, auto_weights: bool = False) -> dict:
     """What a rank is: versions, config (weights "auto" when they are still to be measured), model fingerprint."""
     import transformers
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import PrismConfig
+from ..config import RunConfig
 from ..models import Adapter
 from ..models.base import Batch
 from ..partition.plan import Plan
@@ -76,7 +76,7 @@ class DeviceRun(Containment):
 
 def run_device(
     adapter: Adapter,
-    cfg: PrismConfig,
+    cfg: RunConfig,
     plan: Plan,
     batch: Batch,
     local: dict[str, Tensor],

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PrismConfig
+from ..config import PrismConfig, RunConfig
 from ..flags import add_dataclass_flags, config_args, dataclass_args, dataclass_from_args, flag_fields, option
 from ..flags import auto_weights as _auto_weights
 
@@ -81,8 +81,8 @@ class LaunchSpec:
         """The flags that give this spec back (through add_flags + from_args) in another process."""
         return dataclass_args(self) + (["--weights", "auto"] if self.auto_weights else [])
 
-    def worker_command(self, cfg: PrismConfig, rank: int, world: int, master: str, bind: str | None = None,
-                       extra: Sequence[str] = ()) -> list[str]:
+    def worker_command(self, cfg: PrismConfig | RunConfig, rank: int, world: int, master: str,
+                       bind: str | None = None, extra: Sequence[str] = ()) -> list[str]:
         """The command line of device process `rank` (`python -m prism_edge.worker ...`) with this spec and cfg;
         extra: request flags for a rank 0 started this way (--repeat, --json, ...)."""
         cmd = [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import nn
 
-from ..config import PrismConfig
+from ..config import RunConfig
 from ..models import Adapter
 from .rendezvous import Endpoint, join_group, open_store, take_seat
 from .calibrate import agree_weights, probe_in_turn, time_forward
@@ -26,12 +26,12 @@ from .procs import LocalWorkers
 class Agreement:
     """What every rank agreed on at start-up."""
 
-    cfg: PrismConfig  # with the measured weights under --weights auto
+    cfg: RunConfig  # with the measured weights under --weights auto
     handshake: list[dict]  # every rank's identity document, rank order
     probe_s: tuple[float, ...] | None = None  # every rank's probe forward time (--weights auto)
 
 
-def agree(group: dist.ProcessGroup, rank: int, world: int, model: nn.Module, adapter: Adapter, cfg: PrismConfig,
+def agree(group: dist.ProcessGroup, rank: int, world: int, model: nn.Module, adapter: Adapter, cfg: RunConfig,
           spec: LaunchSpec, slowdown: float = 0.0) -> Agreement:
     """The handshake, then (auto weights) time this device and take the weights rank 0 broadcasts."""
     docs = check(group, rank, world, identity(model, cfg, spec.model, spec.auto_weights), spec.startup_timeout)
@@ -55,7 +55,7 @@ def meet(endpoint: Endpoint, rank: int, world: int, spec: LaunchSpec, agent_stor
     return join_group(store, endpoint, rank, world, deadline, spec.startup_timeout, addresses, on_wait)
 
 
-def open_group(spec: LaunchSpec, cfg: PrismConfig, endpoint: Endpoint | None, workers: LocalWorkers,
+def open_group(spec: LaunchSpec, cfg: RunConfig, endpoint: Endpoint | None, workers: LocalWorkers,
                spawn: bool, worker_env: dict[str, str] | None, log: Callable[[str], None]) -> dist.ProcessGroup:
     """Rank 0: host the rendezvous, start the local workers (spawn) and join the group with them."""
     world = cfg.effective_devices

@@ -63,6 +63,8 @@ class Task:
     metric: ClassVar[str]  # the headline metric
     higher_is_better: ClassVar[bool] = True
     data: str  # what data, in words: a class default, which an instance may refine once it has loaded its data
+    # the options its constructor reads besides `limit` (eval.harness.make_task refuses any other)
+    takes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, loaded, limit: int | None = None, batch_size: int = 16, **options) -> None:
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer

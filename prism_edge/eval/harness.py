@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..config import PrismConfig
 from .plots import plot_frontier, plot_vs_cr
@@ -127,7 +129,23 @@ def write(rows: list[Row], metric: str, out_dir: Path, stem: str, meta: dict) ->
     return paths
 
 
-def make_task(name: str, loaded, limit: int | None = None, **options) -> Task:
+def check_options(name: str, options: Mapping[str, Any], flags: Mapping[str, str] | None = None) -> None:
+    """Refuse (ValueError) the options task `name` does not read: an option it would ignore is a mistake, not a
+    no-op.  An option at None was not given.  flags: how to spell each option (the command line's flag names)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    spell = dict(flags or {})
+    takes = TASKS[name].takes
+    extra = [k for k, v in options.items() if v is not None and k not in takes]
+    if not extra:
+        return
+    where = [f"{spell.get(k, k)} (an option of {', '.join(t for t, c in TASKS.items() if k in c.takes) or 'no task'})"
+             for k in extra]
+    own = [spell.get(k, k) for k in takes if flags is None or k in spell]
+    raise ValueError(f"task {name} does not take {', '.join(where)}; drop {'it' if len(extra) == 1 else 'them'} "
+                     f"({name} takes {', '.join(own) if own else 'none of these options'})")
+
+
+def make_task(name: str, loaded, limit: int | None = None, **options) -> Task:
+    check_options(name, options)
     return TASKS[name](loaded, limit=limit, **{k: v for k, v in options.items() if v is not None})

@@ -42,6 +42,7 @@ class _Embeddings(Task):
 
     texts: list[str]
     max_length = 256
+    takes: ClassVar[tuple[str, ...]] = ("batch_size",)
 
     def batches(self):
         for i in range(0, len(self.texts), self.batch_size):
@@ -88,6 +89,7 @@ class PolarityTask(_Embeddings):
     name, default_model, metric = "polarity", "minilm", "accuracy"
     data = "Pang & Lee movie-review polarity: 200 sentences (100 pos / 100 neg)"
     max_length = 128
+    takes: ClassVar[tuple[str, ...]] = ("batch_size", "folds")
 
     def __init__(self, loaded, limit=None, folds: int = 5, **kw):
         super().__init__(loaded, limit, **kw)
@@ -140,6 +142,7 @@ def training_prose(source: str) -> list[str]:
 class PerplexityTask(Task):
     name, default_model, metric, higher_is_better = "perplexity", "smollm2", "perplexity", False
     data = "held-out prose (last third of Lee background news, or of the Wikipedia sample) in fixed-length chunks"
+    takes: ClassVar[tuple[str, ...]] = ("batch_size", "length", "source")
 
     def __init__(self, loaded, limit=None, length: int = 512, source: str = "lee", batch_size: int = 2, **kw):
         super().__init__(loaded, limit, batch_size=batch_size, **kw)
@@ -175,6 +178,8 @@ class PerplexityTask(Task):
 class ClozeTask(Task):
     name, default_model, metric = "cloze", "smollm2", "accuracy"
     data = "CBT-style cloze built from held-out Wikipedia articles: 20 sentences of context, 10 candidates"
+    # no batch_size: each item is one batch (its candidates)
+    takes: ClassVar[tuple[str, ...]] = ("context_chars", "items")
 
     def __init__(self, loaded, limit=None, items: list[dict] | None = None, context_chars: int = 1500, **kw):
         super().__init__(loaded, limit, **kw)
@@ -204,6 +209,7 @@ class _Images(Task):
 
     pixels: Tensor | None = None  # (N, C, H, W) ready for the model, or produced batch by batch
     labels: Tensor
+    takes: ClassVar[tuple[str, ...]] = ("batch_size",)
 
     def pixel_batches(self):
         for i in range(0, len(self.labels), self.batch_size):
@@ -228,6 +234,7 @@ class _Images(Task):
 class FashionTask(_Images):
     name, default_model, metric = "fashion", "vit-fmnist", "accuracy"
     data = "Fashion-MNIST test set (Debian dataset-fashion-mnist), 10 000 real 28x28 images"
+    takes: ClassVar[tuple[str, ...]] = ("batch_size", "data_dir")
 
     def __init__(self, loaded, limit=None, batch_size: int = 250, **kw):
         super().__init__(loaded, limit, batch_size=batch_size, **kw)
@@ -254,6 +261,7 @@ def image_pixels(loaded, images) -> Tensor:
 class SamplesTask(_Images):
     name, default_model, metric = "samples", "vit-fmnist", "accuracy"
     data = "the 20 real sample images foolbox ships for the model's data set"
+    takes: ClassVar[tuple[str, ...]] = ("batch_size", "dataset")
 
     def __init__(self, loaded, limit=None, dataset: str | None = None, **kw):
         super().__init__(loaded, limit, **kw)
@@ -275,6 +283,7 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (LeeTask, PolarityTask, Perpl
 
 class _DataDirTask(Task):
     split = "validation"
+    takes: ClassVar[tuple[str, ...]] = ("batch_size", "data_dir", "split")
 
     def __init__(self, loaded, limit=None, data_dir=None, split: str | None = None, **kw):
         super().__init__(loaded, limit, **kw)
@@ -333,6 +342,7 @@ class STSBTask(_DataDirTask, _Embeddings):
 
     name, default_model, metric = "stsb", "minilm", "pearson"
     data = "GLUE STS-B validation"
+    takes: ClassVar[tuple[str, ...]] = ("batch_size", "data_dir", "split")
 
     def __init__(self, loaded, limit=None, **kw):
         super().__init__(loaded, limit, **kw)
@@ -409,6 +419,8 @@ class CBTTask(_DataDirTask, ClozeTask):
     name, default_model, metric = "cbt", "smollm2", "accuracy"
     data = "Children's Book Test"
     split = "test"
+    # the cloze scorer on CBT's own items: no batch_size, no context_chars
+    takes: ClassVar[tuple[str, ...]] = ("data_dir", "split", "config")
 
     def __init__(self, loaded, limit=None, config: str = "CN", data_dir=None, split=None, **kw):
         from .datasets import load_cbt

@@ -13,6 +13,8 @@ Features are the DINOv2 linear-probe features: [CLS] and the mean patch token, c
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,6 +53,7 @@ class _Backbone(Task):
 class DinoEmbedTask(_Backbone):
     name, metric = "dino-embed", "cls_cosine"
     data = "foolbox's 20 ImageNet samples (224 px) and Fashion-MNIST test images (168 px)"
+    takes: ClassVar[tuple[str, ...]] = ("batch_size", "data_dir")
 
     def __init__(self, loaded, limit=None, batch_size: int = 8, **kw):
         super().__init__(loaded, limit, batch_size=batch_size, **kw)
@@ -82,6 +85,7 @@ class DinoEmbedTask(_Backbone):
 class DinoProbeTask(_Backbone):
     name, metric = "dino-probe", "accuracy"
     data = "Fashion-MNIST: a logistic regression on frozen features of training images, scored on test images"
+    takes: ClassVar[tuple[str, ...]] = ("batch_size", "data_dir", "train")
 
     def __init__(self, loaded, limit=None, batch_size: int = 16, train: int = 1000, **kw):
         super().__init__(loaded, limit, batch_size=batch_size, **kw)

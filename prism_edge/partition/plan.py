@@ -16,11 +16,12 @@ The message of one sequence is laid out as [exact | top-k | groups]; the receive
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
+
+from ..config import Fidelity  # the plan's part of a RunConfig, with it in the foundation
 
 OBSERVE = 16  # queries nearest a route's destination that score its rows (SnapKV's observation window)
 
@@ -63,26 +64,6 @@ def slice_bounds(sizes: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
         bounds.append((start, start + size))
         start += size
     return tuple(bounds)
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """What a route sends exactly and how it summarises the rest (resolved from a PrismConfig)."""
-
-    cr: int = 1
-    window: int = 0
-    window_frac: float = 0.0
-    anchor: int = 0
-    topk: int = 0
-    topk_frac: float = 0.0
-    exact_when_cheap: bool = False
-    tail: int = 0  # decoders: the last device owns the last `tail` positions and receives every earlier one exactly
-
-    def window_for(self, receiver_rows: int) -> int:
-        return max(self.window, math.ceil(self.window_frac * receiver_rows))
-
-    def topk_for(self, candidates: int) -> int:
-        return min(candidates, max(self.topk, math.ceil(self.topk_frac * candidates)))
 
 
 @dataclass(frozen=True)

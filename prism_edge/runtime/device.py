@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..config import PrismConfig
+from ..config import RunConfig
 from ..models.base import Adapter, Batch, Geometry
 from ..partition import masks
 from ..partition.plan import Plan
@@ -38,7 +38,7 @@ from .message import Codec
 Ask = Callable[[int, Tensor], list[list[Tensor]]]  # (layer, query) -> every earlier device's [out, lse]
 
 
-def resolve_payload(cfg: PrismConfig, rotary: bool, hidden: int, kv_width: int) -> str:
+def resolve_payload(cfg: RunConfig, rotary: bool, hidden: int, kv_width: int) -> str:
     """What one exchanged row holds: the normalised attention input ("hidden") or its K and V ("kv").
 
     Both are exact at CR=1 because K and V are affine in the attention input.  Rotary keys depend on
@@ -177,9 +177,7 @@ class _DecodeHalf(_Heads):
 class DeviceExecutor(_DecodeHalf):
     """One device's share of every layer: the prefill half here, the decode half inherited."""
 
-    def __init__(self, adapter: Adapter, plan: Plan, rank: int, cfg: PrismConfig, batch: Batch) -> None:
-        if not cfg.is_resolved:
-            cfg = cfg.resolved(adapter.kind)
+    def __init__(self, adapter: Adapter, plan: Plan, rank: int, cfg: RunConfig, batch: Batch) -> None:
         self.adapter, self.plan, self.rank, self.cfg = adapter, plan, rank, cfg
         self.geo = g = adapter.geometry
         self.slice = plan.devices[rank]
@@ -187,7 +185,7 @@ class DeviceExecutor(_DecodeHalf):
         self.in_routes = plan.routes_to(rank)
         self.payload = resolve_payload(cfg, g.rotary, g.hidden, g.kv_width)
         kv = self.payload == "kv"
-        self.codec = Codec(cfg.wire_for(batch.longest), cfg.grouping or "contiguous",
+        self.codec = Codec(cfg.wire_for(batch.longest), cfg.grouping,
                            quant_group=g.head_dim if kv else g.hidden, cluster_width=g.kv_width if kv else g.hidden)
         self.request_positions = batch.positions  # (B, N)
         self.positions = torch.gather(batch.positions, 1, self.slice.index)  # (B, n)

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from ..config import PrismConfig
+from ..config import PrismConfig, RunConfig, resolve
 from ..models import adapter_for
 from ..models.base import check_ids
 from .comm import LocalCommunicator
@@ -196,7 +196,7 @@ class LocalPeers:
 @torch.inference_mode()
 def generate(
     model: nn.Module,
-    cfg: PrismConfig,
+    cfg: PrismConfig | RunConfig,
     input_ids: Tensor,
     *,
     max_new_tokens: int = 32,
@@ -217,7 +217,8 @@ def generate(
     adapter = adapter_for(model)
     sampling, stops = check_request(adapter, input_ids, max_new_tokens, sampling, stop_ids, on_token)
     device = next(model.parameters()).device
-    out, devs = run_devices(model, cfg, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
+    run = resolve(cfg, adapter.kind)  # once, here: the prefill and every decode step read this one
+    out, devs = run_devices(model, run, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
     last = devs[-1]
     mode = choose(decode, last.plan, last.request_positions, last.geo, last.codec.wire, max_new_tokens,
                   link or Link())

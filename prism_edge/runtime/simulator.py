@@ -7,9 +7,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from ..config import PrismConfig
+from ..config import PrismConfig, RunConfig, resolve
 from ..models import Adapter, Batch, adapter_for
-from ..partition.plan import Fidelity, Plan, make_plan
+from ..partition.plan import Plan, make_plan
 from .comm import ByteLedger, LocalCommunicator
 from .device import DeviceExecutor
 from .loop import Forward
@@ -37,30 +37,16 @@ class PrismOutput:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
 
-def _fidelity(cfg: PrismConfig, causal: bool) -> Fidelity:
-    """A resolved PRISM config's fidelity options (resolved: none of them is None)."""
-    window, window_frac, anchor, topk = cfg.window, cfg.window_frac, cfg.anchor, cfg.topk
-    topk_frac, exact_when_cheap, tail = cfg.topk_frac, cfg.exact_when_cheap, cfg.tail
-    assert window is not None and window_frac is not None and anchor is not None and topk is not None
-    assert topk_frac is not None and exact_when_cheap is not None and tail is not None
-    return Fidelity(cr=cfg.effective_cr, window=window, window_frac=window_frac, anchor=anchor if causal else 0,
-                    topk=topk, topk_frac=topk_frac, exact_when_cheap=exact_when_cheap, tail=tail if causal else 0)
-
-
-def plan_for(batch: Batch, cfg: PrismConfig, causal: bool, sizes: tuple[int, ...] | None = None) -> Plan:
+def plan_for(batch: Batch, cfg: RunConfig, causal: bool, sizes: tuple[int, ...] | None = None) -> Plan:
     """The plan a resolved config implies: Voltage and full are plain exact exchanges (CR=1, no extras)."""
-    if not cfg.is_resolved:
-        raise AssertionError("plan_for needs a resolved config: call cfg.resolved(adapter.kind) first")
-    prism = cfg.scheme == "prism"
-    sink = batch.sink if (prism and cfg.sinks) else torch.zeros_like(batch.sink)
-    fidelity = _fidelity(cfg, causal) if prism else Fidelity()
+    sink = batch.sink if (cfg.scheme == "prism" and cfg.sinks) else torch.zeros_like(batch.sink)
     return make_plan(
         batch.valid,
         sink,
         devices=cfg.effective_devices,
-        fidelity=fidelity,
+        fidelity=cfg.fidelity,
         causal=causal,
-        weights=cfg.weights if cfg.scheme != "full" else None,
+        weights=cfg.slice_weights,
         sizes=sizes,
     )
 
@@ -77,7 +63,7 @@ def scatter_rows(parts: list[Tensor], plan: Plan, batch: int, length: int) -> Te
 
 def simulate(
     model: nn.Module,
-    cfg: PrismConfig | None = None,
+    cfg: PrismConfig | RunConfig | None = None,
     *,
     input_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
@@ -99,10 +85,14 @@ def simulate(
     The ledger also counts what a real coordinator would ship: each device's inputs from rank 0
     and its outputs back (stages "input" and "output", all positions returned).
 
-    sizes: explicit slice sizes (every sequence split the same way), e.g. to re-run a generated
-    sequence with the prompt's layout.
+    cfg: a PrismConfig (resolved here, once, for the model's kind; None: PrismConfig()), or a RunConfig
+    resolved for that kind already (e.g. a Cluster's `cfg`).  sizes: explicit slice sizes (every sequence
+    split the same way), e.g. to re-run a generated sequence with the prompt's layout.
     """
-    out, _ = run_devices(model, cfg, input_ids=input_ids, attention_mask=attention_mask,
+    adapter = adapter if adapter is not None else adapter_for(model)
+    # int8 rounding has no gradient: a forward that will be differentiated trains the default wire on float32
+    run = resolve(cfg, adapter.kind, training=model.training and torch.is_grad_enabled())
+    out, _ = run_devices(model, run, input_ids=input_ids, attention_mask=attention_mask,
                          token_type_ids=token_type_ids, position_ids=position_ids, pixel_values=pixel_values,
                          count_flops=count_flops, adapter=adapter, overlap=overlap, sizes=sizes)
     return out
@@ -110,7 +100,7 @@ def simulate(
 
 def run_devices(
     model: nn.Module,
-    cfg: PrismConfig | None = None,
+    cfg: RunConfig,
     *,
     count_flops: bool = True,
     adapter: Adapter | None = None,
@@ -119,16 +109,10 @@ def run_devices(
     keep_cache: bool = False,
     **inputs: Tensor | None,
 ) -> tuple[PrismOutput, list[DeviceExecutor]]:
-    """`simulate`, also returning the per-device executors; with keep_cache they hold every layer's K/V
-    after the forward, for decoding (runtime.generate)."""
-    cfg = cfg if cfg is not None else PrismConfig()
-    if not isinstance(cfg, PrismConfig):
-        raise ValueError(f"cfg must be a PrismConfig, got {type(cfg).__name__}; use PrismConfig(devices=4, cr=16)")
+    """`simulate` under a config resolved for the model (simulate and generate resolve it), also returning the
+    per-device executors; with keep_cache they hold every layer's K/V after the forward, for decoding
+    (runtime.generate)."""
     adapter = adapter if adapter is not None else adapter_for(model)
-    default_wire = cfg.wire_dtype is None
-    cfg = cfg.resolved(adapter.kind)
-    if default_wire and cfg.wire_dtype == "int8" and model.training and torch.is_grad_enabled():
-        cfg = cfg.replace(wire_dtype="float32")  # int8 rounding has no gradient: train the default on float32
     batch = adapter.prepare(**inputs, sink_token_ids=cfg.sink_token_ids)
     plan = plan_for(batch, cfg, adapter.geometry.causal, sizes)
     device = next(model.parameters()).device
