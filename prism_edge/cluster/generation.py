@@ -38,13 +38,14 @@ from .transport import DistCommunicator
 
 
 class _Listener:
-    """Calls the user's on_token and remembers whether it asked to stop or raised (raised again at the end)."""
+    """Calls the user's on_token and remembers whether it asked to stop or raised (raised again at the end).
+    It is also the peers of a device that is the whole group: nobody to hand off to or ask."""
 
     def __init__(self, on_token: TokenCallback | None) -> None:
         self.on_token, self.stopped = on_token, False
         self.error: BaseException | None = None
 
-    def give(self, tid: int) -> bool:
+    def token(self, tid: int) -> bool:
         if self.on_token is not None and not self.stopped:
             try:
                 self.stopped = bool(self.on_token(tid))
@@ -52,28 +53,18 @@ class _Listener:
                 self.stopped, self.error = True, err
         return self.stopped
 
+    def enter(self, index: int) -> list[list[Tensor]] | None:
+        return None
+
+    def ask(self, index: int, query: Tensor) -> list[list[Tensor]]:
+        return []
+
     def finish(self, result: Generation) -> Generation:
         if self.stopped and result.stopped_by != "stop token":
             result.stopped_by = "stop"
         if self.error is not None:
             raise self.error
         return result
-
-
-class Alone:
-    """The peers of a device that is the whole group: nobody to hand off to or ask; tokens go to on_token."""
-
-    def __init__(self, listener: _Listener) -> None:
-        self.listener = listener
-
-    def token(self, tid: int) -> bool:
-        return self.listener.give(tid)
-
-    def enter(self, index: int) -> list[list[Tensor]] | None:
-        return None
-
-    def ask(self, index: int, query: Tensor) -> list[list[Tensor]]:
-        return []
 
 
 # --------------------------------------------------------------------------- rank 0
@@ -99,7 +90,7 @@ def run_generation(coord: Coordinator, req: Request, params: DecodeParams, promp
         coord.in_flight = False
         done = Containment()
         with torch.inference_mode():
-            done.attempt("while decoding", decode_loop, run.executor, Alone(listener), params,
+            done.attempt("while decoding", decode_loop, run.executor, listener, params,
                          run.finals["logits"][:, -1], req.batch.valid.shape[1], result)
         if done.error is not None:  # one device, nothing in flight: only this request fails
             raise RequestError([(0, done.error)], trace=done.trace)
@@ -137,7 +128,7 @@ def _receive(coord: Coordinator, params: DecodeParams, result: Generation, liste
         count += 1
         if not listener.stopped:  # tokens decoded after a stop are dropped
             result.new_ids.append(tid)
-            listener.give(tid)
+            listener.token(tid)
             if tid in params.stop_ids:
                 result.stopped_by = "stop token"
         if params.continues(count, tid):
