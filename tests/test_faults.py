@@ -98,6 +98,7 @@ BAD_API = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "llama-lm", "vit"])
 def test_bad_requests_through_the_api_leave_the_cluster_serving(saved, name):
     with Cluster(saved[name], CFG, timeout=20) as cluster:
@@ -136,6 +137,7 @@ BAD_GENERATE = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_generation_requests_and_sampling_settings(saved):
     prompt, _ = text_batch(batch=1, length=9)
     problems: list[str] = []
@@ -194,6 +196,7 @@ def test_a_device_failing_inside_a_request_fails_only_that_request(saved, capfd)
     assert "rank 1: request failed in layer 1" in err_text and "serving the next one" in err_text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["local", "distributed"])
 def test_a_device_failing_while_decoding_fails_only_that_generation(saved, mode):
     from prism_edge.runtime.generate import generate
@@ -209,6 +212,7 @@ def test_a_device_failing_while_decoding_fails_only_that_generation(saved, mode)
         _still_serves(cluster, "llama-lm")
 
 
+@pytest.mark.slow
 def test_a_device_failing_in_a_prefill_abandons_the_generation(saved):
     prompt, _ = text_batch(batch=1, length=13)
     with Cluster(saved["llama-lm"], CFG, timeout=20, worker_env={"PRISM_EDGE_FAULT": "2:raise@0#1"}) as cluster:
@@ -318,6 +322,7 @@ def _good_http(cluster: Cluster, url: str, name: str) -> None:
     assert status == 200 and health["alive"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "llama-lm"])
 def test_bad_http_requests_get_a_field_named_400_and_the_server_goes_on(saved, name):
     with _serving(saved[name], CFG) as (cluster, url):
@@ -337,6 +342,7 @@ def test_bad_http_requests_get_a_field_named_400_and_the_server_goes_on(saved, n
         assert not problems, "\n".join(problems)
 
 
+@pytest.mark.slow
 def test_http_protocol_abuse(saved):
     """Broken framing, huge bodies, wrong methods and stalled clients: a 4xx each, and the server goes on."""
     with _serving(saved["bert"], CFG, timeout=2.0) as (cluster, url):
@@ -392,6 +398,7 @@ def test_http_protocol_abuse(saved):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_bad_command_lines_get_one_line_and_exit_2(saved, tmp_path, capsys):
     from prism_edge.app.cli import main
 
@@ -446,6 +453,7 @@ def test_bad_command_lines_get_one_line_and_exit_2(saved, tmp_path, capsys):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.real
 def test_a_text_longer_than_the_model_is_truncated_where_asked_and_refused_where_not(minilm, capsys):
     from prism_edge.app.cli import main
 
@@ -475,6 +483,7 @@ def _worker(rank: int, world: int, port: int, model: str, timeout: float = 30, *
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+@pytest.mark.slow
 def test_startup_refuses_a_duplicate_rank_and_a_wrong_world_size_by_name(saved):
     import signal
 
@@ -508,6 +517,7 @@ def test_startup_refuses_a_duplicate_rank_and_a_wrong_world_size_by_name(saved):
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.slow
 def test_startup_with_a_missing_rank_ends_at_the_timeout_on_every_rank(saved):
     port = _free_port()
     t0 = time.monotonic()
@@ -536,6 +546,7 @@ def _readme_commands() -> tuple[list[str], list[str]]:
     return torchrun, plain
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["torchrun", "worker"])
 def test_readme_two_machine_commands_run_as_written_in_network_namespaces(saved, which, tmp_path):
     """Two hosts (network namespaces joined by a hub), each with a host name that resolves to a loopback

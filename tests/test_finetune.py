@@ -16,6 +16,7 @@ from prism_edge.train import RECORD, LoRALinear, TrainConfig, add_lora, fit, lm_
 from conftest import tiny
 
 
+@pytest.mark.real
 def test_fashion_recipe_lowers_loss_and_round_trips(fashion_vit, tmp_path):
     from prism_edge.finetune import finetune
 
@@ -37,6 +38,7 @@ def test_fashion_recipe_lowers_loss_and_round_trips(fashion_vit, tmp_path):
     assert not torch.equal(got, simulate(fashion_vit.model, cfg, pixel_values=px, count_flops=False).logits)
 
 
+@pytest.mark.slow
 def test_lora_through_prism_lowers_loss_merges_exactly_and_round_trips(tmp_path):
     model = tiny("llama-lm")
     base = {n: p.clone() for n, p in model.named_parameters()}
@@ -70,6 +72,7 @@ def test_add_lora_refuses_models_without_targets():
         TrainConfig(trainable="everything")
 
 
+@pytest.mark.real
 def test_polarity_head_starts_from_minilm(minilm):
     from prism_edge.finetune import classifier_from
 
@@ -79,6 +82,7 @@ def test_polarity_head_starts_from_minilm(minilm):
         assert torch.equal(clf.bert.state_dict()[name], p), name
 
 
+@pytest.mark.real
 def test_runtime_serves_a_finetuned_checkpoint(fashion_vit, tmp_path):
     from prism_edge.cluster import Cluster
 
@@ -97,6 +101,7 @@ def test_runtime_serves_a_finetuned_checkpoint(fashion_vit, tmp_path):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_random_splits_distillation_checkpoints_and_resumes(tmp_path):
     """Distillation over a split drawn per step starts at zero loss at P=1 (the student is the teacher),
     and a run resumed from its checkpoint ends where an uninterrupted one does."""
@@ -134,6 +139,7 @@ def test_random_splits_distillation_checkpoints_and_resumes(tmp_path):
         Splits(variants=("sinks+w",))
 
 
+@pytest.mark.real
 def test_finetune_command_random_split_flags_record_and_eval(fashion_vit, tmp_path, capsys):
     """`prism-edge finetune` with the random-split flags trains over exactly those splits (the record says
     so), leaves no training state behind once finished, and `prism-edge eval --finetuned` scores such a

@@ -15,6 +15,7 @@ def _hf_greedy(model, ids, n):
                           do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.fast_cases(name="llama-lm")
 @pytest.mark.parametrize("name", DECODERS)
 @pytest.mark.parametrize("cfg", [PrismConfig(devices=3, cr=1), PrismConfig(devices=2, scheme="voltage"),
                                  PrismConfig(devices=1, scheme="full")], ids=["cr1", "voltage", "full"])
@@ -24,6 +25,7 @@ def test_exact_schemes_generate_what_hf_generates(name, cfg):
     assert generate(model, cfg, ids, max_new_tokens=12).new_ids == _hf_greedy(model, ids, 12)
 
 
+@pytest.mark.fast_cases(cr=4)
 @pytest.mark.parametrize("name", DECODERS)
 @pytest.mark.parametrize("cr", [2, 4])
 def test_kv_cache_decode_equals_rerunning_the_grown_sequence(name, cr):

@@ -200,6 +200,7 @@ def test_atexit_and_cleanup_stale():
 
 
 @needs_root
+@pytest.mark.slow
 def test_delay_round_trip():
     delay = 10.0
     try:
@@ -237,6 +238,7 @@ dist.destroy_process_group()
 
 
 @needs_root
+@pytest.mark.slow
 def test_gloo_send_recv_across_namespaces():
     rate = 20.0
     with EmulatedNetwork(2, Link(rate), prefix=PREFIX) as net:

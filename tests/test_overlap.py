@@ -8,6 +8,7 @@ from prism_edge import PrismConfig, simulate
 from prism_edge.runtime.attention import Partial
 
 
+@pytest.mark.fast_cases(cr=4, name=("bert", "llama-lm", "vit"))
 @pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize("cr", [1, 4])
 @pytest.mark.parametrize("kernel", ["flash", "matmul"])  # inference: torch's CPU flash kernel; with grads: matmuls

@@ -22,6 +22,7 @@ def _out(result):
     return result.logits if result.logits is not None else result.last_hidden_state
 
 
+@pytest.mark.fast_cases(cr=4, name=("bert", "llama-lm"), variant=VARIANTS[1])
 @pytest.mark.parametrize("name", TEXT)
 @pytest.mark.parametrize("cr", CRS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
@@ -42,6 +43,7 @@ def test_padding_never_leaks(name, cr, variant):
         assert (padded[b, :n] - alone[0]).abs().max().item() <= tol, (b, n)
 
 
+@pytest.mark.fast_cases(cr=4, devices=3, name="llama-lm", variant=(VARIANTS[1], VARIANTS[2]))
 @pytest.mark.parametrize("name", DECODERS)
 @pytest.mark.parametrize("cr", CRS)
 @pytest.mark.parametrize("devices", [2, 3, 4])

@@ -54,6 +54,7 @@ def _assert_same(out, ref, tol=1e-5):
     assert s.input_bytes == r.input_bytes and s.output_bytes == r.output_bytes, "request input/output bytes differ"
 
 
+@pytest.mark.fast_cases(name="llama-lm", devices=2, cr=8)  # one small group, every fidelity option
 @pytest.mark.parametrize("cr", [1, 8])
 @pytest.mark.parametrize("devices", [2, 3])
 @pytest.mark.parametrize("name", FAMILIES)
@@ -75,6 +76,7 @@ def test_runtime_equals_simulator(saved, name, devices, cr):
         _assert_same(cluster(**second), simulate(model, cfg, **second))
 
 
+@pytest.mark.slow
 def test_output_modes_reduce_like_the_full_outputs(saved):
     model = tiny("gpt2-lm")
     cfg = PrismConfig(devices=3, cr=4, window=1)
@@ -96,6 +98,7 @@ def test_output_modes_reduce_like_the_full_outputs(saved):
         assert sum(pooled.stats.output_bytes) == 0  # position 0 lives on rank 0: nothing comes back
 
 
+@pytest.mark.slow
 def test_wire_fp16_halves_bytes(saved):
     model = tiny("bert")
     inputs = _inputs("bert")
@@ -111,6 +114,7 @@ def test_wire_fp16_halves_bytes(saved):
     assert diff < 2e-2, f"fp16 wire moved the outputs by {diff}"
 
 
+@pytest.mark.slow
 def test_bad_request_does_not_poison_the_next(saved):
     model = tiny("bert")
     cfg = PrismConfig(devices=3, cr=4)
@@ -128,6 +132,7 @@ def test_bad_request_does_not_poison_the_next(saved):
         assert cluster.alive
 
 
+@pytest.mark.slow
 def test_idle_cluster_stays_up_on_heartbeats(saved):
     inputs = _inputs("bert")
     before = torch.get_num_threads()
@@ -144,6 +149,7 @@ def test_set_threads_is_opt_in_and_restored(saved):
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow
 def test_weights_auto_gives_a_slow_device_fewer_positions(saved):
     """Rank 1 at half speed (the worker-side testing slowdown): the start-up probe measures it and every
     rank plans with the weights rank 0 broadcast, so the answer is the simulator's with those weights."""
@@ -158,6 +164,7 @@ def test_weights_auto_gives_a_slow_device_fewer_positions(saved):
         assert out.plan.devices[0].valid.sum() > out.plan.devices[1].valid.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["die", "hang"])
 def test_lost_device_stops_everyone_within_the_timeout(saved, monkeypatch, capfd, kind):
     monkeypatch.setenv("PRISM_EDGE_FAULT", f"1:{kind}@1")  # rank 1 dies / hangs in layer 1 of its first request
@@ -196,6 +203,7 @@ def _worker(rank: int, port: int, model: str, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mismatch", ["config", "model"])
 def test_handshake_refuses_mismatched_ranks(saved, mismatch):
     port = _free_port()
@@ -253,6 +261,7 @@ def test_http_endpoint(saved):
         assert post({"input_ids": ids.tolist()})["outputs"]  # still serving after the bad request
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_launcher_tears_everything_down(saved):
     cmd = [sys.executable, "-m", "prism_edge", "launch", "--devices", "3", "--model", saved["bert"],
            "--serve", "127.0.0.1:0"]
@@ -332,6 +341,7 @@ def test_readme_main_job_runs_on_real_processes(minilm):
     assert stats["total_bytes"] > 0 and stats["input_bytes"][1] > 0 and stats["output_bytes"][1] > 0
 
 
+@pytest.mark.slow
 def test_bad_runtime_arguments_are_refused_clearly(saved):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no usable CUDA"):
@@ -345,6 +355,7 @@ def test_bad_runtime_arguments_are_refused_clearly(saved):
     assert proc.returncode == 2 and "--rank" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2-lm", "llama-lm"])
 def test_runtime_generation_equals_simulator_token_for_token(saved, name):
     from prism_edge.config import PLAIN
@@ -378,6 +389,7 @@ def test_runtime_generation_equals_simulator_token_for_token(saved, name):
                      simulate(model, cfg, input_ids=ids2, attention_mask=mask2, count_flops=False))
 
 
+@pytest.mark.slow
 def test_int8_handoff_and_a_device_lost_while_decoding(saved):
     from prism_edge.config import PLAIN
     from prism_edge.runtime.generate import generate
@@ -403,6 +415,7 @@ def test_int8_handoff_and_a_device_lost_while_decoding(saved):
         assert time.monotonic() - t0 < 15 and not cluster.alive
 
 
+@pytest.mark.slow
 def test_http_generate(saved):
     from prism_edge.runtime.generate import generate
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from prism_edge import PrismConfig, simulate
@@ -27,6 +28,7 @@ def test_cr1_gradients_equal_hf_gradients():
         assert torch.allclose(ref[name], got[name], atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.slow  # 40 training steps
 def test_gradients_flow_through_segment_means_and_training_lowers_loss():
     model = tiny("bert-cls").train()
     torch.manual_seed(0)  # dropout draws
