@@ -57,8 +57,26 @@ def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
+class _Split:
+    """What the user's and the resolved configuration both derive from the scheme, devices and CR."""
+
+    scheme: str
+    devices: int
+    cr: int
+
+    @property
+    def effective_devices(self) -> int:
+        """Scheme `full` runs everything on one device, whatever `devices` says."""
+        return 1 if self.scheme == "full" else self.devices
+
+    @property
+    def effective_cr(self) -> int:
+        """Voltage and full are exact: every position travels (or stays) as itself."""
+        return self.cr if self.scheme == "prism" else 1
+
+
 @dataclass(frozen=True)
-class PrismConfig:
+class PrismConfig(_Split):
     """How one forward pass is split across devices and what travels between them."""
 
     devices: int = _help("number of devices (position slices)", default=4)
@@ -140,16 +158,6 @@ class PrismConfig:
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.sink_token_ids):
             bad(f"sink_token_ids must be non-negative token ids, got {self.sink_token_ids!r}")
 
-    @property
-    def effective_devices(self) -> int:
-        """Scheme `full` runs everything on one device, whatever `devices` says."""
-        return 1 if self.scheme == "full" else self.devices
-
-    @property
-    def effective_cr(self) -> int:
-        """Voltage and full are exact: every position travels (or stays) as itself."""
-        return self.cr if self.scheme == "prism" else 1
-
     def resolve(self, kind: str, *, training: bool = False) -> "RunConfig":
         """This config for a `kind` of model: every unset fidelity option at that kind's default.
 
@@ -226,7 +234,7 @@ class Fidelity:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Split):
     """A PrismConfig resolved for one kind of model (`PrismConfig.resolve(kind)`): every option spelled out,
     none of them None, validated here; what the planner, the executors and every device process take.
 
@@ -277,16 +285,6 @@ class RunConfig:
     @property
     def causal(self) -> bool:
         return self.kind == "decoder"
-
-    @property
-    def effective_devices(self) -> int:
-        """Scheme `full` runs everything on one device, whatever `devices` says."""
-        return 1 if self.scheme == "full" else self.devices
-
-    @property
-    def effective_cr(self) -> int:
-        """Voltage and full are exact: every position travels (or stays) as itself."""
-        return self.cr if self.scheme == "prism" else 1
 
     @property
     def slice_weights(self) -> tuple[float, ...] | None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
-from conftest import _real
+from conftest import _fashion_data, _real
 from prism_edge import PrismConfig, simulate
 from prism_edge.runtime.stats import flop_counter
 
@@ -199,6 +199,7 @@ def test_dino_tasks_reference_and_defaults(dinov2_s):
     """dino-embed: the unpartitioned row is cosine 1; the defaults stay >= 0.97 (issue target, P=4, CR=16).
     dino-probe: a probe fitted on unpartitioned features scores the split model's features."""
     _real("foolbox")
+    _fashion_data()  # the probe's images
     from prism_edge.eval.harness import make_task
 
     embed = make_task("dino-embed", dinov2_s, limit=2)
