@@ -14,7 +14,6 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from transformers.utils import logging as hf_logging
 
 from ..config import PrismConfig, RunConfig
@@ -102,7 +101,7 @@ def serve_worker(adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, ov
     coordinator died or hung: DeviceLost.  fault (testing) strikes in its request only.  A failure
     inside a request (cluster.node) is reported to rank 0 and the worker serves the next one.
     """
-    rank, layers, causal, last = comm.rank, adapter.geometry.layers, adapter.geometry.causal, comm.world - 1
+    rank, layers, causal = comm.rank, adapter.geometry.layers, adapter.geometry.causal
     layout = output_layout(adapter)
     served = 0
     while True:

@@ -21,11 +21,9 @@ Tasks on the paper's data sets (need `--data-dir` or internet, see eval/datasets
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import PrismConfig
