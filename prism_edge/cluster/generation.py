@@ -185,9 +185,12 @@ class Earlier(Containment):
         self.comm.flush()
 
     def _answer(self, i: int, q: Tensor) -> list[Tensor] | None:
-        if self.fault is not None and self.error is None:
-            self.attempt(f"answering layer {i}'s decode query", self.fault.strike, i, "decode")
-        return self.attempt(f"answering layer {i}'s decode query", self.dev.answer, i, q)
+        def answer() -> list[Tensor]:
+            if self.fault is not None:
+                self.fault.strike(i, "decode")
+            return self.dev.answer(i, q)
+
+        return self.attempt(f"answering layer {i}'s decode query", answer)
 
     def serve_token(self, t: int) -> bool:
         """Wait for the last device's word before token t's layers; answer each layer's query.  False: done."""
