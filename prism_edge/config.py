@@ -34,22 +34,23 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # answers (agreement 0.839 at P=4; float16 1.000), and a short prompt's bytes are few either way.
     "decoder": dict(sinks=True, window=64, window_frac=0.0, anchor=0, topk=64, topk_frac=0.5,
                     grouping="contiguous", count_bias=False, exact_when_cheap=True, tail=0, wire_dtype="int8",
-                    int8_from=256),
+                    int8_from=256, budget=0.10, generate_budget=1.0, budget_window=0.25),
     # MiniLM, Lee documents, P=4, CR=16: embedding cosine 0.988 at 0.143 of Voltage's bytes
     "encoder": dict(sinks=True, window=8, window_frac=0.0, anchor=0, topk=8, topk_frac=0.0,
                     grouping="contiguous", count_bias=False, exact_when_cheap=True, tail=0, wire_dtype="int8",
-                    int8_from=0),
+                    int8_from=0, budget=0.20, generate_budget=0.20, budget_window=0.25),
     # Fashion-MNIST ViT, P=4, CR=16: 83.3 % (unpartitioned 84.9 %) at 0.107 of Voltage's bytes; alike
     # patches merge well (similarity groups with log-size attention), the top-k carry the rest
     "vision": dict(sinks=True, window=0, window_frac=0.0, anchor=0, topk=16, topk_frac=0.0,
                    grouping="similarity", count_bias=True, exact_when_cheap=True, tail=0, wire_dtype="int8",
-                   int8_from=0),
+                   int8_from=0, budget=0.0, generate_budget=0.0, budget_window=0.0),
 }
 # Pure Segment Means as the paper describes them: every fidelity option off.
 PLAIN: dict[str, Any] = dict(sinks=False, window=0, window_frac=0.0, anchor=0, topk=0, topk_frac=0.0,
                              grouping="contiguous", count_bias=False, exact_when_cheap=False, tail=0,
-                             wire_dtype="float32", int8_from=0)
+                             wire_dtype="float32", int8_from=0, budget=0.0, generate_budget=0.0, budget_window=0.5)
 FIDELITY_FIELDS = tuple(PLAIN)
+COUNT_FIELDS = ("window", "window_frac", "topk", "topk_frac")  # fixed counts; under a budget, floors
 
 
 def _help(text: str, **kw):
@@ -107,6 +108,15 @@ class PrismConfig(_Split):
                                   "positions; shorter ones travel as float16, whose bytes are few there (0 = int8 "
                                   "at any length)",
                                   default=None)
+    budget: float | None = _help(
+        "bytes each route may send, as a fraction of Voltage's float32 bytes for the same request: filled in "
+        "order of value (sinks, the window, the top rows by the sender's attention, then Segment Means of the "
+        "rest at the CR); window/topk set alongside are floors (0 = fixed counts, no budget)", default=None)
+    generate_budget: float | None = _help(
+        "the budget of a generation's prefill (default: `budget` when set, else the kind's: decoders send every "
+        "earlier position whole, 1.0)", default=None)
+    budget_window: float | None = _help(
+        "share of a budget's spare rows that widens the window; the rest go to the top rows", default=None)
     weights: tuple[float, ...] | None = _help(
         "relative device speeds for proportional slices, one per device", default=None
     )
@@ -131,12 +141,13 @@ class PrismConfig(_Split):
         for name in ("window", "anchor", "topk", "tail", "int8_from"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}; {name}=0 turns it off")
-        for name in ("window_frac", "topk_frac"):
+        for name in ("window_frac", "topk_frac", "budget", "generate_budget", "budget_window"):
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                bad(f"{name} must be a fraction between 0 and 1, got {value!r}; pass e.g. {name}=0.125")
+                bad(f"{name} must be a fraction between 0 and 1, got {value!r}; pass e.g. {name}=0.125"
+                    + (" (0 = fixed counts, no budget)" if "budget" in name and name != "budget_window" else ""))
         for name in ("sinks", "count_bias", "exact_when_cheap"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be True, False or None (the model kind's default), got {getattr(self, name)!r}")
@@ -172,6 +183,14 @@ class PrismConfig(_Split):
             chosen = {**PLAIN, "wire_dtype": self.wire_dtype or "float32"}
         else:
             defaults = dict(FAMILY_DEFAULTS[kind])
+            if self.budget is not None:  # the user's budget, for generation too unless given apart
+                defaults["budget"] = defaults["generate_budget"] = self.budget
+            elif any(getattr(self, name) is not None for name in COUNT_FIELDS):
+                defaults["budget"] = defaults["generate_budget"] = 0.0  # counts given and no budget: fixed counts
+            if self.generate_budget is not None:
+                defaults["generate_budget"] = self.generate_budget
+            if defaults["budget"] or defaults["generate_budget"]:
+                defaults.update({name: PLAIN[name] for name in COUNT_FIELDS})  # under a budget counts are floors
             if self.cr == 1:
                 defaults["wire_dtype"] = "float32"  # CR=1 asks for exactness: a lossy default wire would break it
             if self.wire_dtype is not None:
@@ -208,7 +227,8 @@ class PrismConfig(_Split):
         return (f"scheme prism, {self.devices} devices, CR={self.cr}, sinks {show('sinks')}, window "
                 f"{show('window')} (+{show('window_frac')} of a slice), anchor {show('anchor')}, top-k "
                 f"{show('topk')} (+{show('topk_frac')}), grouping {show('grouping')}, count bias "
-                f"{show('count_bias')}, exact when cheap {show('exact_when_cheap')}, tail {show('tail')}, "
+                f"{show('count_bias')}, exact when cheap {show('exact_when_cheap')}, tail {show('tail')}, budget "
+                f"{show('budget')} (generation {show('generate_budget')}, window share {show('budget_window')}), "
                 f"wire {show('wire_dtype')}" + (f" (float16 below {self.int8_from} positions)"
                                                  if self.wire_dtype == "int8" and self.int8_from else ""))
 
@@ -225,6 +245,10 @@ class Fidelity:
     topk_frac: float = 0.0
     exact_when_cheap: bool = False
     tail: int = 0  # decoders: the last device owns the last `tail` positions and receives every earlier one exactly
+    budget: float = 0.0  # bytes per route as a fraction of Voltage's (0: the counts above are fixed, not floors)
+    budget_window: float = 0.5  # share of a budget's spare rows that widens the window
+    row_cost: float = 1.0  # bytes of one exchanged row over one Voltage (float32 activation) row: set per request
+    count_cost: float = 0.0  # bytes of one group's size (int16) over one Voltage row
 
     def window_for(self, receiver_rows: int) -> int:
         return max(self.window, math.ceil(self.window_frac * receiver_rows))
@@ -258,6 +282,9 @@ class RunConfig(_Split):
     payload: str
     wire_dtype: str
     int8_from: int
+    budget: float
+    generate_budget: float
+    budget_window: float
     weights: tuple[float, ...] | None
     sink_token_ids: tuple[int, ...]
     kind: str
@@ -299,7 +326,22 @@ class RunConfig(_Split):
             return Fidelity()
         return Fidelity(cr=self.cr, window=self.window, window_frac=self.window_frac, anchor=self.anchor,
                         topk=self.topk, topk_frac=self.topk_frac, exact_when_cheap=self.exact_when_cheap,
-                        tail=self.tail)
+                        tail=self.tail, budget=self.budget, budget_window=self.budget_window)
+
+    def for_generation(self) -> "RunConfig":
+        """This config for a generation's prefill: its budget is `generate_budget`."""
+        return self if self.budget == self.generate_budget else dataclasses.replace(self, budget=self.generate_budget)
+
+    def with_budget(self, budget: float | None) -> "RunConfig":
+        """This config for one request that carries its own budget (None: the config's); validated here."""
+        if budget is None:
+            return self
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise ValueError(f"budget must be a fraction of Voltage's bytes in (0, 1], got {budget!r}; pass e.g. "
+                             "budget=0.1")
+        if self.scheme != "prism":
+            return self  # Voltage and full send everything exactly: a budget has nothing to choose
+        return dataclasses.replace(self, budget=float(budget), generate_budget=float(budget))
 
     def wire_for(self, positions: int) -> str:
         """The wire dtype of a request whose longest sequence has `positions` real positions (padding never

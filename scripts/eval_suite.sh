@@ -4,6 +4,8 @@
 #   bash scripts/eval_suite.sh encoder    MiniLM: Lee (cosine, Pearson) and polarity frontiers, P 2 and 4
 #   bash scripts/eval_suite.sh decoder    SmolLM2 perplexity frontiers: news 512 (two grids), 256, 1024, Wikipedia
 #   bash scripts/eval_suite.sh vision     the Fashion-MNIST ViT frontier, P 2 and 4, CR 16 and 64
+#   bash scripts/eval_suite.sh budgets    byte-budget sweeps on held-out data at several lengths (P=4, CR=16),
+#                                         then the shipped frontier tables (prism_edge/data/frontiers.json)
 # Run after scripts/setup.sh (and apt-get install dataset-fashion-mnist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,4 +61,26 @@ vision() {
 }
 
 if [ $# -eq 0 ]; then set -- encoder decoder vision; fi
+
+budgets() {
+  # Held-out data only (the defaults were chosen on the dev split: --split dev).  About 45 min of one core.
+  local B="$OUT/../budgets"
+  mkdir -p "$B"
+  for cell in "lee 50" "lee 100" "lee 200" "wiki 200" "wiki 500"; do
+    set -- $cell
+    pe eval --task passages --source "$1" --length "$2" --limit 24 --devices 4 --cr 16 \
+      --variants defaults sinks+w8+top8+int8+cheap --budget 0.05 0.1 0.15 0.2 0.25 --out "$B" --name "$1$2"
+  done
+  pe eval --task lee --devices 2 4 --cr 16 64 --variants defaults sinks+w8+top8+int8+cheap --out "$B"
+  for cell in "lee 256 8" "lee 512 4" "lee 1024 4" "wiki 512 4"; do
+    set -- $cell
+    pe eval --task perplexity --source "$1" --length "$2" --limit "$3" --devices 4 --cr 16 \
+      --variants defaults defaults+budget0 --budget 0.05 0.1 0.15 0.2 --out "$B" --name "$1$2"
+  done
+  pe eval --task fashion --limit 1000 --devices 4 --cr 16 --variants defaults --budget 0.05 0.1 0.15 \
+    --out "$B" --name budgets
+  .venv/bin/python -m prism_edge.eval.frontiers "$B"/eval-passages-*.json "$B"/eval-perplexity-*.json \
+    "$B"/eval-fashion-budgets.json
+}
+
 for part in "$@"; do "$part"; done

@@ -59,20 +59,72 @@ class Dense:
         self.wire = self.cfg.wire_dtype
 
     # ---------------------------------------------------------------- what travels src -> dst
-    def _route(self, src, dst, b, sink, a_dst, scores, h, k, v):
-        """Rows of the key set dst gets from src: list of (k (Hkv, hd), v, count, is_mean)."""
+    def _split(self, src, dst, b, sink, a_dst, w):
+        """(rows the route may carry, exact rows, candidates, segments, top-k floor) with a window of w."""
         c, causal = self.cfg, self.g.causal
         (s, e), (ds, de) = b[src], b[dst]
         cr = c.cr if c.scheme == "prism" else 1
         reals = list(range(max(s, a_dst), e))
-        w = max(c.window, math.ceil(c.window_frac * (de - ds))) if c.scheme == "prism" else 0
         tail_view = c.scheme == "prism" and causal and c.tail > 0 and dst == len(b) - 1
         exact = [r for r in reals if cr == 1 or tail_view or (c.sinks and sink[r]) or ds - w <= r < ds
                  or (not causal and de <= r < de + w)]
         cands = [r for r in reals if r not in exact]
         segs = sorted({(r - s) // cr for r in cands})
-        topk = min(len(cands), max(c.topk, math.ceil(c.topk_frac * len(cands)))) if c.scheme == "prism" else 0
-        if c.exact_when_cheap and cands and 2 * (len(exact) + topk + len(segs)) >= len(reals):
+        floor = min(len(cands), max(c.topk, math.ceil(c.topk_frac * len(cands)))) if c.scheme == "prism" else 0
+        return reals, exact, cands, segs, floor
+
+    def _row_cost(self) -> float:
+        """Bytes of one travelling row over a float32 hidden row (Voltage's)."""
+        g = self.g
+        width, group = (2 * g.kv_width, g.head_dim) if self.payload() == "kv" else (g.hidden, g.hidden)
+        size = width + 2 * width // group if self.wire == "int8" else width * {"float32": 4}.get(self.wire, 2)
+        return size / (4 * g.hidden)
+
+    def _shares(self, dst, b, sink, anchors):
+        """Under a budget: (window, top-k fraction) for every route into dst, from the definition: the routes
+        into dst may send budget x (their rows' Voltage bytes); sinks, the floors and one mean per segment
+        come first; `budget_window` of what is left (split over the routes next to dst) widens the window;
+        what is left after that is the same fraction of every route's candidates as top-k rows."""
+        c = self.cfg
+        srcs = [p for p in range(len(b)) if p != dst and not (self.g.causal and p > dst)]
+        srcs = [p for p in srcs if b[p][1] > max(b[p][0], anchors[dst])]
+        ds, de = b[dst]
+        w0 = max(c.window, math.ceil(c.window_frac * (de - ds)))
+        if not srcs:
+            return w0, 0.0
+        cost, count = self._row_cost(), 2 / (4 * self.g.hidden)
+        n = sum(len(self._split(p, dst, b, sink, anchors[dst], w0)[0]) for p in srcs)
+        can = c.budget * n / cost
+
+        def spent(w):
+            parts = [self._split(p, dst, b, sink, anchors[dst], w) for p in srcs]
+            return (sum(len(x) + f + len(sg) * (1 + count / cost) for _, x, _, sg, f in parts),
+                    sum(len(cd) for _, _, cd, _, _ in parts))
+
+        if can >= n:
+            return w0, 1.0
+        used, _ = spent(w0)
+        if used >= can:
+            return w0, 0.0
+        beside = [p for p in srcs if b[p][1] == ds or b[p][0] == de]
+        w = w0 + int((can - used) * c.budget_window / max(1, len(beside)))
+        used, cands = spent(w)
+        return w, (max(0.0, can - used) / cands if cands else 0.0)
+
+    def _route(self, src, dst, b, sink, a_dst, scores, h, k, v, share=None):
+        """Rows of the key set dst gets from src: list of (k (Hkv, hd), v, count, is_mean)."""
+        c = self.cfg
+        (s, e), (ds, de) = b[src], b[dst]
+        cr = c.cr if c.scheme == "prism" else 1
+        w = max(c.window, math.ceil(c.window_frac * (de - ds))) if c.scheme == "prism" else 0
+        if share is not None:
+            w = share[0]
+        reals, exact, cands, segs, topk = self._split(src, dst, b, sink, a_dst, w)
+        if share is not None:
+            topk = min(len(cands), max(topk, int(share[1] * len(cands))))
+            if cands and len(exact) + topk + len(segs) >= len(reals):
+                exact, cands, segs, topk = reals, [], [], 0
+        elif c.exact_when_cheap and cands and 2 * (len(exact) + topk + len(segs)) >= len(reals):
             exact, cands, segs, topk = reals, [], [], 0
         picks = sorted(cands, key=lambda r: -float(scores[r]))[:topk] if topk else []
         rest = [r for r in cands if r not in picks]
@@ -144,6 +196,7 @@ class Dense:
             local = list(range(anchors[p])) + list(range(s, e))
             own_k, own_v = k[:, local], v[:, local]
             rows = []
+            share = self._shares(p, bounds, sink, anchors) if (c.scheme == "prism" and c.budget) else None
             for src in range(len(bounds)):
                 if src == p or (g.causal and src > p):
                     continue
@@ -152,7 +205,7 @@ class Dense:
                 owned = list(range(ss, se))
                 observe = owned[-OBSERVE:] if p > src else owned[:OBSERVE]
                 scores = self._scores(q, k, src_local, observe)
-                rows += self._route(src, p, bounds, sink, anchors[p], scores, h[0], k, v)
+                rows += self._route(src, p, bounds, sink, anchors[p], scores, h[0], k, v, share)
             rk = torch.stack([r[0] for r in rows], 1) if rows else own_k[:, :0]
             rv = torch.stack([r[1] for r in rows], 1) if rows else own_v[:, :0]
             bias = torch.tensor([math.log(r[2]) if (c.count_bias and c.scheme == "prism") else 0.0 for r in rows])

@@ -94,9 +94,10 @@ def test_topk_int8_and_group_sizes_bytes_match_analytic():
 
 
 def test_wire_dtype_halves_bytes():
-    full = _run("bert", devices=2, cr=4, wire_dtype="float32")
-    half = _run("bert", devices=2, cr=4, wire_dtype="float16")
-    bf = _run("bert", devices=2, cr=4, wire_dtype="bfloat16")
+    # fixed counts (budget 0): the same rows at half the bytes (under a budget a cheaper wire buys more rows)
+    full = _run("bert", devices=2, cr=4, wire_dtype="float32", budget=0.0)
+    half = _run("bert", devices=2, cr=4, wire_dtype="float16", budget=0.0)
+    bf = _run("bert", devices=2, cr=4, wire_dtype="bfloat16", budget=0.0)
     assert half.stats.total_bytes * 2 == full.stats.total_bytes == bf.stats.total_bytes * 2
     assert (half.last_hidden_state - full.last_hidden_state).abs().max() < 5e-2
 
@@ -135,3 +136,29 @@ def test_prism_cuts_per_device_flops_against_voltage():
     assert prism.max_flops <= full.flops[0] / 4 * 1.01
     assert volt.max_flops > full.flops[0] / 4 * 1.1
     assert sum(map(sum, prism.layer_flops)) < sum(prism.flops)  # embeddings and head counted on top
+
+
+@pytest.mark.parametrize("name, wire", [("bert", "int8"), ("bert", "float16"), ("llama-lm", "int8"), ("gpt2-lm", "float32")])
+@pytest.mark.parametrize("share", [0.4, 0.7])
+def test_a_budget_caps_the_bytes_each_device_receives(name, wire, share):
+    """Under a byte budget every device receives at most `budget` x Voltage's float32 bytes for the same rows (its
+    routes pooled), unless even the floors (sinks, one mean per segment) cost more; a larger budget sends more
+    and a budget of 1 sends every route whole, which is exact at a float32 wire."""
+    from prism_edge.config import PLAIN
+
+    opts = dict(PLAIN, devices=3, cr=4, sinks=True, wire_dtype=wire)
+    row = {"int8": 0.27, "float16": 0.5, "float32": 1.0}[wire]  # about what a row costs against a Voltage row
+    budget = share * row  # enough for more than the floors, not for every row
+    got = _run(name, **{**opts, "budget": budget})
+    volt = _run(name, devices=3, cr=4, scheme="voltage")
+    floors = _run(name, **opts)  # sinks and means only: what any budget must spend
+    for p in range(3):
+        cap = max(budget * volt.stats.bytes_received(p), floors.stats.bytes_received(p))
+        assert (got.stats.bytes_received(p) > 0) == (volt.stats.bytes_received(p) > 0)  # a decoder's first: none
+        assert got.stats.bytes_received(p) <= cap * 1.0001, (p, got.stats.bytes_received(p), cap)
+    more = _run(name, **{**opts, "budget": (share + 0.25) * row})
+    assert more.stats.total_bytes > got.stats.total_bytes
+    whole = _run(name, **{**opts, "wire_dtype": "float32", "budget": 1.0})
+    exact = _run(name, devices=3, cr=1)
+    key = "logits" if name.endswith("lm") else "last_hidden_state"
+    torch.testing.assert_close(whole[key], exact[key], atol=1e-5, rtol=1e-5)

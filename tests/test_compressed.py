@@ -27,6 +27,11 @@ OPTIONS = {
     "similarity+bias": dict(PLAIN, cr=4, grouping="similarity", count_bias=True),
     "topk+similarity+int8": dict(PLAIN, cr=4, sinks=True, window=2, topk=1, grouping="similarity", wire_dtype="int8"),
     "topk+float16": dict(PLAIN, cr=4, window=2, topk=1, wire_dtype="float16"),
+    "budget": dict(PLAIN, cr=4, sinks=True, budget=0.7, budget_window=0.5),  # pooled per receiver, float32 rows
+    "budget+floors+int8": dict(PLAIN, cr=3, window=2, topk=1, budget=0.2, budget_window=0.25, wire_dtype="int8"),
+    "budget+similarity+fp16": dict(PLAIN, cr=4, budget=0.35, grouping="similarity", count_bias=True,
+                                   wire_dtype="float16"),
+    "budget-whole": dict(PLAIN, cr=4, budget=1.0),  # every route fits: whole, so exact
     "defaults": dict(cr=4),
     "defaults+int8-from-30": dict(cr=4, int8_from=30),  # text: the 29-token sequence goes int8 with its 40-token mate
 }

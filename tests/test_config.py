@@ -47,11 +47,15 @@ def test_bad_config(kwargs, match):
 
 
 def test_unset_options_resolve_per_kind_and_set_ones_stay():
-    from prism_edge.config import FAMILY_DEFAULTS, FIDELITY_FIELDS
+    from prism_edge.config import COUNT_FIELDS, FAMILY_DEFAULTS, FIDELITY_FIELDS, PLAIN
 
     for kind, defaults in FAMILY_DEFAULTS.items():
         resolved = PrismConfig().resolve(kind)
-        assert all(getattr(resolved, f) == defaults[f] for f in FIDELITY_FIELDS if f != "wire_dtype")
+        budgeted = defaults["budget"] or defaults["generate_budget"]  # under a budget the counts are floors: 0
+        assert all(getattr(resolved, f) == (PLAIN[f] if budgeted and f in COUNT_FIELDS else defaults[f])
+                   for f in FIDELITY_FIELDS if f != "wire_dtype")
+        fixed = PrismConfig(budget=0).resolve(kind)  # budget 0: the kind's fixed counts
+        assert all(getattr(fixed, f) == defaults[f] for f in COUNT_FIELDS) and fixed.budget == 0
     assert PrismConfig(window=3, sinks=False).resolve("encoder").window == 3
     assert not PrismConfig(window=3, sinks=False).resolve("decoder").sinks
     assert PrismConfig(cr=1).resolve("decoder").wire_dtype == "float32"  # CR=1 stays exact
@@ -65,20 +69,29 @@ def test_unset_options_resolve_per_kind_and_set_ones_stay():
 # kind, PrismConfig options, resolve(training=...), what the RunConfig holds (and `fidelity`, `effective_*`)
 DEC, ENC, VIS = "decoder", "encoder", "vision"
 RESOLUTION = [
-    (DEC, {}, False, dict(sinks=True, window=64, window_frac=0.0, anchor=0, topk=64, topk_frac=0.5,
+    # decoders: a budget for scoring, every earlier position whole (1.0) for generation; counts are floors (0)
+    (DEC, {}, False, dict(sinks=True, window=0, window_frac=0.0, anchor=0, topk=0, topk_frac=0.0,
                           grouping="contiguous", count_bias=False, exact_when_cheap=True, tail=0,
-                          wire_dtype="int8", int8_from=256)),
-    (ENC, {}, False, dict(sinks=True, window=8, topk=8, topk_frac=0.0, grouping="contiguous", count_bias=False,
-                          wire_dtype="int8", int8_from=0)),
+                          wire_dtype="int8", int8_from=256, budget=0.1, generate_budget=1.0, budget_window=0.25)),
+    (ENC, {}, False, dict(sinks=True, window=0, topk=0, topk_frac=0.0, grouping="contiguous", count_bias=False,
+                          wire_dtype="int8", int8_from=0, budget=0.2, generate_budget=0.2)),
+    # budget 0: the kind's fixed counts (the defaults before budgets)
+    (DEC, dict(budget=0.0), False, dict(window=64, topk=64, topk_frac=0.5, budget=0.0, generate_budget=0.0)),
+    (ENC, dict(budget=0.0), False, dict(window=8, topk=8, budget=0.0)),
+    # counts given without a budget: fixed counts; with one: floors under it; a generation budget apart
+    (ENC, dict(window=16, topk=16), False, dict(window=16, topk=16, budget=0.0, generate_budget=0.0)),
+    (ENC, dict(window=16, budget=0.3), False, dict(window=16, topk=0, budget=0.3, generate_budget=0.3)),
+    (DEC, dict(budget=0.05), False, dict(budget=0.05, generate_budget=0.05, window=0)),
+    (DEC, dict(generate_budget=0.5), False, dict(budget=0.1, generate_budget=0.5)),
     (VIS, {}, False, dict(sinks=True, window=0, topk=16, grouping="similarity", count_bias=True,
                           wire_dtype="int8", int8_from=0)),
     # CR=1 is exact: float32 wire whatever the kind's (a decoder keeps its int8_from, moot on float32)
-    (DEC, dict(cr=1), False, dict(wire_dtype="float32", int8_from=256, window=64)),
+    (DEC, dict(cr=1), False, dict(wire_dtype="float32", int8_from=256, window=0)),
     (ENC, dict(cr=1), False, dict(wire_dtype="float32", int8_from=0)),
     # a wire the user chose applies at any length, unless int8_from says otherwise
     (DEC, dict(wire_dtype="int8"), False, dict(wire_dtype="int8", int8_from=0)),
     (DEC, dict(wire_dtype="int8", int8_from=9), False, dict(wire_dtype="int8", int8_from=9)),
-    (ENC, dict(wire_dtype="bfloat16"), False, dict(wire_dtype="bfloat16", int8_from=0, window=8)),
+    (ENC, dict(wire_dtype="bfloat16"), False, dict(wire_dtype="bfloat16", int8_from=0, window=0)),
     # options the user set stay; the rest take the kind's defaults
     (DEC, dict(window=3, sinks=False, anchor=4, tail=2, topk=0, grouping="similarity"), False,
      dict(window=3, sinks=False, anchor=4, tail=2, topk=0, topk_frac=0.5, grouping="similarity")),
@@ -117,7 +130,8 @@ def test_resolution_table(kind, given, training, expected):
     if prism:
         assert run.fidelity == Fidelity(cr=run.cr, window=run.window, window_frac=run.window_frac,
                                         anchor=run.anchor, topk=run.topk, topk_frac=run.topk_frac,
-                                        exact_when_cheap=run.exact_when_cheap, tail=run.tail)
+                                        exact_when_cheap=run.exact_when_cheap, tail=run.tail, budget=run.budget,
+                                        budget_window=run.budget_window)
     else:
         assert run.fidelity == Fidelity()
         assert all(getattr(run, name) == value for name, value in PLAIN.items() if name != "wire_dtype")

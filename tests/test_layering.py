@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer or lower ones, never a higher one):
 
-  0 foundation   prism_edge.config, prism_edge.flags, prism_edge.version, prism_edge.data (data files)
+  0 foundation   prism_edge.config, prism_edge.flags, prism_edge.version, prism_edge.frontiers, prism_edge.data (data files)
   1 models       one adapter per family, loading
   2 partition    plans and masks
   3 runtime      per-device execution (prefill and decode halves), messages, the wire format, communicator
@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1] / "prism_edge"
 LAYERS = (
-    ("foundation", ("prism_edge.config", "prism_edge.flags", "prism_edge.version", "prism_edge.data")),
+    ("foundation", ("prism_edge.config", "prism_edge.flags", "prism_edge.version", "prism_edge.frontiers",
+                    "prism_edge.data")),
     ("models", ("prism_edge.models",)),
     ("partition", ("prism_edge.partition",)),
     ("runtime", ("prism_edge.runtime",)),

@@ -140,22 +140,26 @@ def _device_commands(sub: typing.Any) -> None:
 
 def _eval_command(sub: typing.Any) -> None:
     ev = sub.add_parser("eval", help="accuracy against compression: a task over a grid of P, CR and fidelity options")
-    ev.add_argument("--task", required=True, help="what to score: lee, polarity, perplexity, cloze, fashion, samples, "
-                    "or a data set of the paper (see docs/RESULTS.md)")
+    ev.add_argument("--task", required=True, help="what to score: lee, polarity, passages, perplexity, cloze, fashion, "
+                    "samples, or a data set of the paper (see docs/RESULTS.md)")
     ev.add_argument("--model", help="alias, hub name or folder (default: the task's bundled model)")
     ev.add_argument("--devices", type=int, nargs="+", default=[2, 4], help="device counts of the grid")
     ev.add_argument("--cr", type=int, nargs="+", default=[4, 16, 64, 128], help="compression rates of the grid")
     ev.add_argument("--variants", nargs="+", default=["plain", "sinks", "sinks+w32", "defaults"],
                     help="fidelity options, each a named variant or tokens joined by + (sinks, bias, sim, cheap, "
-                    "fp16, bf16, int8, wN, wfF, anchorN, topN, topfF; see prism_edge/eval/harness.py); defaults = "
-                    "the model kind's defaults")
+                    "fp16, bf16, int8, wN, wfF, anchorN, topN, topfF, budgetF; see prism_edge/eval/variants.py); "
+                    "defaults = the model kind's defaults")
+    ev.add_argument("--budget", type=float, nargs="+", help="also sweep these byte budgets (fractions of Voltage's "
+                    "bytes) at the kind's defaults: adds variant defaults+budgetB for each")
     ev.add_argument("--finetuned", action="append", help="a folder from `prism-edge finetune` to score on the same "
                     "grid (repeatable)")
     ev.add_argument("--limit", type=int, help="items to score (documents, chunks, images, questions)")
-    ev.add_argument("--length", type=int, help="perplexity: tokens per chunk (default 512)")
-    ev.add_argument("--source", choices=["lee", "wiki"], help="perplexity: which prose (default lee)")
+    ev.add_argument("--length", type=int, help="perplexity: tokens per chunk (default 512); passages: positions "
+                    "per passage (default 200)")
+    ev.add_argument("--source", choices=["lee", "wiki"], help="perplexity, passages: which prose (default lee, wiki)")
     ev.add_argument("--data-dir", help="local copy of the data set (see eval/datasets.py for the layout)")
-    ev.add_argument("--split", help="data set split (default: validation / test)")
+    ev.add_argument("--split", help="data set split (default: validation / test); perplexity, passages: heldout "
+                    "(default: the last third, to report) or dev (the first two thirds, to tune on)")
     ev.add_argument("--cbt-config", help="cbt: CN, NE, P or V (default CN)")
     ev.add_argument("--context-chars", type=int, help="cloze: longest context, in characters (default 1500)")
     ev.add_argument("--dataset", help="samples: which sample set (imagenet, cifar10, cifar100, fashionMNIST, mnist)")

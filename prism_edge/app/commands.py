@@ -147,12 +147,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _threads(args)
     options = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in EVAL_FLAGS.items()}
     check_options(args.task, options, EVAL_FLAGS)  # before loading anything: unknown tasks, ignored options
+    if any(not 0 < b <= 1 for b in args.budget or ()):
+        raise ValueError(f"--budget takes fractions of Voltage's bytes above 0 and at most 1, got {args.budget}")
     model_name = args.model or TASKS[args.task].default_model
     if not model_name:
         raise ValueError(f"task {args.task} has no bundled model; pass --model (a classifier for that data set)")
     _log(f"loading {model_name} ...")
     task = make_task(args.task, load_model(model_name, cache_dir=env.cache_dir()), limit=args.limit, **options)
     _log(task.describe())
+    args.variants = list(dict.fromkeys([*args.variants, *(f"defaults+budget{b:g}" for b in args.budget or ())]))
     rows = grid(task, Path(model_name).name, args.devices, args.cr, args.variants, voltage=args.voltage)
     for folder in args.finetuned or []:
         # at the fidelity options it was trained with (every variant of the grid if it was trained over random
@@ -165,6 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      label_suffix=suffix)
     stem = f"eval-{args.task}" + (f"-{args.name}" if args.name else "")
     meta = {"task": args.task, "model": model_name, "data": task.describe(), "limit": args.limit,
+            "options": {k: v for k, v in options.items() if v is not None},
             "command": "prism-edge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None,
             "title": f"{args.task} ({task.data}), {Path(model_name).name}", "higher_is_better": task.higher_is_better}
     paths = write(rows, task.metric, Path(args.out), stem, meta)

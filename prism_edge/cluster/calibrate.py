@@ -44,7 +44,7 @@ def time_forward(adapter: Adapter, cfg: RunConfig, slowdown: float = 0.0, repeat
     """Median seconds of this process's forward over the probe, as one device (no exchange)."""
     one = cfg.replace(devices=1, weights=None)
     batch = adapter.prepare(**probe_inputs(adapter))
-    plan = plan_for(batch, one, adapter.geometry.causal)
+    plan = plan_for(batch, one, adapter.geometry)
     local = batch.gather(plan.devices[0].index)
     comm = DistCommunicator(None, 0, 1)  # world 1: nothing is ever sent
     times = []

@@ -123,42 +123,45 @@ class Cluster:
     # ------------------------------------------------------------------ requests
     def __call__(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                  token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
-                 pixel_values: Tensor | None = None, outputs: str = "all") -> PrismOutput:
+                 pixel_values: Tensor | None = None, outputs: str = "all", budget: float | None = None
+                 ) -> PrismOutput:
         """Run one (batched) request across the devices.
 
         outputs: "all" (every position, like the model / simulate), "last" (each sequence's last real
         position: logits for the next token), "mean" (mean over real positions: sentence embeddings),
         "pooled" (pooler / classifier outputs only).  last and mean return (B, 1, width) tensors.
+        budget: this request's byte budget, a fraction of Voltage's bytes (None: the cluster's config).
         """
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                       position_ids=position_ids, pixel_values=pixel_values)
         with self._lock:
             self._check_usable()
-            req = self.coordinator.prepare(inputs, outputs)  # a bad request stops here, nothing sent
+            req = self.coordinator.prepare(inputs, outputs, budget=budget)  # a bad request stops here, nothing sent
             with self._guard("request"):
                 return self.coordinator.forward(req)
 
     def generate(self, input_ids: Tensor, *, max_new_tokens: int = 32, sampling: Sampling | None = None,
                  stop_ids: tuple[int, ...] = (), on_token: TokenCallback | None = None, decode: str = "auto",
-                 link: Link | None = None) -> Generation:
+                 link: Link | None = None, budget: float | None = None) -> Generation:
         """Prefill one prompt (1, N) across the devices, then decode on the last device, which streams each
         new token id back (8 bytes per token).  on_token(id) is called as each arrives; returning True stops
         the generation (the last device stops within a few tokens).  decode: local | handoff | distributed |
-        auto (runtime.decode; `link` is what auto assumes).  Returns a Generation (its `mode` says which)."""
+        auto (runtime.decode; `link` is what auto assumes).  budget: the prefill's byte budget (None: the
+        config's generation budget).  Returns a Generation (its `mode` says which)."""
         sampling, stops = check_request(self.adapter, input_ids, max_new_tokens, sampling, stop_ids, on_token)
         with self._lock:
             self._check_usable()
-            req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=wire.GENERATE)
-            geo, dtype = self.adapter.geometry, self.cfg.wire_for(req.batch.longest)
+            req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=wire.GENERATE, budget=budget)
+            geo, dtype = self.adapter.geometry, req.cfg.wire_for(req.batch.longest)
             mode = choose(decode, req.plan, req.batch.positions, geo, dtype, max_new_tokens, link or Link())
             params = DecodeParams(max_new_tokens, sampling, stops, mode)
             with self._guard("generation"):
                 return run_generation(self.coordinator, req, params, input_ids, on_token, self.spec.timeout / 3)
 
-    def check_generate(self, input_ids: Tensor, max_new_tokens: int) -> None:
+    def check_generate(self, input_ids: Tensor, max_new_tokens: int, budget: float | None = None) -> None:
         """Raise the ValueError `generate` would raise for this prompt, without running anything."""
         check_prompt(self.adapter, input_ids, max_new_tokens)
-        self.coordinator.prepare({"input_ids": input_ids}, "last", op=wire.GENERATE)
+        self.coordinator.prepare({"input_ids": input_ids}, "last", op=wire.GENERATE, budget=budget)
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:

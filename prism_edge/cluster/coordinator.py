@@ -36,6 +36,7 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 class Request:
     batch: Batch
     plan: Plan
+    cfg: RunConfig  # the config this request runs under (its own budget; a generation's prefill budget)
     header: wire.Header
     messages: list[tuple[list[Tensor], list[Tensor]]]  # per rank 1..: what it is sent (plan data, its inputs)
     local: dict[str, Tensor]  # device 0's own inputs
@@ -60,6 +61,13 @@ def check_inputs(inputs: dict[str, Tensor | None], family: str) -> dict[str, Ten
     return given
 
 
+def request_config(cfg: RunConfig, op: int, budget: float | None) -> RunConfig:
+    """The config one request runs under: its own budget if it carries one; a generation's prefill at the
+    generation budget.  Rank 0 and every worker derive it alike from the request header."""
+    cfg = cfg.with_budget(budget)
+    return cfg.for_generation() if op == wire.GENERATE else cfg
+
+
 class Coordinator:
     """Runs requests on a group whose rank 0 is this process (comm); one at a time (the caller locks).
 
@@ -79,8 +87,10 @@ class Coordinator:
     def world(self) -> int:
         return self.comm.world
 
-    def prepare(self, inputs: dict[str, Tensor | None], outputs: str, op: int = wire.FORWARD) -> Request:
-        """Validate a request on rank 0, plan it and build every device's message (ValueError: nothing was sent)."""
+    def prepare(self, inputs: dict[str, Tensor | None], outputs: str, op: int = wire.FORWARD,
+                budget: float | None = None) -> Request:
+        """Validate a request on rank 0, plan it and build every device's message (ValueError: nothing was sent).
+        budget: the request's own byte budget (None: the config's; every device derives the same plan)."""
         if not isinstance(outputs, str) or outputs not in wire.OUTPUT_MODES:
             raise ValueError(f"unknown outputs {outputs!r}; choose one of {', '.join(wire.OUTPUT_MODES)}")
         given = check_inputs(inputs, self.adapter.family)
@@ -92,11 +102,13 @@ class Coordinator:
         if n_pos and self.adapter.family not in IMAGE_TYPES and int(batch.positions.max()) >= n_pos:
             raise ValueError(f"position {int(batch.positions.max())} is beyond the model's {n_pos} positions; "
                              f"truncate the input to {n_pos} tokens")
-        plan = plan_for(batch, self.cfg, self.adapter.geometry.causal)
-        header = dataclasses.replace(wire.request_header(batch, 0, outputs), op=op)  # numbered when sent
+        cfg = request_config(self.cfg, op, budget)
+        plan = plan_for(batch, cfg, self.adapter.geometry)
+        header = dataclasses.replace(wire.request_header(batch, 0, outputs), op=op,  # numbered when sent
+                                     budget_ppm=wire.budget_ppm(budget))
         messages = [(wire.meta_tensors(batch, header), wire.input_tensors(batch, plan, p))
                     for p in range(1, self.world)]
-        return Request(batch, plan, header, messages, batch.gather(plan.devices[0].index))
+        return Request(batch, plan, cfg, header, messages, batch.gather(plan.devices[0].index))
 
     def start(self, req: Request, keep_cache: bool = False) -> DeviceRun:
         """Send every other device its header, plan data and slice; then run device 0's share."""
@@ -108,7 +120,7 @@ class Coordinator:
             self.comm.isend("control", p, [header.encode()], TAG_HEADER, "request header", count=False)
             self.comm.isend("input", p, meta, TAG_META, "request plan data")
             self.comm.isend("input", p, rows, TAG_INPUT, "request inputs")
-        return run_device(self.adapter, self.cfg, req.plan, req.batch, req.local, self.comm, overlap=self.overlap,
+        return run_device(self.adapter, req.cfg, req.plan, req.batch, req.local, self.comm, overlap=self.overlap,
                           count_flops=self.count_flops, keep_cache=keep_cache)
 
     def worker_reports(self) -> list[DeviceReport]:

@@ -26,6 +26,7 @@ from ..runtime.simulator import plan_for
 from ..runtime.wire import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS
 from .transport import DeviceLost, DistCommunicator
 from . import env
+from .coordinator import request_config
 from .generation import serve_generation
 from .startup import agree, meet
 from .spec import LaunchSpec
@@ -101,7 +102,7 @@ def serve_worker(adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, ov
     coordinator died or hung: DeviceLost.  fault (testing) strikes in its request only.  A failure
     inside a request (cluster.node) is reported to rank 0 and the worker serves the next one.
     """
-    rank, layers, causal = comm.rank, adapter.geometry.layers, adapter.geometry.causal
+    rank, layers = comm.rank, adapter.geometry.layers
     layout = output_layout(adapter)
     served = 0
     while True:
@@ -116,11 +117,12 @@ def serve_worker(adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, ov
         comm.reset()
         batch = wire.batch_from_meta(header, comm.recv("input", 0, wire.meta_buffers(header), TAG_META,
                                                            "request plan data"))
-        plan = plan_for(batch, cfg, causal)
+        run_cfg = request_config(cfg, header.op, header.budget)
+        plan = plan_for(batch, run_cfg, adapter.geometry)
         rows = comm.recv("input", 0, wire.input_buffers(header, plan, rank), TAG_INPUT, "request inputs")
         local = wire.local_inputs(header, batch, plan, rank, rows)
         generating = header.op == wire.GENERATE
-        run = run_device(adapter, cfg, plan, batch, local, comm, overlap=overlap, count_flops=count_flops,
+        run = run_device(adapter, run_cfg, plan, batch, local, comm, overlap=overlap, count_flops=count_flops,
                          fault=fault if fault is not None and fault.request == served + 1 else None,
                          keep_cache=generating, slowdown=slowdown)
         if run.error is not None:

@@ -59,10 +59,18 @@ def plot_frontier(rows: list[dict], metric: str, higher: bool, path: Path, title
         if old:
             ax.plot([_ratio(r) for r in old], [r["metrics"][metric] for r in old], color=f"C{i}", linestyle=":",
                     linewidth=1.2, label=f"plain means, sinks and fixed windows only (fp32), P={p}")
-    shipped = [r for r in prism if r["variant"].startswith("defaults")]
+    for i, p in enumerate(sorted({r["devices"] for r in prism})):
+        swept = sorted((r for r in prism if r["devices"] == p and _budget(r["variant"]) is not None), key=_ratio)
+        if swept:
+            ax.plot([_ratio(r) for r in swept], [r["metrics"][metric] for r in swept], color=f"C{i}", linestyle="--",
+                    marker="|", markersize=9, linewidth=1.1, label=f"byte budget sweep (the kind's defaults), P={p}")
+            for r in swept:
+                ax.annotate(f"b={_budget(r['variant']):g}", (_ratio(r), r["metrics"][metric]), fontsize=6,
+                            xytext=(0, -9), textcoords="offset points", ha="center")
+    shipped = [r for r in prism if r["variant"] == "defaults"]
     if shipped:
         ax.scatter([_ratio(r) for r in shipped], [r["metrics"][metric] for r in shipped], marker="*", s=160,
-                   color="gold", edgecolor="black", zorder=6, label="shipped defaults")
+                   color="gold", edgecolor="black", zorder=6, label="shipped defaults (the kind's budget)")
     for r in (r for r in rows if r["scheme"] == "full" and metric in r["metrics"]):
         ax.axhline(r["metrics"][metric], color="black", linestyle=":", linewidth=1, label="unpartitioned")
     ax.set_xscale("log")
@@ -83,6 +91,14 @@ def pareto(rows: list[dict], metric: str, higher: bool) -> list[dict]:
             front.append(r)
             best = r["metrics"][metric]
     return front
+
+
+def _budget(variant: str) -> float | None:
+    """The budget of a `defaults+budgetB` variant (a point of the budget sweep), else None."""
+    tokens = variant.split("+")
+    if len(tokens) == 2 and tokens[0] == "defaults" and tokens[1].startswith("budget") and tokens[1][6:7].isdigit():
+        return float(tokens[1][6:])
+    return None
 
 
 def _old_style(variant: str) -> bool:

@@ -124,31 +124,84 @@ class PolarityTask(_Embeddings):
         return Score({"accuracy": correct / len(emb), "cosine": cos}, nbytes / len(emb), len(emb))
 
 
-# --- decoders ------------------------------------------------------------------------------------
-
 def heldout_prose(source: str) -> list[str]:
-    """The last third of a prose source: never used for fine-tuning (see `training_prose`)."""
+    """The last third of a prose source: never used for fine-tuning or for choosing a default (see
+    `training_prose`)."""
     docs = data.prose(source)
     return docs[2 * len(docs) // 3 :]
 
 
 def training_prose(source: str) -> list[str]:
+    """The first two thirds of a prose source: fine-tuning and choosing defaults ("dev")."""
     docs = data.prose(source)
     return docs[: 2 * len(docs) // 3]
+
+
+SPLITS = ("heldout", "dev")
+
+
+def prose_split(source: str, split: str) -> list[str]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose heldout (the last third: report) or dev (the first two "
+                         "thirds: tune)")
+    return heldout_prose(source) if split == "heldout" else training_prose(source)
+
+
+class PassagesTask(_Embeddings):
+    """Embeddings of passages of exactly `length` positions ([CLS] + text + [SEP]): how fidelity holds as inputs
+    grow.  Each passage is the start of a document (news) or a consecutive piece of one (Wikipedia articles are
+    long: several pieces per article, round robin), so no passage joins two documents."""
+
+    name, default_model, metric = "passages", "minilm", "cosine"
+    data = "passages of a fixed length from prose (Lee background news or Wikipedia), embedding cosine to the full model"
+    takes: ClassVar[tuple[str, ...]] = ("batch_size", "length", "source", "split")
+
+    def __init__(self, loaded, limit=None, length: int = 200, source: str = "wiki", split: str = "heldout",
+                 batch_size: int = 8, **kw):
+        super().__init__(loaded, limit, batch_size=batch_size, **kw)
+        cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        if length < 3 or cls is None or sep is None:
+            raise ValueError(f"length must be >= 3 for a [CLS] ... [SEP] passage, got {length}")
+        body, want = length - 2, limit or 24
+        pieces = [self.tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in prose_split(source, split)]
+        per_doc = [[ids[i : i + body] for i in range(0, len(ids) - body + 1, body)][: 1 if source == "lee" else 8]
+                   for ids in pieces]
+        chosen: list[list[int]] = []
+        for turn in range(8):
+            chosen += [p[turn] for p in per_doc if len(p) > turn][: want - len(chosen)]
+        if not chosen:
+            raise ValueError(f"no {source} document of the {split} split holds {length} tokens; lower --length")
+        self.ids = torch.tensor([[cls, *p, sep] for p in chosen])
+        self.length, self.source = length, source
+        self.data = f"{len(chosen)} {split} passages of {length} positions from {source} prose"
+
+    def batches(self):
+        for i in range(0, len(self.ids), self.batch_size):
+            ids = self.ids[i : i + self.batch_size]
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+    def evaluate(self, cfg):
+        emb, nbytes = self.outputs(cfg)
+        cos = (emb * self.reference()).sum(-1)
+        return Score({"cosine": float(cos.mean()), "min_cosine": float(cos.min())}, nbytes / len(emb), len(emb))
+
+
+# --- decoders ------------------------------------------------------------------------------------
 
 
 class PerplexityTask(Task):
     name, default_model, metric, higher_is_better = "perplexity", "smollm2", "perplexity", False
     data = "held-out prose (last third of Lee background news, or of the Wikipedia sample) in fixed-length chunks"
-    takes: ClassVar[tuple[str, ...]] = ("batch_size", "length", "source")
+    takes: ClassVar[tuple[str, ...]] = ("batch_size", "length", "source", "split")
 
-    def __init__(self, loaded, limit=None, length: int = 512, source: str = "lee", batch_size: int = 2, **kw):
+    def __init__(self, loaded, limit=None, length: int = 512, source: str = "lee", batch_size: int = 2,
+                 split: str = "heldout", **kw):
         super().__init__(loaded, limit, batch_size=batch_size, **kw)
         from .fidelity import token_chunks
 
         self.length, self.source = length, source
-        self.chunks = token_chunks(self.tokenizer, heldout_prose(source), length, limit or 8)
-        self.data = f"{source} prose, {len(self.chunks)} held-out chunks of {length} tokens"
+        self.chunks = token_chunks(self.tokenizer, prose_split(source, split), length, limit or 8)
+        self.data = f"{source} prose, {len(self.chunks)} {split} chunks of {length} tokens"
 
     @torch.no_grad()
     def outputs(self, cfg) -> tuple[list[Tensor], int]:
@@ -273,7 +326,7 @@ class SamplesTask(_Images):
         self.data = f"{len(found)} real {dataset} sample images (foolbox)"
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (LeeTask, PolarityTask, PerplexityTask, ClozeTask, FashionTask,
+TASKS: dict[str, type[Task]] = {t.name: t for t in (LeeTask, PolarityTask, PassagesTask, PerplexityTask, ClozeTask, FashionTask,
                                                     SamplesTask, *VISION_TASKS)}
 
 

@@ -17,7 +17,8 @@ VARIANTS: dict[str, str] = {
     "defaults": "defaults",
 }
 _TOKENS: list[tuple[str, str, type]] = [  # (prefix, field, value type); longest prefixes first
-    ("int8from", "int8_from", int), ("anchor", "anchor", int), ("topf", "topk_frac", float), ("top", "topk", int),
+    ("int8from", "int8_from", int), ("budgetw", "budget_window", float), ("budget", "budget", float),
+    ("genbudget", "generate_budget", float), ("anchor", "anchor", int), ("topf", "topk_frac", float), ("top", "topk", int),
     ("tail", "tail", int), ("wf", "window_frac", float), ("w", "window", int),
 ]
 _FLAGS: dict[str, dict] = {
@@ -36,7 +37,8 @@ def variant_options(variant: str) -> dict:
     kind's defaults).  Tokens: sinks, bias, sim (similarity grouping), cheap (exact when cheap), fp16 |
     bf16 | int8 (wire), int8fromN (int8 only from N positions, float16 below), wN (window N), wfF (window
     fraction F), anchorN, topN (top-k), topfF (top-k fraction), tailN (a short last slice with an exact
-    view); `no`-prefixed flags turn one off.  E.g. "sinks+w16+top8+int8", "defaults+anchor4".
+    view), budgetF (a byte budget: F of Voltage's bytes per route; wN/topN set with it are floors),
+    budgetwF (the budget's window share), genbudgetF; `no`-prefixed flags turn one off.  E.g. "sinks+w16+top8+int8", "defaults+anchor4".
     """
     tokens = VARIANTS.get(variant, variant).split("+")
     out: dict = {} if tokens[0] == "defaults" else dict(PLAIN)
@@ -55,7 +57,7 @@ def _token(token: str, variant: str) -> dict:
             except ValueError:
                 break
     raise ValueError(f"unknown variant token {token!r} in {variant!r}; use sinks, bias, sim, cheap, fp16, bf16, int8, "
-                     f"int8fromN, wN, wfF, anchorN, topN, topfF, tailN (joined by +), or one of {', '.join(VARIANTS)}")
+                     f"int8fromN, wN, wfF, anchorN, topN, topfF, tailN, budgetF, budgetwF, genbudgetF (joined by +), or one of {', '.join(VARIANTS)}")
 
 
 def variant_config(variant: str, devices: int, cr: int, **extra) -> PrismConfig:

@@ -198,14 +198,21 @@ def make_plan(
     bounds = [_bounds(len(positions), b, devices, weights, sizes, tail) for b, positions in enumerate(real)]
     anchors = [[min(fid.anchor, bounds[b][p][0]) for p in range(devices)] for b in range(batch)]
     slices = tuple(_slice(p, real, bounds, anchors) for p in range(devices))
+    pairs = [(src, dst) for src in range(devices) for dst in range(devices)
+             if dst != src and not (causal and dst < src)]
+    shares = None
+    if fid.budget:  # every route into a device shares its budget
+        shares = {}
+        for b in range(batch):
+            for dst in range(devices):
+                rows = [_Rows(b, src, dst, real, sink, bounds, anchors, fid, causal) for src, d in pairs if d == dst]
+                rows = [r for r in rows if r.reals]
+                shares[(b, dst)] = _allocate(fid, rows) if rows else (0, 0.0)
     routes = []
-    for src in range(devices):
-        for dst in range(devices):
-            if dst == src or (causal and dst < src):
-                continue
-            route = _route(slices[src], src, dst, real, sink, bounds, anchors, fid, causal)
-            if route.rows:
-                routes.append(route)
+    for src, dst in pairs:
+        route = _route(slices[src], src, dst, real, sink, bounds, anchors, fid, causal, shares)
+        if route.rows:
+            routes.append(route)
     return Plan(slices, tuple(routes), causal, fid)
 
 
@@ -253,26 +260,85 @@ def _slice(p: int, real: list[Tensor], bounds, anchors) -> DeviceSlice:
                        tuple(anchors[b][p] for b in range(len(real))))
 
 
+class _Rows:
+    """The rows route src -> dst may carry for sequence b, and how a window of w positions splits them into
+    (exact, candidates, segment keys).  Real-position indices (into the sequence's real positions)."""
+
+    def __init__(self, b: int, src: int, dst: int, real, sink: Tensor, bounds, anchors, fid: Fidelity,
+                 causal: bool) -> None:
+        (self.s, self.e), (self.ds, self.de) = bounds[b][src], bounds[b][dst]
+        first = max(self.s, anchors[b][dst])  # dst recomputes its anchors itself
+        self.reals = list(range(first, self.e))
+        self.flags = sink[b, real[b][self.reals]].tolist() if self.reals else []
+        self.everything = fid.cr == 1 or (causal and fid.tail > 0 and dst == len(bounds[b]) - 1)
+        self.cr, self.causal = fid.cr, causal
+
+    def split(self, w: int) -> tuple[list[int], list[int], list[int]]:
+        ds, de = self.ds, self.de
+        is_exact = [self.everything or f or ds - w <= r < ds or (not self.causal and de <= r < de + w)
+                    for r, f in zip(self.reals, self.flags)]
+        ex = [r for r, x in zip(self.reals, is_exact) if x]
+        cd = [r for r, x in zip(self.reals, is_exact) if not x]
+        return ex, cd, sorted({(r - self.s) // self.cr for r in cd})
+
+
+def _allocate(fid: Fidelity, rows: list[_Rows]) -> tuple[int, float]:
+    """A byte budget shared by every route into one device (one sequence): (window, top-k fraction).
+
+    The rows they may send (Voltage's bytes for their rows x budget, at `row_cost` each) go in order of
+    value: the sinks and the floors (window, top-k) first, with every other row's Segment Mean (the floor
+    of any summary: a budget too small even for them is overspent by that much); then `budget_window` of
+    the spare rows widen the window (the positions next to the receiver, whichever route holds them);
+    the rest go to the top rows, the same fraction of every route's candidates.  Pooled rather than per
+    route: the window lies in the adjacent routes only, and it is worth more than a far route's rows
+    (SmolLM2, P=4, 512 dev tokens at a budget of 0.10: +1.02 % perplexity with a budget per route, +0.43 %
+    pooled; docs/RESULTS.md §2.9).
+    """
+    n = sum(len(r.reals) for r in rows)
+    budget_rows = fid.budget * n / fid.row_cost
+    group = 1 + fid.count_cost / fid.row_cost  # a group row also carries its size
+    w = fid.window_for(rows[0].de - rows[0].ds)
+
+    def cost(w: int) -> tuple[float, int]:
+        """(rows sent before any top-k, candidates) at window w."""
+        used, cands = 0.0, 0
+        for r in rows:
+            ex, cd, keys = r.split(w)
+            used += len(ex) + fid.topk_for(len(cd)) + len(keys) * group
+            cands += len(cd)
+        return used, cands
+
+    if budget_rows >= n:
+        return w, 1.0  # the whole of every route fits
+    used, _ = cost(w)
+    if used >= budget_rows:
+        return w, 0.0  # the floors (and the means) alone spend it
+    sides = max(1, sum(1 for r in rows if r.e == r.ds or r.s == r.de))  # routes next to the receiver
+    w += int((budget_rows - used) * fid.budget_window / sides)
+    used, cands = cost(w)
+    return w, max(0.0, budget_rows - used) / cands if cands else 0.0
+
+
 def _route(sl: DeviceSlice, src: int, dst: int, real, sink: Tensor, bounds, anchors, fid: Fidelity,
-           causal: bool) -> Route:
-    """The route src -> dst for every sequence: exact rows, candidates, segments, top-k, observers."""
+           causal: bool, shares: dict[tuple[int, int], tuple[int, float]] | None = None) -> Route:
+    """The route src -> dst for every sequence: exact rows, candidates, segments, top-k, observers.
+    shares: under a budget, each (sequence, dst)'s window and top-k fraction (`_allocate`)."""
     exact, cand, segment, groups, topk, observe = [], [], [], [], [], []
     counts, index = [], []
     for b, positions in enumerate(real):
-        (s, e), (ds, de), a_src = bounds[b][src], bounds[b][dst], anchors[b][src]
-        first = max(s, anchors[b][dst])  # dst recomputes its anchors itself
-        reals = list(range(first, e))  # real-position indices (into `positions`) this route may carry
-        w = fid.window_for(de - ds)
-        flags = sink[b, positions[reals]].tolist() if reals else []
-        everything = fid.cr == 1 or (causal and fid.tail > 0 and dst == len(bounds[b]) - 1)
-        is_exact = [everything or f or ds - w <= r < ds or (not causal and de <= r < de + w)
-                    for r, f in zip(reals, flags)]
-        ex = [r for r, x in zip(reals, is_exact) if x]
-        cd = [r for r, x in zip(reals, is_exact) if not x]
-        keys = sorted({(r - s) // fid.cr for r in cd})
-        k = fid.topk_for(len(cd))
-        if fid.exact_when_cheap and cd and 2 * (len(ex) + k + len(keys)) >= len(reals):
-            ex, cd, keys, k = reals, [], [], 0  # summarising would not halve the rows: send them as they are
+        rr = _Rows(b, src, dst, real, sink, bounds, anchors, fid, causal)
+        (s, e), (ds, de), a_src, reals = bounds[b][src], bounds[b][dst], anchors[b][src], rr.reals
+        if shares is not None:
+            w, frac = shares[(b, dst)]
+            ex, cd, keys = rr.split(w)
+            k = min(len(cd), max(fid.topk_for(len(cd)), int(frac * len(cd))))
+            if cd and len(ex) + k + len(keys) >= len(reals):
+                ex, cd, keys, k = reals, [], [], 0  # summarising would not save bytes: the route goes whole
+        else:
+            ex, cd, keys = rr.split(fid.window_for(de - ds))
+            k = fid.topk_for(len(cd))
+            if fid.exact_when_cheap and cd and 2 * (len(ex) + k + len(keys)) >= len(reals):
+                ex, cd, keys, k = reals, [], [], 0  # summarising would not halve the rows: send them as they are
         renumber = {key: i for i, key in enumerate(keys)}
         local = lambda r: a_src + (r - s)  # noqa: E731 - real index -> src-local row
         exact.append([local(r) for r in ex])

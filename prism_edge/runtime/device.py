@@ -33,7 +33,7 @@ from ..partition.plan import Plan
 from . import message
 from .attention import Partial, expand_kv, importance, merge_heads, partial_attention, split_heads
 from .decode import kv_codec, query_wire, shared_mask
-from .message import Codec
+from .message import FLOAT_WIRES, Codec
 
 Ask = Callable[[int, Tensor], list[list[Tensor]]]  # (layer, query) -> every earlier device's [out, lse]
 
@@ -53,6 +53,16 @@ def resolve_payload(cfg: RunConfig, rotary: bool, hidden: int, kv_width: int) ->
             "payload='hidden' cannot carry rotary positions through a segment mean; use payload='kv' or 'auto'"
         )
     return cfg.payload
+
+
+def row_cost(cfg: RunConfig, geo: Geometry, wire: str) -> tuple[float, float]:
+    """(bytes of one exchanged row, of one group's int16 size) over the bytes of one Voltage row (the
+    float32 attention input), for `cfg`'s payload on `wire`: what a byte budget is measured against."""
+    payload = resolve_payload(cfg, geo.rotary, geo.hidden, geo.kv_width)
+    width, group = (2 * geo.kv_width, geo.head_dim) if payload == "kv" else (geo.hidden, geo.hidden)
+    nbytes = width + 2 * (width // group) if wire == "int8" else width * FLOAT_WIRES[wire].itemsize
+    voltage = 4 * geo.hidden
+    return nbytes / voltage, 2 / voltage
 
 
 @dataclass

@@ -217,7 +217,7 @@ def generate(
     adapter = adapter_for(model)
     sampling, stops = check_request(adapter, input_ids, max_new_tokens, sampling, stop_ids, on_token)
     device = next(model.parameters()).device
-    run = resolve(cfg, adapter.kind)  # once, here: the prefill and every decode step read this one
+    run = resolve(cfg, adapter.kind).for_generation()  # once, here: the prefill and every decode step read this one
     out, devs = run_devices(model, run, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
     last = devs[-1]
     mode = choose(decode, last.plan, last.request_positions, last.geo, last.codec.wire, max_new_tokens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -9,9 +10,10 @@ from torch import Tensor, nn
 
 from ..config import PrismConfig, RunConfig, resolve
 from ..models import Adapter, Batch, adapter_for
+from ..models.base import Geometry
 from ..partition.plan import Plan, make_plan
 from .comm import ByteLedger, LocalCommunicator
-from .device import DeviceExecutor
+from .device import DeviceExecutor, row_cost
 from .loop import Forward
 from .wire import input_tensors, meta_tensors, output_tensors, request_header
 from .stats import FlopTally, Stats
@@ -37,15 +39,20 @@ class PrismOutput:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
 
-def plan_for(batch: Batch, cfg: RunConfig, causal: bool, sizes: tuple[int, ...] | None = None) -> Plan:
-    """The plan a resolved config implies: Voltage and full are plain exact exchanges (CR=1, no extras)."""
+def plan_for(batch: Batch, cfg: RunConfig, geo: Geometry, sizes: tuple[int, ...] | None = None) -> Plan:
+    """The plan a resolved config implies for a model of geometry `geo`: Voltage and full are plain exact
+    exchanges (CR=1, no extras); under a budget every route is filled to it at this request's wire."""
     sink = batch.sink if (cfg.scheme == "prism" and cfg.sinks) else torch.zeros_like(batch.sink)
+    fidelity = cfg.fidelity
+    if fidelity.budget:
+        row, count = row_cost(cfg, geo, cfg.wire_for(batch.longest))
+        fidelity = dataclasses.replace(fidelity, row_cost=row, count_cost=count)
     return make_plan(
         batch.valid,
         sink,
         devices=cfg.effective_devices,
-        fidelity=cfg.fidelity,
-        causal=causal,
+        fidelity=fidelity,
+        causal=geo.causal,
         weights=cfg.slice_weights,
         sizes=sizes,
     )
@@ -114,7 +121,7 @@ def run_devices(
     (runtime.generate)."""
     adapter = adapter if adapter is not None else adapter_for(model)
     batch = adapter.prepare(**inputs, sink_token_ids=cfg.sink_token_ids)
-    plan = plan_for(batch, cfg, adapter.geometry.causal, sizes)
+    plan = plan_for(batch, cfg, adapter.geometry, sizes)
     device = next(model.parameters()).device
     local_batch = batch.to(device)
     B, N = batch.valid.shape

@@ -55,6 +55,11 @@ class Header:
     custom_positions: bool = False
     mode: str = "all"
     keys: tuple[tuple[str, int], ...] = ()  # (input name, values per position; 0 = one scalar)
+    budget_ppm: int = 0  # the request's own byte budget in millionths of Voltage's bytes (0: the config's)
+
+    @property
+    def budget(self) -> float | None:
+        return self.budget_ppm / 1e6 if self.budget_ppm else None
 
     def encode(self) -> Tensor:
         t = torch.zeros(HEADER_LEN, dtype=torch.int64)
@@ -63,6 +68,7 @@ class Header:
         t[7] = len(self.keys)
         for i, (name, width) in enumerate(self.keys):
             t[8 + 2 * i], t[9 + 2 * i] = INPUT_KEYS.index(name), width
+        t[8 + 2 * MAX_KEYS] = self.budget_ppm
         return t
 
     @classmethod
@@ -71,7 +77,7 @@ class Header:
         if v[0] != MAGIC:
             raise RuntimeError(f"received a malformed request header (magic {v[0]:#x}); the ranks are out of step")
         keys = tuple((INPUT_KEYS[v[8 + 2 * i]], v[9 + 2 * i]) for i in range(v[7]))
-        return cls(v[1], v[2], v[3], v[4], bool(v[5]), OUTPUT_MODES[v[6]], keys)
+        return cls(v[1], v[2], v[3], v[4], bool(v[5]), OUTPUT_MODES[v[6]], keys, v[8 + 2 * MAX_KEYS])
 
 
 def empty_header() -> Tensor:
@@ -80,6 +86,11 @@ def empty_header() -> Tensor:
 
 def _default_positions(batch: int, length: int) -> Tensor:
     return torch.arange(length).expand(batch, -1)
+
+
+def budget_ppm(budget: float | None) -> int:
+    """A request's budget as the header carries it (millionths, at least one; 0: none given)."""
+    return 0 if budget is None else max(1, round(budget * 1e6))
 
 
 def request_header(batch: Batch, request: int, mode: str) -> Header:

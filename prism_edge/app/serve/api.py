@@ -56,6 +56,16 @@ class Stream:
     run: Callable[[Emit], None]
 
 
+def request_budget(body: dict[str, Any]) -> float | None:
+    """The optional "budget" field: this request's byte budget, a fraction of Voltage's bytes (e.g. 0.05 on a
+    slow link); None: the server's configured budget."""
+    budget = field(body, "budget", (int, float))
+    if budget is not None and not 0 < budget <= 1:
+        raise BadField("budget", f'"budget" must be a fraction of Voltage\'s bytes above 0 and at most 1 (e.g. 0.1), '
+                                 f"got {budget!r}")
+    return None if budget is None else float(budget)
+
+
 def decode_mode(body: dict[str, Any]) -> str:
     """The optional "decode" field of a generation request (runtime.decode.MODES)."""
     mode = field(body, "decode", str, "auto")

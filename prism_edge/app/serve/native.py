@@ -3,7 +3,8 @@
   POST /v1/forward   {"texts": ["...", ...]}  or  {"input_ids": [[...]], "attention_mask": [[...]]}
                      or {"pixel_values": [[[[...]]]]};  optional "outputs": all | last | mean | pooled,
                      "max_length": N (truncate texts to N tokens; without it a text longer than the model
-                     takes is refused with 400), "top_k": 5, "return_logits": false
+                     takes is refused with 400), "top_k": 5, "return_logits": false, "budget": 0.1 (this
+                     request's byte budget, a fraction of Voltage's bytes; also on /v1/generate)
                      -> {"mode", "outputs": {name: nested lists}, "next_tokens": [...] (LM, last), "stats": {...}}
   POST /v1/generate  {"prompt": "...", "max_new_tokens": 32, "do_sample": false, "temperature": 1.0,
                      "top_k": 0, "top_p": 1.0, "seed": null, "chat": false, "stop_ids": []}  or  {"input_ids": [[...]]}
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from ...runtime.generate import Sampling
-from .api import BadField, decode_mode, field
+from .api import BadField, decode_mode, field, request_budget
 from ...cluster import Cluster
 from ...eval.requests import check_ids, encode_texts, prompt_ids
 
@@ -65,7 +66,7 @@ def _forward_inputs(cluster: Cluster, body: dict[str, Any]) -> dict[str, torch.T
 def handle_forward(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
     mode = field(body, "outputs", str) or default_mode(cluster)
     inputs = _forward_inputs(cluster, body)
-    out = cluster(**inputs, outputs=mode)
+    out = cluster(**inputs, outputs=mode, budget=request_budget(body))
     assert out.stats is not None
     reply: dict[str, Any] = {"mode": mode, "outputs": {}, "stats": out.stats.to_dict()}
     for name in out.keys():
@@ -112,7 +113,7 @@ def handle_generate(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         raise BadField("stop_ids", f'"stop_ids" must be a list of token ids (integers), got {stop_ids!r:.80}')
     stops = tuple(stop_ids) + ((eos,) if isinstance(eos, int) else ())
     gen = cluster.generate(ids, max_new_tokens=field(body, "max_new_tokens", int, 32), sampling=sampling,
-                           stop_ids=stops, decode=decode_mode(body))
+                           stop_ids=stops, decode=decode_mode(body), budget=request_budget(body))
     text = tok.decode(gen.new_ids, skip_special_tokens=True) if tok is not None else None
     assert gen.prefill_stats is not None
     return {"text": text, "token_ids": gen.new_ids, "stopped_by": gen.stopped_by, "decode": gen.mode,

@@ -25,7 +25,7 @@ from torch import Tensor
 from ...runtime.generate import TOKEN_ID_BYTES, Generation, Sampling
 from ...runtime.stats import Stats
 from ...cluster import Cluster
-from .api import ApiError, BadField, Emit, Stream, decode_mode, field
+from .api import ApiError, BadField, Emit, Stream, decode_mode, field, request_budget
 from ...eval.requests import chat_ids, check_ids
 from .textstream import TextStream
 
@@ -63,11 +63,15 @@ def list_models(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
     return {"object": "list", "data": [card]}
 
 
-def prism_figures(cluster: Cluster, stats: Stats | None, gen: Generation | None = None) -> dict[str, Any]:
-    """What PRISM did for the request: the split, and the bytes of every phase (counted from the tensors sent)."""
-    cfg = cluster.cfg
+def prism_figures(cluster: Cluster, stats: Stats | None, gen: Generation | None = None,
+                  budget: float | None = None) -> dict[str, Any]:
+    """What PRISM did for the request: the split, its byte budget (the request's, else the server's; 0: fixed
+    counts), and the bytes of every phase (counted from the tensors sent)."""
+    cfg = cluster.cfg.with_budget(budget)
+    cfg = cfg.for_generation() if gen is not None else cfg
     out: dict[str, Any] = {"devices": cluster.world, "scheme": cfg.scheme, "cr": cfg.effective_cr,
-                           "weights": list(cfg.weights) if cfg.weights else None}
+                           "weights": list(cfg.weights) if cfg.weights else None,
+                           "budget": cfg.budget if cfg.scheme == "prism" else None}
     if stats is not None:
         out["bytes"] = {"inputs": sum(stats.input_bytes or ()), "exchange": stats.total_bytes,
                         "outputs": sum(stats.output_bytes or ())}
@@ -90,6 +94,7 @@ class Params:
     stream: bool
     include_usage: bool
     decode: str = "auto"  # an extension: how new tokens see the earlier devices (runtime.decode)
+    budget: float | None = None  # an extension: the prefill's byte budget (None: the server's)
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float, open_low: bool = False) -> float:
@@ -126,7 +131,7 @@ def parse_params(body: dict[str, Any]) -> Params:
                         seed=field(body, "seed", int))
     options = field(body, "stream_options", dict, {})
     return Params(max_tokens, sampling, _stops(body), field(body, "stream", bool, False),
-                  bool(options.get("include_usage")), decode_mode(body))
+                  bool(options.get("include_usage")), decode_mode(body), request_budget(body))
 
 
 @dataclass
@@ -161,20 +166,20 @@ def generate(cluster: Cluster, ids: Tensor, params: Params, show: Callable[[str]
     eos = getattr(tok, "eos_token_id", None)
     gen: Generation = cluster.generate(ids, max_new_tokens=params.max_tokens, sampling=params.sampling,
                                        stop_ids=(eos,) if isinstance(eos, int) else (), on_token=on_token,
-                                       decode=params.decode)
+                                       decode=params.decode, budget=params.budget)
     rest = text.flush()
     if rest and show is not None and not gone:
         show(rest)
     finish = "stop" if text.stopped or gen.stopped_by == "stop token" else "length"
     return Outcome(text.text, finish, int(ids.shape[1]), len(gen.new_ids),
-                   prism_figures(cluster, gen.prefill_stats, gen))
+                   prism_figures(cluster, gen.prefill_stats, gen, params.budget))
 
 
 def _checked(cluster: Cluster, ids: Tensor, params: Params) -> Tensor:
     """Refuse what generate would refuse, while a status code can still say so."""
     if not cluster.adapter.geometry.causal or cluster.adapter.head != "lm":
         raise BadField("model", f"{model_id(cluster)!r} is not a causal LM; completions need one (e.g. smollm2)")
-    cluster.check_generate(ids, params.max_tokens)
+    cluster.check_generate(ids, params.max_tokens, params.budget)
     return ids
 
 
