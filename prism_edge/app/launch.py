@@ -84,7 +84,7 @@ def drive(cluster: Cluster, args: argparse.Namespace) -> int:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     inputs, _ = build_request(cluster.loaded, args.text, args.text_file, args.image, args.max_length)
     mode = args.outputs or default_mode(cluster)
-    outs = [cluster(**inputs, outputs=mode) for _ in range(args.repeat)]
+    outs = [cluster(**inputs, outputs=mode, budget=None) for _ in range(args.repeat)]  # the config's budget
     stats = measured(outs[-1].stats)
     walls = [measured(o.stats).wall_s or 0.0 for o in outs]
     if args.json:
