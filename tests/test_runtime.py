@@ -19,6 +19,7 @@ import torch
 
 from conftest import image_batch, saved_models, text_batch, tiny
 from prism_edge import PrismConfig, simulate
+from prism_edge.runtime.generate import generate
 from prism_edge.cluster import Cluster, ClusterError
 
 FAMILIES = ["bert", "gpt2-lm", "vit", "llama-lm"]
@@ -259,6 +260,43 @@ def test_http_endpoint(saved):
         error = json.load(bad.value)["error"]  # OpenAI's error shape
         assert bad.value.code == 400 and "vocabulary" in error["message"] and error["type"] == "invalid_request_error"
         assert post({"input_ids": ids.tolist()})["outputs"]  # still serving after the bad request
+
+
+def test_a_request_carries_its_own_budget(saved):
+    """A byte budget per request: the device processes plan it alike (it travels in the header) and match the
+    simulator at that budget, outputs and bytes; over HTTP it is the "budget" field, checked by name."""
+    model = tiny("llama-lm")
+    cfg = PrismConfig(devices=3, cr=4, wire_dtype="int8")
+    ids, mask = text_batch(batch=2, length=48, pad_to=[48, 40])
+    with Cluster(saved["llama-lm"], cfg, timeout=20) as cluster:
+        for budget in (None, 0.12):
+            want = simulate(model, cfg if budget is None else cfg.replace(budget=budget), input_ids=ids,
+                            attention_mask=mask)
+            _assert_same(cluster(input_ids=ids, attention_mask=mask, budget=budget), want)
+        tight, loose = (cluster(input_ids=ids, attention_mask=mask, budget=b).stats.total_bytes for b in (0.06, 0.2))
+        assert tight < loose
+        with pytest.raises(ValueError, match="budget must be"):
+            cluster(input_ids=ids, budget=1.5)
+        gen = cluster.generate(ids[:1], max_new_tokens=3, budget=0.1)  # a generation's prefill at its budget
+        ref = generate(model, cfg.replace(budget=0.1), ids[:1], max_new_tokens=3)
+        assert gen.new_ids == ref.new_ids and gen.prefill_stats.total_bytes == ref.prefill_stats.total_bytes
+
+
+def test_the_http_budget_field(saved):
+    cfg = PrismConfig(devices=2, cr=4)
+    ids = text_batch(batch=1, length=40)[0]
+    with _serving(saved["bert"], cfg) as url:
+        def post(body):
+            req = urllib.request.Request(url + "/v1/forward", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            return json.load(urllib.request.urlopen(req, timeout=30))
+
+        small, large = (post({"input_ids": ids.tolist(), "budget": b})["stats"]["total_bytes"] for b in (0.05, 0.25))
+        assert small < large
+        for bad in (0, 1.5, "0.1", True):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                post({"input_ids": ids.tolist(), "budget": bad})
+            assert err.value.code == 400 and json.load(err.value)["error"]["param"] == "budget"
 
 
 @pytest.mark.slow
