@@ -34,21 +34,22 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # answers (agreement 0.839 at P=4; float16 1.000), and a short prompt's bytes are few either way.
     "decoder": dict(sinks=True, window=64, window_frac=0.0, anchor=0, topk=64, topk_frac=0.5,
                     grouping="contiguous", count_bias=False, exact_when_cheap=True, tail=0, wire_dtype="int8",
-                    int8_from=256, budget=0.10, generate_budget=1.0, budget_window=0.25),
+                    int8_from=256, budget=0.10, generate_budget=1.0, budget_window=0.25, budget_from=512),
     # MiniLM, Lee documents, P=4, CR=16: embedding cosine 0.988 at 0.143 of Voltage's bytes
     "encoder": dict(sinks=True, window=8, window_frac=0.0, anchor=0, topk=8, topk_frac=0.0,
                     grouping="contiguous", count_bias=False, exact_when_cheap=True, tail=0, wire_dtype="int8",
-                    int8_from=0, budget=0.20, generate_budget=0.20, budget_window=0.25),
+                    int8_from=0, budget=0.20, generate_budget=0.20, budget_window=0.25, budget_from=32),
     # Fashion-MNIST ViT, P=4, CR=16: 83.3 % (unpartitioned 84.9 %) at 0.107 of Voltage's bytes; alike
     # patches merge well (similarity groups with log-size attention), the top-k carry the rest
     "vision": dict(sinks=True, window=0, window_frac=0.0, anchor=0, topk=16, topk_frac=0.0,
                    grouping="similarity", count_bias=True, exact_when_cheap=True, tail=0, wire_dtype="int8",
-                   int8_from=0, budget=0.0, generate_budget=0.0, budget_window=0.0),
+                   int8_from=0, budget=0.0, generate_budget=0.0, budget_window=0.0, budget_from=0),
 }
 # Pure Segment Means as the paper describes them: every fidelity option off.
 PLAIN: dict[str, Any] = dict(sinks=False, window=0, window_frac=0.0, anchor=0, topk=0, topk_frac=0.0,
                              grouping="contiguous", count_bias=False, exact_when_cheap=False, tail=0,
-                             wire_dtype="float32", int8_from=0, budget=0.0, generate_budget=0.0, budget_window=0.5)
+                             wire_dtype="float32", int8_from=0, budget=0.0, generate_budget=0.0, budget_window=0.5,
+                             budget_from=0)
 FIDELITY_FIELDS = tuple(PLAIN)
 COUNT_FIELDS = ("window", "window_frac", "topk", "topk_frac")  # fixed counts; under a budget, floors
 
@@ -117,6 +118,9 @@ class PrismConfig(_Split):
         "earlier position whole, 1.0)", default=None)
     budget_window: float | None = _help(
         "share of a budget's spare rows that widens the window; the rest go to the top rows", default=None)
+    budget_from: int | None = _help(
+        "a budget applies to sequences of at least this many positions; shorter ones send every route whole "
+        "(their bytes are few, and a budget cuts deep into short routes)", default=None)
     weights: tuple[float, ...] | None = _help(
         "relative device speeds for proportional slices, one per device", default=None
     )
@@ -128,7 +132,7 @@ class PrismConfig(_Split):
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
-        for name in ("devices", "cr", "window", "anchor", "topk", "tail", "int8_from"):
+        for name in ("devices", "cr", "window", "anchor", "topk", "tail", "int8_from", "budget_from"):
             value = getattr(self, name)
             if value is None and name not in ("devices", "cr"):
                 continue
@@ -138,7 +142,7 @@ class PrismConfig(_Split):
             bad(f"devices must be >= 1, got {self.devices}; use devices=1 for a single device")
         if self.cr < 1:
             bad(f"cr (compression rate) must be >= 1, got {self.cr}; cr=1 is exact, cr=16 sends 1/16 of the positions")
-        for name in ("window", "anchor", "topk", "tail", "int8_from"):
+        for name in ("window", "anchor", "topk", "tail", "int8_from", "budget_from"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}; {name}=0 turns it off")
         for name in ("window_frac", "topk_frac", "budget", "generate_budget", "budget_window"):
@@ -183,8 +187,9 @@ class PrismConfig(_Split):
             chosen = {**PLAIN, "wire_dtype": self.wire_dtype or "float32"}
         else:
             defaults = dict(FAMILY_DEFAULTS[kind])
-            if self.budget is not None:  # the user's budget, for generation too unless given apart
+            if self.budget is not None:  # the user's budget, for generation too unless given apart, at any length
                 defaults["budget"] = defaults["generate_budget"] = self.budget
+                defaults["budget_from"] = 0
             elif any(getattr(self, name) is not None for name in COUNT_FIELDS):
                 defaults["budget"] = defaults["generate_budget"] = 0.0  # counts given and no budget: fixed counts
             if self.generate_budget is not None:
@@ -228,7 +233,8 @@ class PrismConfig(_Split):
                 f"{show('window')} (+{show('window_frac')} of a slice), anchor {show('anchor')}, top-k "
                 f"{show('topk')} (+{show('topk_frac')}), grouping {show('grouping')}, count bias "
                 f"{show('count_bias')}, exact when cheap {show('exact_when_cheap')}, tail {show('tail')}, budget "
-                f"{show('budget')} (generation {show('generate_budget')}, window share {show('budget_window')}), "
+                f"{show('budget')} (generation {show('generate_budget')}, window share {show('budget_window')}, "
+                f"from {show('budget_from')} positions), "
                 f"wire {show('wire_dtype')}" + (f" (float16 below {self.int8_from} positions)"
                                                  if self.wire_dtype == "int8" and self.int8_from else ""))
 
@@ -247,9 +253,7 @@ class Fidelity:
     tail: int = 0  # decoders: the last device owns the last `tail` positions and receives every earlier one exactly
     budget: float = 0.0  # bytes per route as a fraction of Voltage's (0: the counts above are fixed, not floors)
     budget_window: float = 0.5  # share of a budget's spare rows that widens the window
-    # Under a budget a sequence shorter than this sends every route whole: its bytes are few, and a budget cuts
-    # deep into its short routes (MiniLM, P=4, ~20-token sentences at 0.2: cosine 0.981 against 0.9991 whole)
-    budget_from: int = 32
+    budget_from: int = 0  # under a budget, a sequence shorter than this sends every route whole
     row_cost: float = 1.0  # bytes of one exchanged row over one Voltage (float32 activation) row: set per request
     count_cost: float = 0.0  # bytes of one group's size (int16) over one Voltage row
 
@@ -288,6 +292,7 @@ class RunConfig(_Split):
     budget: float
     generate_budget: float
     budget_window: float
+    budget_from: int
     weights: tuple[float, ...] | None
     sink_token_ids: tuple[int, ...]
     kind: str
@@ -329,14 +334,16 @@ class RunConfig(_Split):
             return Fidelity()
         return Fidelity(cr=self.cr, window=self.window, window_frac=self.window_frac, anchor=self.anchor,
                         topk=self.topk, topk_frac=self.topk_frac, exact_when_cheap=self.exact_when_cheap,
-                        tail=self.tail, budget=self.budget, budget_window=self.budget_window)
+                        tail=self.tail, budget=self.budget, budget_window=self.budget_window,
+                        budget_from=self.budget_from)
 
     def for_generation(self) -> "RunConfig":
         """This config for a generation's prefill: its budget is `generate_budget`."""
         return self if self.budget == self.generate_budget else dataclasses.replace(self, budget=self.generate_budget)
 
     def with_budget(self, budget: float | None) -> "RunConfig":
-        """This config for one request that carries its own budget (None: the config's); validated here."""
+        """This config for one request that carries its own budget (None: the config's), at any length;
+        validated here."""
         if budget is None:
             return self
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
@@ -344,7 +351,7 @@ class RunConfig(_Split):
                              "budget=0.1")
         if self.scheme != "prism":
             return self  # Voltage and full send everything exactly: a budget has nothing to choose
-        return dataclasses.replace(self, budget=float(budget), generate_budget=float(budget))
+        return dataclasses.replace(self, budget=float(budget), generate_budget=float(budget), budget_from=0)
 
     def wire_for(self, positions: int) -> str:
         """The wire dtype of a request whose longest sequence has `positions` real positions (padding never

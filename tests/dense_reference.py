@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from prism_edge.config import Fidelity, PrismConfig
+from prism_edge.config import PrismConfig
 from prism_edge.models import adapter_for
 
 OBSERVE = 16
@@ -86,7 +86,7 @@ class Dense:
         come first; `budget_window` of what is left (split over the routes next to dst) widens the window;
         what is left after that is the same fraction of every route's candidates as top-k rows."""
         c = self.cfg
-        if b[-1][1] < Fidelity().budget_from:  # a short sequence: every route whole
+        if b[-1][1] < c.budget_from:  # a short sequence: every route whole
             return 0, 1.0
         srcs = [p for p in range(len(b)) if p != dst and not (self.g.causal and p > dst)]
         srcs = [p for p in srcs if b[p][1] > max(b[p][0], anchors[dst])]

@@ -72,16 +72,19 @@ RESOLUTION = [
     # decoders: a budget for scoring, every earlier position whole (1.0) for generation; counts are floors (0)
     (DEC, {}, False, dict(sinks=True, window=0, window_frac=0.0, anchor=0, topk=0, topk_frac=0.0,
                           grouping="contiguous", count_bias=False, exact_when_cheap=True, tail=0,
-                          wire_dtype="int8", int8_from=256, budget=0.1, generate_budget=1.0, budget_window=0.25)),
+                          wire_dtype="int8", int8_from=256, budget=0.1, generate_budget=1.0, budget_window=0.25,
+                          budget_from=512)),
     (ENC, {}, False, dict(sinks=True, window=0, topk=0, topk_frac=0.0, grouping="contiguous", count_bias=False,
-                          wire_dtype="int8", int8_from=0, budget=0.2, generate_budget=0.2)),
+                          wire_dtype="int8", int8_from=0, budget=0.2, generate_budget=0.2, budget_from=32)),
+    # a budget the user chose applies at any length (unless budget_from says otherwise)
+    (DEC, dict(budget=0.05, budget_from=100), False, dict(budget=0.05, budget_from=100)),
     # budget 0: the kind's fixed counts (the defaults before budgets)
     (DEC, dict(budget=0.0), False, dict(window=64, topk=64, topk_frac=0.5, budget=0.0, generate_budget=0.0)),
     (ENC, dict(budget=0.0), False, dict(window=8, topk=8, budget=0.0)),
     # counts given without a budget: fixed counts; with one: floors under it; a generation budget apart
     (ENC, dict(window=16, topk=16), False, dict(window=16, topk=16, budget=0.0, generate_budget=0.0)),
     (ENC, dict(window=16, budget=0.3), False, dict(window=16, topk=0, budget=0.3, generate_budget=0.3)),
-    (DEC, dict(budget=0.05), False, dict(budget=0.05, generate_budget=0.05, window=0)),
+    (DEC, dict(budget=0.05), False, dict(budget=0.05, generate_budget=0.05, window=0, budget_from=0)),
     (DEC, dict(generate_budget=0.5), False, dict(budget=0.1, generate_budget=0.5)),
     (VIS, {}, False, dict(sinks=True, window=0, topk=16, grouping="similarity", count_bias=True,
                           wire_dtype="int8", int8_from=0)),
@@ -131,7 +134,7 @@ def test_resolution_table(kind, given, training, expected):
         assert run.fidelity == Fidelity(cr=run.cr, window=run.window, window_frac=run.window_frac,
                                         anchor=run.anchor, topk=run.topk, topk_frac=run.topk_frac,
                                         exact_when_cheap=run.exact_when_cheap, tail=run.tail, budget=run.budget,
-                                        budget_window=run.budget_window)
+                                        budget_window=run.budget_window, budget_from=run.budget_from)
     else:
         assert run.fidelity == Fidelity()
         assert all(getattr(run, name) == value for name, value in PLAIN.items() if name != "wire_dtype")

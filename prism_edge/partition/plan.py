@@ -207,7 +207,7 @@ def make_plan(
             for dst in range(devices):
                 rows = [_Rows(b, src, dst, real, sink, bounds, anchors, fid, causal) for src, d in pairs if d == dst]
                 rows = [r for r in rows if r.reals]
-                short = len(real[b]) < fid.budget_from  # a short sequence goes whole (Fidelity.budget_from)
+                short = len(real[b]) < fid.budget_from  # a short sequence goes whole (RunConfig.budget_from)
                 shares[(b, dst)] = (0, 1.0) if short else _allocate(fid, rows) if rows else (0, 0.0)
     routes = []
     for src, dst in pairs:
