@@ -151,3 +151,24 @@ def test_generate_cli_on_device_processes(smollm2):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout
+
+
+def test_decoders_score_at_a_budget_and_generate_from_every_earlier_row():
+    """The decoder defaults: a forward (scoring) spends `budget`, while a generation's prefill spends
+    `generate_budget`, 1.0: every earlier position whole, as the fixed-count defaults sent it (an exact view:
+    decoding is local), at the same bytes; a generation asked for a budget spends it and hands off what the
+    prefill left."""
+    model = tiny("llama-lm")
+    ids, _ = text_batch(batch=1, length=60)
+    run = PrismConfig().resolve("decoder")
+    assert run.budget == 0.1 and run.generate_budget == 1.0
+    cfg = PrismConfig(devices=4, cr=16, wire_dtype="int8", budget=0.15, generate_budget=1.0)
+    scored = simulate(model, cfg, input_ids=ids, count_flops=False).stats.total_bytes
+    volt = simulate(model, PrismConfig(devices=4, scheme="voltage"), input_ids=ids, count_flops=False).stats.total_bytes
+    assert scored <= 0.15 * volt * 1.001
+    gen = generate(model, cfg, ids, max_new_tokens=2)
+    fixed = generate(model, PrismConfig(devices=4, cr=16, wire_dtype="int8", budget=0.0), ids, max_new_tokens=2)
+    assert gen.mode == fixed.mode == "local" and gen.new_ids == fixed.new_ids
+    assert gen.prefill_stats.total_bytes == fixed.prefill_stats.total_bytes > scored
+    tight = generate(model, cfg.replace(generate_budget=0.15), ids, max_new_tokens=2, decode="auto")
+    assert tight.prefill_stats.total_bytes == scored and tight.mode != "local"
