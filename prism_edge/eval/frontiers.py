@@ -45,7 +45,7 @@ def grid_points(grid: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     out = []
     for r in grid["rows"]:
         budget = budget_of(r["variant"])
-        if r["scheme"] != "prism" or budget is None or r["devices"] != 4 or r["cr"] != 16:
+        if r["scheme"] != "prism" or not budget or r["devices"] != 4 or r["cr"] != 16:  # budget 0: fixed counts
             continue
         m = r["metrics"]
         value = m["perplexity"] / full["metrics"]["perplexity"] - 1 if kind == "decoder" else m[metric]
