@@ -23,9 +23,14 @@ GROUPINGS = ("contiguous", "similarity")
 KINDS = ("decoder", "encoder", "vision")
 
 # The fidelity options a kind of model gets unless the user sets them (docs/RESULTS.md §2 has the
-# frontiers these were read from).
+# frontiers these were read from, §2.10 the byte budgets).  With a budget (> 0) the count options
+# (window, window_frac, topk, topk_frac) are floors and default to 0; `budget=0` brings back the fixed
+# counts written here.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Decoders feed their outputs back (generation): every route carries its top half exactly and the
+    # Decoders, a forward (scoring, embedding) of 512+ positions: a budget of 0.10 (SmolLM2, P=4, held-out:
+    # +0.33 % perplexity on news at 512, -0.2 % at 1024, +2.9 % on Wikipedia 512; at 256 it cost +4.8 %,
+    # hence budget_from 512).  Generation: every earlier row whole (generate_budget 1.0), as the fixed
+    # counts below send it.  Decoders feed their outputs back: every route carries its top half exactly and the
     # window before the receiver, so each is at least half exact rows and "exact when cheap" sends it
     # whole — every earlier position's K/V as int8, 0.172 of Voltage's bytes.  SmolLM2, P=4: perplexity
     # +0.0 % at 256-1024 tokens; 32 greedy tokens after 1024-token prompts equal the full model's.
@@ -35,12 +40,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "decoder": dict(sinks=True, window=64, window_frac=0.0, anchor=0, topk=64, topk_frac=0.5,
                     grouping="contiguous", count_bias=False, exact_when_cheap=True, tail=0, wire_dtype="int8",
                     int8_from=256, budget=0.10, generate_budget=1.0, budget_window=0.25, budget_from=512),
-    # MiniLM, Lee documents, P=4, CR=16: embedding cosine 0.988 at 0.143 of Voltage's bytes
+    # MiniLM, P=4, CR=16, held-out passages of 50-500 positions: embedding cosine 0.994-0.998 at 0.19-0.20 of
+    # Voltage's bytes (the fixed counts below fell from 0.9994 to 0.951 as inputs grew); under 32 positions
+    # whole (~20-token sentences: 0.981 at the budget, 0.9991 whole)
     "encoder": dict(sinks=True, window=8, window_frac=0.0, anchor=0, topk=8, topk_frac=0.0,
                     grouping="contiguous", count_bias=False, exact_when_cheap=True, tail=0, wire_dtype="int8",
                     int8_from=0, budget=0.20, generate_budget=0.20, budget_window=0.25, budget_from=32),
     # Fashion-MNIST ViT, P=4, CR=16: 83.3 % (unpartitioned 84.9 %) at 0.107 of Voltage's bytes; alike
-    # patches merge well (similarity groups with log-size attention), the top-k carry the rest
+    # patches merge well (similarity groups with log-size attention), the top-k carry the rest.  Fixed
+    # counts: a budget sits on this frontier, not above it (83.5 % at 0.096, 84.8 % at 0.149)
     "vision": dict(sinks=True, window=0, window_frac=0.0, anchor=0, topk=16, topk_frac=0.0,
                    grouping="similarity", count_bias=True, exact_when_cheap=True, tail=0, wire_dtype="int8",
                    int8_from=0, budget=0.0, generate_budget=0.0, budget_window=0.0, budget_from=0),
@@ -110,9 +118,10 @@ class PrismConfig(_Split):
                                   "at any length)",
                                   default=None)
     budget: float | None = _help(
-        "bytes each route may send, as a fraction of Voltage's float32 bytes for the same request: filled in "
-        "order of value (sinks, the window, the top rows by the sender's attention, then Segment Means of the "
-        "rest at the CR); window/topk set alongside are floors (0 = fixed counts, no budget)", default=None)
+        "bytes the routes into a device may send, as a fraction of Voltage's float32 bytes for the same rows: "
+        "filled in order of value (sinks, Segment Means of the rest at the CR, a wider window, the top rows by "
+        "the sender's attention); window/topk set alongside are floors (0 = fixed counts, no budget)",
+        default=None)
     generate_budget: float | None = _help(
         "the budget of a generation's prefill (default: `budget` when set, else the kind's: decoders send every "
         "earlier position whole, 1.0)", default=None)

@@ -79,7 +79,7 @@ budgets() {
   done
   pe eval --task fashion --limit 1000 --devices 4 --cr 16 --variants defaults --budget 0.05 0.1 0.15 \
     --out "$B" --name budgets
-  .venv/bin/python -m prism_edge.eval.frontiers "$B"/eval-passages-*.json "$B"/eval-perplexity-*.json \
+  .venv/bin/python -m prism_edge.eval.frontiers --plots "$B" "$B"/eval-passages-*.json "$B"/eval-perplexity-*.json \
     "$B"/eval-fashion-budgets.json
 }
 

@@ -73,13 +73,46 @@ def build(paths: list[Path]) -> dict[str, Any]:
             "families": families}
 
 
+def plot(table: dict[str, Any], folder: Path) -> list[Path]:
+    """One PNG per kind: fidelity against bytes ÷ Voltage's, a line per input length (and source), the kind's
+    default budget marked on each length it applies to (from `budget_from`)."""
+    from ..config import FAMILY_DEFAULTS
+    from .plots import _finish, _pyplot
+
+    plt = _pyplot()
+    paths = []
+    for kind, fam in table["families"].items():
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        default = FAMILY_DEFAULTS[kind]["budget"]
+        cells = sorted({(p["length"], p["source"]) for p in fam["points"]})
+        for i, (length, source) in enumerate(cells):
+            pts = sorted((p for p in fam["points"] if (p["length"], p["source"]) == (length, source)),
+                         key=lambda p: p["budget"])
+            ax.plot([p["bytes_vs_voltage"] for p in pts], [p["value"] for p in pts], marker="o", color=f"C{i}",
+                    label=f"{source}, {length} positions")
+            chosen = [p for p in pts if p["budget"] == default and length >= FAMILY_DEFAULTS[kind]["budget_from"]]
+            ax.scatter([p["bytes_vs_voltage"] for p in chosen], [p["value"] for p in chosen], marker="*", s=170,
+                       color="gold", edgecolor="black", zorder=6)
+        budgets = ", ".join(f"{b:g}" for b in sorted({p["budget"] for p in fam["points"]}))
+        shown = f" {default:g}" if default else " (fixed counts: not on these lines)"
+        ax.set_xlabel(f"bytes exchanged ÷ Voltage's (budgets {budgets}; star: the default{shown})")
+        if not fam["higher_is_better"]:
+            ax.axhline(0.01, color="grey", linestyle=":", linewidth=1, label="+1 %")
+        title = f"{fam['model']}: {fam['metric']} against a byte budget, P=4, CR=16, held-out data"
+        paths.append(_finish(fig, ax, fam["metric"], title, folder / f"budgets-{kind}.png", legend_cols=1))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m prism_edge.eval.frontiers", description=__doc__.splitlines()[0])
     ap.add_argument("grids", nargs="+", type=Path, help="eval JSON files (prism-edge eval --budget ...)")
     ap.add_argument("--out", type=Path, default=PATH, help="where to write the table (default: the shipped one)")
+    ap.add_argument("--plots", type=Path, help="also draw one PNG per kind into this folder")
     args = ap.parse_args(argv)
     table = build(args.grids)
     args.out.write_text(json.dumps(table, indent=1) + "\n")
+    for path in plot(table, args.plots) if args.plots else []:
+        print(f"wrote {path}")
     print(f"wrote {args.out}: " + ", ".join(f"{k} {len(v['points'])} points" for k, v in table["families"].items()))
     return 0
 
