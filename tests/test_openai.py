@@ -185,3 +185,18 @@ def test_embeddings_equal_simulate(embed, minilm):
     one = client.embeddings.create(model="minilm", input=texts[0], encoding_format="float")
     torch.testing.assert_close(torch.tensor(one.data[0].embedding), want[0], atol=1e-5, rtol=1e-5)
     assert one.model_extra["prism"]["pooling"] == ["mean_tokens"]
+    assert one.model_extra["prism"]["budget"] == cluster.cfg.budget  # the server's, unless a request says
+    # a request's own budget (an extension, sent as the official client sends extra fields) on a longer text
+    long = " ".join(texts * 6)
+    enc = minilm.tokenizer([long], return_tensors="pt")
+    with torch.inference_mode():
+        hidden = simulate(minilm.model, cluster.cfg.with_budget(0.05), **enc, count_flops=False).last_hidden_state
+    want = torch.nn.functional.normalize(hidden.mean(1), dim=-1)
+    tight = client.embeddings.create(model="minilm", input=long, encoding_format="float", extra_body={"budget": 0.05})
+    torch.testing.assert_close(torch.tensor(tight.data[0].embedding), want[0], atol=1e-5, rtol=1e-5)
+    default = client.embeddings.create(model="minilm", input=long, encoding_format="float")
+    assert tight.model_extra["prism"]["budget"] == 0.05
+    assert tight.model_extra["prism"]["bytes"]["exchange"] < default.model_extra["prism"]["bytes"]["exchange"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="minilm", input=long, extra_body={"budget": 2})
+    assert err.value.body["param"] == "budget"

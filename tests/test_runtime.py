@@ -346,9 +346,22 @@ def test_runtime_equals_simulator_on_real_minilm(minilm, devices, cr):
     ref = simulate(minilm.model, cfg, **enc, count_flops=False)
     _assert_same(out, ref)
     if cr > 1:
+        # the defaults (a byte budget) on a float16 wire: the same plan, picks and bytes, outputs within 1e-4;
+        # on their int8 wire, float noise flips a few int8 codes and, through the top rows picked in later
+        # layers, moves a few positions by up to ~3e-2 (P=3: 16 of 557 rows above 1e-2): the bytes are
+        # identical and the embeddings agree to cosine 0.9999
+        half = PrismConfig(devices=devices, cr=cr, wire_dtype="float16")
         defaults = PrismConfig(devices=devices, cr=cr)
+        with Cluster("minilm", half, timeout=30) as cluster:
+            _assert_same(cluster(**enc), simulate(minilm.model, half, **enc, count_flops=False), tol=1e-4)
         with Cluster("minilm", defaults, timeout=30) as cluster:
-            _assert_same(cluster(**enc), simulate(minilm.model, defaults, **enc, count_flops=False), tol=5e-3)
+            out = cluster(**enc)
+        ref = simulate(minilm.model, defaults, **enc, count_flops=False)
+        _assert_same(out, ref, tol=0.05)
+        mask = enc["attention_mask"].bool()
+        assert (out.last_hidden_state - ref.last_hidden_state).abs()[mask].mean() < 1e-3
+        pooled = [torch.nn.functional.normalize((o.last_hidden_state * mask[..., None]).sum(1), dim=-1) for o in (out, ref)]
+        assert float((pooled[0] * pooled[1]).sum(-1).min()) > 0.9999
     if cr == 1:
         torch.testing.assert_close(out.last_hidden_state[enc["attention_mask"].bool()],
                                    minilm.model(**enc).last_hidden_state[enc["attention_mask"].bool()],
