@@ -238,12 +238,15 @@ class PrismConfig(_Split):
             value = getattr(self, name)
             return "default" if value is None else ("on" if value is True else "off" if value is False else str(value))
 
-        return (f"scheme prism, {self.devices} devices, CR={self.cr}, sinks {show('sinks')}, window "
-                f"{show('window')} (+{show('window_frac')} of a slice), anchor {show('anchor')}, top-k "
-                f"{show('topk')} (+{show('topk_frac')}), grouping {show('grouping')}, count bias "
-                f"{show('count_bias')}, exact when cheap {show('exact_when_cheap')}, tail {show('tail')}, budget "
-                f"{show('budget')} (generation {show('generate_budget')}, window share {show('budget_window')}, "
-                f"from {show('budget_from')} positions), "
+        budgeted = bool(self.budget or self.generate_budget)
+        counts = (f"window {'>= ' if budgeted else ''}{show('window')} (+{show('window_frac')} of a slice), anchor "
+                  f"{show('anchor')}, top-k {'>= ' if budgeted else ''}{show('topk')} (+{show('topk_frac')})")
+        budget = (f"budget {show('budget')} of Voltage's bytes (generation {show('generate_budget')}, window share "
+                  f"{show('budget_window')}, from {show('budget_from')} positions)" if budgeted or self.budget is None
+                  else "fixed counts (budget 0)")
+        return (f"scheme prism, {self.devices} devices, CR={self.cr}, {budget}, sinks {show('sinks')}, {counts}, "
+                f"grouping {show('grouping')}, count bias {show('count_bias')}, exact when cheap "
+                f"{show('exact_when_cheap')}, tail {show('tail')}, "
                 f"wire {show('wire_dtype')}" + (f" (float16 below {self.int8_from} positions)"
                                                  if self.wire_dtype == "int8" and self.int8_from else ""))
 
