@@ -71,7 +71,7 @@ def loopback(model: str, devices: list[int], cr: int, repeats: int, length: int,
     return rows
 
 
-WIRE_PLANS = (("fixed counts", {"budget": 0.0}), ("the default budget", {}))
+WIRE_PLANS: tuple[tuple[str, float | None], ...] = (("fixed counts", 0.0), ("the default budget", None))
 
 
 def wire_precision(model: str, devices: int, cr: int, length: int, cache: Path | None) -> list[dict]:
@@ -84,10 +84,10 @@ def wire_precision(model: str, devices: int, cr: int, length: int, cache: Path |
     rows = []
     with torch.inference_mode():
         full = loaded.model(**inputs).last_hidden_state
-        for plan, extra in WIRE_PLANS:
+        for plan, budget in WIRE_PLANS:
             base: torch.Tensor | None = None
             for wire in ("float32", "float16", "bfloat16", "int8"):
-                cfg = PrismConfig(devices=devices, cr=cr, wire_dtype=wire, **extra)
+                cfg = PrismConfig(devices=devices, cr=cr, wire_dtype=wire, budget=budget)
                 out = simulate(loaded.model, cfg, count_flops=False, **inputs)
                 hidden = out.last_hidden_state
                 assert hidden is not None  # an encoder's output
