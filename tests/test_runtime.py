@@ -273,6 +273,9 @@ def test_a_request_carries_its_own_budget(saved):
             want = simulate(model, cfg if budget is None else cfg.replace(budget=budget), input_ids=ids,
                             attention_mask=mask)
             _assert_same(cluster(input_ids=ids, attention_mask=mask, budget=budget), want)
+        # a budget travels in millionths: rank 0 plans with the one every worker reads from the header
+        req = cluster.coordinator.prepare({"input_ids": ids, "attention_mask": mask}, "all", budget=0.1234567)
+        assert req.header.budget == req.cfg.budget == 0.123457
         tight, loose = (cluster(input_ids=ids, attention_mask=mask, budget=b).stats.total_bytes for b in (0.06, 0.2))
         assert tight < loose
         with pytest.raises(ValueError, match="budget must be"):

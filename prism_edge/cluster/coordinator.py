@@ -102,10 +102,11 @@ class Coordinator:
         if n_pos and self.adapter.family not in IMAGE_TYPES and int(batch.positions.max()) >= n_pos:
             raise ValueError(f"position {int(batch.positions.max())} is beyond the model's {n_pos} positions; "
                              f"truncate the input to {n_pos} tokens")
-        cfg = request_config(self.cfg, op, budget)
-        plan = plan_for(batch, cfg, self.adapter.geometry)
+        self.cfg.with_budget(budget)  # refuses a bad budget before the header quantises it
         header = dataclasses.replace(wire.request_header(batch, 0, outputs), op=op,  # numbered when sent
                                      budget_ppm=wire.budget_ppm(budget))
+        cfg = request_config(self.cfg, op, header.budget)  # the budget as every worker reads it from the header
+        plan = plan_for(batch, cfg, self.adapter.geometry)
         messages = [(wire.meta_tensors(batch, header), wire.input_tensors(batch, plan, p))
                     for p in range(1, self.world)]
         return Request(batch, plan, cfg, header, messages, batch.gather(plan.devices[0].index))
