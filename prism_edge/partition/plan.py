@@ -200,18 +200,19 @@ def make_plan(
     slices = tuple(_slice(p, real, bounds, anchors) for p in range(devices))
     pairs = [(src, dst) for src in range(devices) for dst in range(devices)
              if dst != src and not (causal and dst < src)]
+    rows = {(src, dst): [_Rows(b, src, dst, real, sink, bounds, anchors, fid, causal) for b in range(batch)]
+            for src, dst in pairs}
     shares = None
     if fid.budget:  # every route into a device shares its budget
         shares = {}
         for b in range(batch):
+            short = len(real[b]) < fid.budget_from  # a short sequence goes whole (RunConfig.budget_from)
             for dst in range(devices):
-                rows = [_Rows(b, src, dst, real, sink, bounds, anchors, fid, causal) for src, d in pairs if d == dst]
-                rows = [r for r in rows if r.reals]
-                short = len(real[b]) < fid.budget_from  # a short sequence goes whole (RunConfig.budget_from)
-                shares[(b, dst)] = (0, 1.0) if short else _allocate(fid, rows) if rows else (0, 0.0)
+                into = [rows[(src, d)][b] for src, d in pairs if d == dst and rows[(src, d)][b].reals]
+                shares[(b, dst)] = (0, 1.0) if short else _allocate(fid, into) if into else (0, 0.0)
     routes = []
     for src, dst in pairs:
-        route = _route(slices[src], src, dst, real, sink, bounds, anchors, fid, causal, shares)
+        route = _route(slices[src], src, dst, real, rows[(src, dst)], anchors, fid, shares)
         if route.rows:
             routes.append(route)
     return Plan(slices, tuple(routes), causal, fid)
@@ -273,14 +274,18 @@ class _Rows:
         self.flags = sink[b, real[b][self.reals]].tolist() if self.reals else []
         self.everything = fid.cr == 1 or (causal and fid.tail > 0 and dst == len(bounds[b]) - 1)
         self.cr, self.causal = fid.cr, causal
+        self._splits: dict[int, tuple[list[int], list[int], list[int]]] = {}
 
     def split(self, w: int) -> tuple[list[int], list[int], list[int]]:
-        ds, de = self.ds, self.de
-        is_exact = [self.everything or f or ds - w <= r < ds or (not self.causal and de <= r < de + w)
-                    for r, f in zip(self.reals, self.flags)]
-        ex = [r for r, x in zip(self.reals, is_exact) if x]
-        cd = [r for r, x in zip(self.reals, is_exact) if not x]
-        return ex, cd, sorted({(r - self.s) // self.cr for r in cd})
+        """Computed once per window: a budget's allocation and the route itself ask for the same ones."""
+        if w not in self._splits:
+            ds, de = self.ds, self.de
+            is_exact = [self.everything or f or ds - w <= r < ds or (not self.causal and de <= r < de + w)
+                        for r, f in zip(self.reals, self.flags)]
+            ex = [r for r, x in zip(self.reals, is_exact) if x]
+            cd = [r for r, x in zip(self.reals, is_exact) if not x]
+            self._splits[w] = (ex, cd, sorted({(r - self.s) // self.cr for r in cd}))
+        return self._splits[w]
 
 
 def _allocate(fid: Fidelity, rows: list[_Rows]) -> tuple[int, float]:
@@ -293,7 +298,7 @@ def _allocate(fid: Fidelity, rows: list[_Rows]) -> tuple[int, float]:
     the rest go to the top rows, the same fraction of every route's candidates.  Pooled rather than per
     route: the window lies in the adjacent routes only, and it is worth more than a far route's rows
     (SmolLM2, P=4, 512 dev tokens at a budget of 0.10: +1.02 % perplexity with a budget per route, +0.43 %
-    pooled; docs/RESULTS.md §2.9).
+    pooled; docs/RESULTS.md §2.10).
     """
     n = sum(len(r.reals) for r in rows)
     budget_rows = fid.budget * n / fid.row_cost
@@ -320,15 +325,15 @@ def _allocate(fid: Fidelity, rows: list[_Rows]) -> tuple[int, float]:
     return w, max(0.0, budget_rows - used) / cands if cands else 0.0
 
 
-def _route(sl: DeviceSlice, src: int, dst: int, real, sink: Tensor, bounds, anchors, fid: Fidelity,
-           causal: bool, shares: dict[tuple[int, int], tuple[int, float]] | None = None) -> Route:
-    """The route src -> dst for every sequence: exact rows, candidates, segments, top-k, observers.
-    shares: under a budget, each (sequence, dst)'s window and top-k fraction (`_allocate`)."""
+def _route(sl: DeviceSlice, src: int, dst: int, real, rows: list[_Rows], anchors, fid: Fidelity,
+           shares: dict[tuple[int, int], tuple[int, float]] | None = None) -> Route:
+    """The route src -> dst for every sequence (`rows`, one `_Rows` each): exact rows, candidates, segments,
+    top-k, observers.  shares: under a budget, each (sequence, dst)'s window and top-k fraction (`_allocate`)."""
     exact, cand, segment, groups, topk, observe = [], [], [], [], [], []
     counts, index = [], []
     for b, positions in enumerate(real):
-        rr = _Rows(b, src, dst, real, sink, bounds, anchors, fid, causal)
-        (s, e), (ds, de), a_src, reals = bounds[b][src], bounds[b][dst], anchors[b][src], rr.reals
+        rr = rows[b]
+        s, e, ds, de, a_src, reals = rr.s, rr.e, rr.ds, rr.de, anchors[b][src], rr.reals
         if shares is not None:
             w, frac = shares[(b, dst)]
             ex, cd, keys = rr.split(w)
