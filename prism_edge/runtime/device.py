@@ -33,7 +33,7 @@ from ..partition.plan import Plan
 from . import message
 from .attention import Partial, expand_kv, importance, merge_heads, partial_attention, split_heads
 from .decode import kv_codec, query_wire, shared_mask
-from .message import FLOAT_WIRES, Codec
+from .message import Codec
 
 Ask = Callable[[int, Tensor], list[list[Tensor]]]  # (layer, query) -> every earlier device's [out, lse]
 
@@ -55,14 +55,22 @@ def resolve_payload(cfg: RunConfig, rotary: bool, hidden: int, kv_width: int) ->
     return cfg.payload
 
 
+def exchange_layout(cfg: RunConfig, geo: Geometry, wire: str) -> tuple[str, Codec, int]:
+    """(payload, codec, values per row) of what a device exchanges under `cfg` on `wire`: a kv row is a
+    position's K and V with an int8 scale per head, a hidden row the attention input with one per row."""
+    payload = resolve_payload(cfg, geo.rotary, geo.hidden, geo.kv_width)
+    kv = payload == "kv"
+    codec = Codec(wire, cfg.grouping, quant_group=geo.head_dim if kv else geo.hidden,
+                  cluster_width=geo.kv_width if kv else geo.hidden)
+    return payload, codec, 2 * geo.kv_width if kv else geo.hidden
+
+
 def row_cost(cfg: RunConfig, geo: Geometry, wire: str) -> tuple[float, float]:
     """(bytes of one exchanged row, of one group's int16 size) over the bytes of one Voltage row (the
     float32 attention input), for `cfg`'s payload on `wire`: what a byte budget is measured against."""
-    payload = resolve_payload(cfg, geo.rotary, geo.hidden, geo.kv_width)
-    width, group = (2 * geo.kv_width, geo.head_dim) if payload == "kv" else (geo.hidden, geo.hidden)
-    nbytes = width + 2 * (width // group) if wire == "int8" else width * FLOAT_WIRES[wire].itemsize
+    _, codec, width = exchange_layout(cfg, geo, wire)
     voltage = 4 * geo.hidden
-    return nbytes / voltage, 2 / voltage
+    return codec.row_bytes(width) / voltage, 2 / voltage
 
 
 @dataclass
@@ -193,10 +201,7 @@ class DeviceExecutor(_DecodeHalf):
         self.slice = plan.devices[rank]
         self.out_routes = plan.routes_from(rank)
         self.in_routes = plan.routes_to(rank)
-        self.payload = resolve_payload(cfg, g.rotary, g.hidden, g.kv_width)
-        kv = self.payload == "kv"
-        self.codec = Codec(cfg.wire_for(batch.longest), cfg.grouping,
-                           quant_group=g.head_dim if kv else g.hidden, cluster_width=g.kv_width if kv else g.hidden)
+        self.payload, self.codec, self._width = exchange_layout(cfg, g, cfg.wire_for(batch.longest))
         self.request_positions = batch.positions  # (B, N)
         self.positions = torch.gather(batch.positions, 1, self.slice.index)  # (B, n)
         self.remote_positions = [
@@ -244,7 +249,7 @@ class DeviceExecutor(_DecodeHalf):
         return {r.src: self.codec.expected(r, width) for r in self.in_routes}
 
     def wire_width(self) -> int:
-        return 2 * self.geo.kv_width if self.payload == "kv" else self.geo.hidden
+        return self._width
 
     # ------------------------------------------------------------------ the layer
     def embed(self, local: dict[str, Tensor]) -> Tensor:

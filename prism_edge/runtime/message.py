@@ -35,6 +35,12 @@ class Codec:
         """Group sizes are implied by the plan unless top-k picks or similarity grouping change them."""
         return route.group_rows > 0 and (route.k_max > 0 or self.grouping == "similarity")
 
+    def row_bytes(self, width: int) -> int:
+        """Bytes of one travelling row of `width` values (on an int8 wire with its float16 scales)."""
+        if self.wire == "int8":
+            return width + 2 * (width // self.quant_group)
+        return width * FLOAT_WIRES[self.wire].itemsize
+
     def expected(self, route: Route, width: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of every tensor of the route's message, in order."""
         rows = route.rows
