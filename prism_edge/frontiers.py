@@ -2,7 +2,7 @@
 
 `prism_edge/data/frontiers.json` holds, for each kind (decoder, encoder, vision), the fidelity that a byte
 budget gave at several input lengths on held-out data (P=4, CR=16, training-free; built by
-`python -m prism_edge.eval.frontiers` from `prism-edge eval --budget` grids, docs/RESULTS.md §2.9).  A
+`python -m prism_edge.eval.frontiers` from `prism-edge eval --budget` grids, docs/RESULTS.md §2.10).  A
 planner reads it to predict what a budget costs in fidelity before it runs a request:
 
     predict("encoder", budget=0.1, length=300)  ->  Prediction(metric="cosine", value=0.98..., ...)
@@ -39,14 +39,6 @@ def table(path: str | None = None) -> dict[str, Any]:
     return json.loads(Path(path or PATH).read_text())
 
 
-def points(kind: str, path: str | None = None) -> list[dict[str, Any]]:
-    """Every measured (length, budget, value, bytes_vs_voltage) point of a kind."""
-    families = table(path)["families"]
-    if kind not in families:
-        raise ValueError(f"no frontier measured for kind {kind!r}; measured: {', '.join(families)}")
-    return list(families[kind]["points"])
-
-
 def _at_length(rows: list[dict[str, Any]], budget: float) -> float | None:
     """The value at `budget` among one length's points (mean over sources), interpolated linearly."""
     by_budget: dict[float, list[float]] = {}
@@ -65,7 +57,7 @@ def predict(kind: str, budget: float, length: int, path: str | None = None) -> P
     """What the measurements say a `budget` gives a `kind` of model on inputs of `length` positions."""
     if not 0 < budget <= 1 or length < 1:
         raise ValueError(f"budget must be in (0, 1] and length >= 1, got budget={budget!r}, length={length!r}")
-    family = table(path)["families"][kind] if kind in table(path)["families"] else None
+    family = table(path)["families"].get(kind)
     if family is None:
         return None
     lengths = sorted({r["length"] for r in family["points"]})

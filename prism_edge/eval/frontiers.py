@@ -17,17 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from ..frontiers import PATH
+from .variants import budget_of
 
 KINDS = {"passages": "encoder", "perplexity": "decoder", "fashion": "vision"}
 METRICS = {"encoder": ("cosine", True), "decoder": ("perplexity_increase", False), "vision": ("agreement", True)}
 POSITIONS = {"fashion": 197}  # a ViT's positions: 196 patches and the class token
-
-
-def budget_of(variant: str) -> float | None:
-    tokens = variant.split("+")
-    if len(tokens) == 2 and tokens[0] == "defaults" and tokens[1].startswith("budget") and tokens[1][6:7].isdigit():
-        return float(tokens[1][6:])
-    return None
 
 
 def grid_points(grid: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
@@ -69,7 +63,7 @@ def build(paths: list[Path]) -> dict[str, Any]:
         fam["data"] = "; ".join(dict.fromkeys(fam["data"]))
         fam["points"].sort(key=lambda p: (p["length"], p["source"], p["budget"]))
     return {"about": "fidelity against a byte budget, P=4, CR=16, training-free, held-out data; built by "
-                     "python -m prism_edge.eval.frontiers from prism-edge eval --budget grids (docs/RESULTS.md §2.9)",
+                     "python -m prism_edge.eval.frontiers from prism-edge eval --budget grids (docs/RESULTS.md §2.10)",
             "families": families}
 
 

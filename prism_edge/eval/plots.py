@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .variants import budget_of
 
 
 def _pyplot():
@@ -60,12 +61,12 @@ def plot_frontier(rows: list[dict], metric: str, higher: bool, path: Path, title
             ax.plot([_ratio(r) for r in old], [r["metrics"][metric] for r in old], color=f"C{i}", linestyle=":",
                     linewidth=1.2, label=f"plain means, sinks and fixed windows only (fp32), P={p}")
     for i, p in enumerate(sorted({r["devices"] for r in prism})):
-        swept = sorted((r for r in prism if r["devices"] == p and _budget(r["variant"]) is not None), key=_ratio)
+        swept = sorted((r for r in prism if r["devices"] == p and budget_of(r["variant"]) is not None), key=_ratio)
         if swept:
             ax.plot([_ratio(r) for r in swept], [r["metrics"][metric] for r in swept], color=f"C{i}", linestyle="--",
                     marker="|", markersize=9, linewidth=1.1, label=f"byte budget sweep (the kind's defaults), P={p}")
             for r in swept:
-                ax.annotate(f"b={_budget(r['variant']):g}", (_ratio(r), r["metrics"][metric]), fontsize=6,
+                ax.annotate(f"b={budget_of(r['variant']):g}", (_ratio(r), r["metrics"][metric]), fontsize=6,
                             xytext=(0, -9), textcoords="offset points", ha="center")
     shipped = [r for r in prism if r["variant"] == "defaults"]
     if shipped:
@@ -91,14 +92,6 @@ def pareto(rows: list[dict], metric: str, higher: bool) -> list[dict]:
             front.append(r)
             best = r["metrics"][metric]
     return front
-
-
-def _budget(variant: str) -> float | None:
-    """The budget of a `defaults+budgetB` variant (a point of the budget sweep), else None."""
-    tokens = variant.split("+")
-    if len(tokens) == 2 and tokens[0] == "defaults" and tokens[1].startswith("budget") and tokens[1][6:7].isdigit():
-        return float(tokens[1][6:])
-    return None
 
 
 def _old_style(variant: str) -> bool:

@@ -37,7 +37,7 @@ def variant_options(variant: str) -> dict:
     kind's defaults).  Tokens: sinks, bias, sim (similarity grouping), cheap (exact when cheap), fp16 |
     bf16 | int8 (wire), int8fromN (int8 only from N positions, float16 below), wN (window N), wfF (window
     fraction F), anchorN, topN (top-k), topfF (top-k fraction), tailN (a short last slice with an exact
-    view), budgetF (a byte budget: F of Voltage's bytes per route; wN/topN set with it are floors),
+    view), budgetF (a byte budget: F of Voltage's bytes into each device; wN/topN set with it are floors),
     budgetwF (the budget's window share), genbudgetF; `no`-prefixed flags turn one off.  E.g. "sinks+w16+top8+int8", "defaults+anchor4".
     """
     tokens = VARIANTS.get(variant, variant).split("+")
@@ -58,6 +58,14 @@ def _token(token: str, variant: str) -> dict:
                 break
     raise ValueError(f"unknown variant token {token!r} in {variant!r}; use sinks, bias, sim, cheap, fp16, bf16, int8, "
                      f"int8fromN, wN, wfF, anchorN, topN, topfF, tailN, budgetF, budgetwF, genbudgetF (joined by +), or one of {', '.join(VARIANTS)}")
+
+
+def budget_of(variant: str) -> float | None:
+    """The budget of a `defaults+budgetB` variant (a point of `prism-edge eval --budget`'s sweep), else None."""
+    tokens = variant.split("+")
+    if len(tokens) == 2 and tokens[0] == "defaults" and tokens[1].startswith("budget") and tokens[1][6:7].isdigit():
+        return float(tokens[1][6:])
+    return None
 
 
 def variant_config(variant: str, devices: int, cr: int, **extra) -> PrismConfig:
