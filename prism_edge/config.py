@@ -62,6 +62,39 @@ FIDELITY_FIELDS = tuple(PLAIN)
 COUNT_FIELDS = ("window", "window_frac", "topk", "topk_frac")  # fixed counts; under a budget, floors
 
 
+def _check_stages(cfg: Any) -> None:
+    """The pipeline-stage options of a config: types and what they can be checked against without the model."""
+    def bad(msg: str) -> None:
+        raise ValueError(msg)
+
+    if isinstance(cfg.stages, bool) or not isinstance(cfg.stages, int) or cfg.stages < 1:
+        bad(f"stages must be an integer >= 1, got {cfg.stages!r}; stages=1 keeps every layer on every device")
+    devices = 1 if cfg.scheme == "full" else cfg.devices
+    if cfg.stages > devices:
+        bad(f"stages={cfg.stages} needs at least one device per stage but there are {devices} devices; "
+            f"use stages <= {devices}")
+    for name in ("stage_devices", "layer_split"):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not isinstance(value, tuple) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+            bad(f"{name} must be whole numbers >= 1, one per stage, got {value!r}")
+        if len(value) != cfg.stages:
+            bad(f"{name} has {len(value)} entries but stages={cfg.stages}; give one per stage")
+    if cfg.stage_devices is not None and sum(cfg.stage_devices) != devices:
+        bad(f"stage_devices {' + '.join(map(str, cfg.stage_devices))} = {sum(cfg.stage_devices)} devices, but "
+            f"devices={devices}; make them add up")
+    if cfg.memory_budget is not None:
+        mb = cfg.memory_budget
+        if (not isinstance(mb, tuple) or not mb or len(mb) not in (1, devices)
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+                       for v in mb)):
+            bad(f"memory_budget must be MiB > 0, one for every device or one per device ({devices}), got {mb!r}")
+        if cfg.stages != 1 or cfg.layer_split is not None or cfg.stage_devices is not None:
+            bad("memory_budget chooses the stages and the layer split itself; drop stages / layer_split / "
+                "stage_devices, or drop memory_budget")
+
+
 def _help(text: str, **kw):
     """Attach the CLI help text to a dataclass field (the CLI builds its flags from these)."""
     return field(metadata={"help": text}, **kw)
@@ -136,6 +169,17 @@ class PrismConfig(_Split):
     sink_token_ids: tuple[int, ...] = _help(
         "extra token ids treated as attention sinks (besides the model config's special ids)", default=()
     )
+    stages: int = _help("pipeline stages: each a PRISM group of devices that holds only its layers (1: every "
+                        "device holds the whole model)", default=1)
+    stage_devices: tuple[int, ...] | None = _help(
+        "devices per stage, in rank order (default: the devices split evenly, earlier stages take the extra)",
+        default=None)
+    layer_split: tuple[int, ...] | None = _help(
+        "layers per stage, e.g. 15 15 (default: parameter bytes per device balanced, the embeddings and head "
+        "counted on the first stage)", default=None)
+    memory_budget: tuple[float, ...] | None = _help(
+        "MiB of parameters a device may hold, one for every device or one per device: picks the fewest stages "
+        "whose layers fit (and the layer split), or refuses a model that cannot fit", default=None)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -181,6 +225,7 @@ class PrismConfig(_Split):
                     "such as (2, 1, 1)")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.sink_token_ids):
             bad(f"sink_token_ids must be non-negative token ids, got {self.sink_token_ids!r}")
+        _check_stages(self)
 
     def resolve(self, kind: str, *, training: bool = False) -> "RunConfig":
         """This config for a `kind` of model: every unset fidelity option at that kind's default.
@@ -307,6 +352,10 @@ class RunConfig(_Split):
     budget_from: int
     weights: tuple[float, ...] | None
     sink_token_ids: tuple[int, ...]
+    stages: int
+    stage_devices: tuple[int, ...] | None
+    layer_split: tuple[int, ...] | None
+    memory_budget: tuple[float, ...] | None
     kind: str
 
     def __post_init__(self) -> None:

@@ -52,8 +52,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "weights":
             kw.update(nargs="+", type=weight)
             kw["help"] += "; or `auto` (launch / worker): every device times a forward at start-up"
-        else:  # sink_token_ids
-            kw.update(nargs="+", type=int)
+        else:  # a tuple of numbers: sink_token_ids, stage_devices, layer_split, memory_budget
+            element = [a for a in typing.get_args(kind) if a is not Ellipsis]
+            kw.update(nargs="+", type=element[0] if element else int)
         parser.add_argument(flag, dest=f.name, **kw)
 
 
@@ -74,7 +75,7 @@ def config_from(args: argparse.Namespace, allow_auto: bool = False) -> PrismConf
             raise ValueError("--weights auto needs device processes (prism-edge launch / worker, or generate "
                              "--launch); in one process pass relative speeds, e.g. --weights 2 1")
         values["weights"] = None
-    for name in ("weights", "sink_token_ids"):
+    for name in ("weights", "sink_token_ids", "stage_devices", "layer_split", "memory_budget"):
         if values[name] is not None:
             values[name] = tuple(values[name])
     return PrismConfig(**values)

@@ -25,45 +25,45 @@ from transformers import (
 VOCAB = 97
 
 
-def _bert(cls):
-    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+def _bert(cls, layers: int = 2):
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128,
                      vocab_size=VOCAB, max_position_embeddings=64, num_labels=3)
     return cls(cfg)
 
 
-def _gpt2(cls):
-    return cls(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+def _gpt2(cls, layers: int = 2):
+    return cls(GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=64,
                           bos_token_id=1, eos_token_id=2))
 
 
-def _llama(cls):
-    return cls(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+def _llama(cls, layers: int = 2):
+    return cls(LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
                            bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
-def _vit(cls):
-    return cls(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+def _vit(cls, layers: int = 2):
+    return cls(ViTConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128,
                          image_size=32, patch_size=8, num_labels=5))
 
 
 BUILDERS = {
-    "bert": lambda: _bert(BertModel),
-    "bert-cls": lambda: _bert(BertForSequenceClassification),
-    "gpt2": lambda: _gpt2(GPT2Model),
-    "gpt2-lm": lambda: _gpt2(GPT2LMHeadModel),
-    "llama": lambda: _llama(LlamaModel),
-    "llama-lm": lambda: _llama(LlamaForCausalLM),
-    "vit": lambda: _vit(ViTModel),
-    "vit-cls": lambda: _vit(ViTForImageClassification),
+    "bert": lambda layers=2: _bert(BertModel, layers),
+    "bert-cls": lambda layers=2: _bert(BertForSequenceClassification, layers),
+    "gpt2": lambda layers=2: _gpt2(GPT2Model, layers),
+    "gpt2-lm": lambda layers=2: _gpt2(GPT2LMHeadModel, layers),
+    "llama": lambda layers=2: _llama(LlamaModel, layers),
+    "llama-lm": lambda layers=2: _llama(LlamaForCausalLM, layers),
+    "vit": lambda layers=2: _vit(ViTModel, layers),
+    "vit-cls": lambda layers=2: _vit(ViTForImageClassification, layers),
 }
 TEXT = [k for k in BUILDERS if not k.startswith("vit")]
 DECODERS = ["gpt2-lm", "llama-lm"]
 
 
-def tiny(name: str, seed: int = 0):
+def tiny(name: str, seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
-    return BUILDERS[name]().eval()
+    return BUILDERS[name](layers).eval()
 
 
 def text_batch(batch: int = 3, length: int = 13, seed: int = 1, pad_to: list[int] | None = None):

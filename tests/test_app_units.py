@@ -64,9 +64,10 @@ def test_pooling_follows_the_sentence_transformers_folder(tmp_path):
 
 def test_device_report_travels_as_one_tensor():
     report = DeviceReport(sent=(10, 20), received=(30, 40), layer_flops=(5, 6), compute_s=(0.25, 0.5),
-                          wait_s=(0.125, 0.0), input_bytes=7, output_bytes=8, flops=99, cpu_s=1.5, peak_rss_kib=2048)
+                          wait_s=(0.125, 0.0), input_bytes=7, output_bytes=8, flops=99, cpu_s=1.5, peak_rss_kib=2048,
+                          stage_sent=11, stage_received=12, param_bytes=13)
     wire = report_tensor(report)
-    assert wire.dtype == torch.int64 and wire.shape == report_buffer(2).shape == (3 + ERROR_ROWS, 5)
+    assert wire.dtype == torch.int64 and wire.shape == report_buffer(2).shape == (4 + ERROR_ROWS, 5)
     assert report_from(wire) == report
     failed = report.__class__(**{**report.__dict__, "error": "in layer 1: RuntimeError: out of memory – ünïcode"})
     assert report_from(report_tensor(failed)).error == failed.error

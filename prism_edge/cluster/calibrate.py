@@ -21,7 +21,8 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..models import Adapter
 from .node import run_device
-from ..runtime.simulator import plan_for
+from ..partition.stages import StageLayout
+from ..runtime.stages import plan_for
 from .transport import DeviceLost, DistCommunicator, all_gather_floats, barrier, broadcast_floats
 from ..models.loading import hf_config
 
@@ -42,6 +43,9 @@ def probe_inputs(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 def time_forward(adapter: Adapter, cfg: RunConfig, slowdown: float = 0.0, repeats: int = PROBE_REPEATS) -> float:
     """Median seconds of this process's forward over the probe, as one device (no exchange)."""
+    if cfg.stages > 1 or cfg.memory_budget is not None:
+        raise ValueError("--weights auto times a whole forward on every device, but with pipeline stages a device "
+                         "holds only its layers; give relative speeds instead (--weights 2 1 ...)")
     one = cfg.replace(devices=1, weights=None)
     batch = adapter.prepare(**probe_inputs(adapter))
     plan = plan_for(batch, one, adapter.geometry)
@@ -50,7 +54,8 @@ def time_forward(adapter: Adapter, cfg: RunConfig, slowdown: float = 0.0, repeat
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        run_device(adapter, one, plan, batch, local, comm, slowdown=slowdown)
+        run_device(adapter, one, [plan], StageLayout.single(1, adapter.geometry.layers), batch, local, comm,
+                   slowdown=slowdown)
         if i:  # the first run warms up
             times.append(time.perf_counter() - t0)
     return statistics.median(times)

@@ -9,6 +9,7 @@ the request (a bug, out of memory) finishes its exchange with zeros and says so 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from ..models.base import Batch
 from ..models.loading import IMAGE_TYPES
 from ..partition.plan import Plan
 from ..runtime import wire
-from .node import DeviceRun, describe_error, device_report, output_layout, run_device
-from ..runtime.simulator import PrismOutput, plan_for
+from .node import DeviceRun, describe_error, device_report, held_bytes, output_layout, run_device
+from ..runtime.simulator import PrismOutput
+from ..runtime.stages import layout_for, stage_plans
 from ..runtime.stats import DeviceReport, Stats
 from ..runtime.wire import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS
 from .transport import DistCommunicator
@@ -35,7 +37,8 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 @dataclass(frozen=True)
 class Request:
     batch: Batch
-    plan: Plan
+    plan: Plan  # the first stage's (every device's, with one stage): it embeds the inputs and returns the outputs
+    plans: list[Plan]  # every pipeline stage's
     cfg: RunConfig  # the config this request runs under (its own budget; a generation's prefill budget)
     header: wire.Header
     messages: list[tuple[list[Tensor], list[Tensor]]]  # per rank 1..: what it is sent (plan data, its inputs)
@@ -81,6 +84,8 @@ class Coordinator:
         self.overlap, self.count_flops = overlap, count_flops
         self.requests = 0
         self.layout = output_layout(adapter)
+        self.stages = layout_for(cfg, adapter)
+        self.param_bytes = held_bytes(adapter.model)
         self.in_flight = False
 
     @property
@@ -106,10 +111,11 @@ class Coordinator:
         header = dataclasses.replace(wire.request_header(batch, 0, outputs), op=op,  # numbered when sent
                                      budget_ppm=wire.budget_ppm(budget))
         cfg = request_config(self.cfg, op, header.budget)  # the budget as every worker reads it from the header
-        plan = plan_for(batch, cfg, self.adapter.geometry)
-        messages = [(wire.meta_tensors(batch, header), wire.input_tensors(batch, plan, p))
+        plans = stage_plans(batch, cfg, self.adapter.geometry, self.stages)
+        plan = plans[0]
+        messages = [(wire.meta_tensors(batch, header), wire.input_tensors(batch, plan, p) if p < plan.world else [])
                     for p in range(1, self.world)]
-        return Request(batch, plan, cfg, header, messages, batch.gather(plan.devices[0].index))
+        return Request(batch, plan, plans, cfg, header, messages, batch.gather(plan.devices[0].index))
 
     def start(self, req: Request, keep_cache: bool = False) -> DeviceRun:
         """Send every other device its header, plan data and slice; then run device 0's share."""
@@ -121,8 +127,8 @@ class Coordinator:
             self.comm.isend("control", p, [header.encode()], TAG_HEADER, "request header", count=False)
             self.comm.isend("input", p, meta, TAG_META, "request plan data")
             self.comm.isend("input", p, rows, TAG_INPUT, "request inputs")
-        return run_device(self.adapter, req.cfg, req.plan, req.batch, req.local, self.comm, overlap=self.overlap,
-                          count_flops=self.count_flops, keep_cache=keep_cache)
+        return run_device(self.adapter, req.cfg, req.plans, self.stages, req.batch, req.local, self.comm,
+                          overlap=self.overlap, count_flops=self.count_flops, keep_cache=keep_cache)
 
     def worker_reports(self) -> list[DeviceReport]:
         """Every worker's own numbers for the request, rank order."""
@@ -133,7 +139,7 @@ class Coordinator:
 
     def stats(self, run: DeviceRun, workers: list[DeviceReport], t0: float) -> Stats:
         """Rank 0's report (taken last: it includes the pooler's FLOPs) and the workers', as the request's Stats."""
-        own = device_report(self.comm, run, self.adapter.geometry.layers)
+        own = device_report(self.comm, run, self.adapter.geometry.layers, self.param_bytes)
         return Stats.from_reports([own, *workers], time.perf_counter() - t0)
 
     @staticmethod
@@ -155,7 +161,7 @@ class Coordinator:
         own_mode = "all" if mode == "pooled" else mode  # the pooler reads rank 0's rows
         finals = run.finals if run.error is None else wire.zero_finals(self.layout, plan, 0)
         parts = [wire.output_tensors(finals, plan, 0, own_mode)]
-        for p in range(1, self.world):
+        for p in range(1, plan.world):  # the first stage's devices hold the head
             bufs = wire.output_buffers(self.layout, plan, p, mode)
             parts.append(self.comm.recv("output", p, bufs, TAG_OUTPUT, "outputs"))
         workers = self.worker_reports()
@@ -183,7 +189,7 @@ class Coordinator:
         pooled = {k: v.cpu() for k, v in pooled.items()}
         return pooled if mode == "pooled" else {**full, **pooled}
 
-    def tell(self, op: int, ranks: range, what: str) -> None:
+    def tell(self, op: int, ranks: Sequence[int], what: str) -> None:
         """Send a bare control header (heartbeat, shutdown) to `ranks` and wait until it has gone out."""
         for p in ranks:
             self.comm.isend("control", p, [wire.Header(op).encode()], TAG_HEADER, what, count=False)

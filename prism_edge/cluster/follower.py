@@ -20,9 +20,9 @@ from ..config import PrismConfig, RunConfig
 from ..models import Adapter, adapter_for
 from ..models.loading import load_model
 from ..runtime import wire
-from .node import Fault, device_report, output_layout, run_device
+from .node import Fault, device_report, held_bytes, output_layout, run_device
 from .rendezvous import Endpoint
-from ..runtime.simulator import plan_for
+from ..runtime.stages import layout_for, stage_plans
 from ..runtime.wire import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS
 from .transport import DeviceLost, DistCommunicator
 from . import env
@@ -103,7 +103,10 @@ def serve_worker(adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, ov
     inside a request (cluster.node) is reported to rank 0 and the worker serves the next one.
     """
     rank, layers = comm.rank, adapter.geometry.layers
-    layout = output_layout(adapter)
+    stages = layout_for(cfg, adapter)
+    first = stages.stage_of(rank).index == 0  # embeds the inputs and holds the head
+    layout = output_layout(adapter) if first else {}
+    param_bytes = held_bytes(adapter.model)
     served = 0
     while True:
         raw = comm.recv("control", 0, [wire.empty_header()], TAG_HEADER, "request header (heartbeat)", count=False)
@@ -118,23 +121,28 @@ def serve_worker(adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, ov
         batch = wire.batch_from_meta(header, comm.recv("input", 0, wire.meta_buffers(header), TAG_META,
                                                            "request plan data"))
         run_cfg = request_config(cfg, header.op, header.budget)
-        plan = plan_for(batch, run_cfg, adapter.geometry)
-        rows = comm.recv("input", 0, wire.input_buffers(header, plan, rank), TAG_INPUT, "request inputs")
-        local = wire.local_inputs(header, batch, plan, rank, rows)
+        plans = stage_plans(batch, run_cfg, adapter.geometry, stages)
+        plan = plans[0]
+        local = {}
+        if first:
+            rows = comm.recv("input", 0, wire.input_buffers(header, plan, rank), TAG_INPUT, "request inputs")
+            local = wire.local_inputs(header, batch, plan, rank, rows)
         generating = header.op == wire.GENERATE
-        run = run_device(adapter, run_cfg, plan, batch, local, comm, overlap=overlap, count_flops=count_flops,
-                         fault=fault if fault is not None and fault.request == served + 1 else None,
-                         keep_cache=generating, slowdown=slowdown)
+        run = run_device(adapter, run_cfg, plans, stages, batch, local, comm, overlap=overlap,
+                         count_flops=count_flops, keep_cache=generating, slowdown=slowdown,
+                         fault=fault if fault is not None and fault.request == served + 1 else None)
         if run.error is not None:
             _report(rank, run.error, run.trace)
-        if not generating:
+        if not generating and first:
             finals = run.finals if run.error is None else wire.zero_finals(layout, plan, rank)
             comm.isend("output", 0, wire.output_tensors(finals, plan, rank, header.mode), TAG_OUTPUT,
                        "outputs")
-        comm.isend("control", 0, [wire.report_tensor(device_report(comm, run, layers))], TAG_STATS, "statistics", count=False)
+        report = device_report(comm, run, layers, param_bytes)
+        comm.isend("control", 0, [wire.report_tensor(report)], TAG_STATS, "statistics", count=False)
         comm.flush()
         if generating:
-            decoded = serve_generation(comm, run, fault if fault is not None and fault.request == served + 1 else None)
+            decoded = serve_generation(comm, run, stages,
+                                       fault if fault is not None and fault.request == served + 1 else None)
             if decoded.error is not None:
                 _report(rank, decoded.error, decoded.trace)
         served += 1

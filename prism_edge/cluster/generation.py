@@ -12,6 +12,12 @@ earlier        `Earlier`: by mode, nothing more (local), their K/V once (handoff
 devices        per token (distributed; a word from the last device before each token says whether its
                layers follow).
 
+With pipeline stages (partition/stages.py) every stage decodes as above among its own devices: the first
+stage's last device embeds each new token, runs its layers and hands the hidden row to the next stage's last
+device (a `Relay`), which runs that stage's layers with its own earlier devices and hands it on; the last
+stage hands it back to the first stage's last device (the ring), which holds the head and picks the next
+token.  A position's row and its id travel as one hop per stage (ledger stage "hop").
+
 Failures inside the generation go through the one containment path (node.Containment): the failing device
 computes nothing more but sends what its peers wait for (zeros of the planned shapes) and the generation
 ends early; every worker then sends rank 0 a status ("" or what failed) and rank 0 raises RequestError
@@ -28,7 +34,8 @@ from torch import Tensor
 from ..runtime import decode as modes
 from ..runtime import wire
 from ..runtime.device import DeviceExecutor
-from ..runtime.generate import Generation, TokenCallback, decode_loop
+from ..partition.stages import Stage, StageLayout
+from ..runtime.generate import Generation, TokenCallback, decode_loop, through_layers
 from ..runtime.wire import DecodeParams
 from .coordinator import Coordinator, Request
 from .errors import RequestError
@@ -68,11 +75,23 @@ class _Listener:
 
 
 # --------------------------------------------------------------------------- rank 0
+HOP = "hop"  # the ledger's stage for a new position's hidden row from pipeline stage to stage while decoding
+
+
+def _idle(layout: StageLayout, mode: str) -> list[int]:
+    """The workers with nothing to do while a generation decodes (they wait for the next header and must be
+    kept awake): every stage's earlier devices, unless they answer queries (distributed)."""
+    if mode == "distributed":
+        return []
+    return [r for st in layout.stages for r in st.ranks if r not in (0, st.last_rank)]
+
+
 def run_generation(coord: Coordinator, req: Request, params: DecodeParams, prompt: Tensor,
                    on_token: TokenCallback | None, ping_every: float) -> Generation:
-    """Rank 0: the prefill with every device, then the decode (here when alone, else on the last device)."""
+    """Rank 0: the prefill with every device, then the decode (here when rank 0 is the first stage's last
+    device, else on that device)."""
     t0 = time.perf_counter()
-    comm, world = coord.comm, coord.world
+    comm, world, layout = coord.comm, coord.world, coord.stages
     run = coord.start(req, keep_cache=True)
     workers = coord.worker_reports()  # before the parameters: a failed prefill is not decoded
     failures = coord.failures(run, workers)
@@ -86,40 +105,73 @@ def run_generation(coord: Coordinator, req: Request, params: DecodeParams, promp
     result = Generation(prompt_ids=prompt.cpu(), prefill_stats=coord.stats(run, workers, t0), mode=params.mode)
     listener = _Listener(on_token)
     assert run.executor is not None  # generation keeps every device's executor
-    if world == 1:
-        coord.in_flight = False
-        done = Containment()
-        with torch.inference_mode():
-            done.attempt("while decoding", decode_loop, run.executor, listener, params,
-                         run.finals["logits"][:, -1], req.batch.valid.shape[1], result)
-        if done.error is not None:  # one device, nothing in flight: only this request fails
-            raise RequestError([(0, done.error)], trace=done.trace)
-        return listener.finish(result)
+    decoder = layout.stages[0].last_rank
+    counters = [st.last_rank for st in layout.stages if st.last_rank != 0]  # who reports decode byte counts
     statuses = {p: comm.irecv(p, [wire.status_buffer()], wire.TAG_DECODE_STATUS, "decode status")
                 for p in range(1, world)}
-    earlier = Earlier(run.executor, comm)
-    if params.mode == "handoff":
-        earlier.hand_off()
-    _receive(coord, params, result, listener, ping_every, earlier if params.mode == "distributed" else None)
-    counts = comm.recv("control", world - 1, [wire.byte_counts_buffer()], wire.TAG_DECODE_BYTES,
-                       "decode byte counts", count=False)[0].tolist()
-    result.handoff_bytes, result.decode_bytes = int(counts[0]), int(counts[1])
-    failures = [(0, earlier.error)] if earlier.error else []
+    idle = _idle(layout, params.mode)
+    own: Containment
+    if decoder == 0:  # rank 0 is the first stage (alone): it decodes, the later stages relay
+        if world == 1:
+            coord.in_flight = False
+        hops = StageHops(comm, layout) if layout.staged else None
+        own = Containment()
+        pinging = _Pinging(coord, listener, idle, ping_every)
+        with torch.inference_mode():
+            own.attempt("while decoding", decode_loop, run.executor, pinging, params,
+                        run.finals["logits"][:, -1], req.batch.valid.shape[1], result, False, None, hops)
+        if hops is not None:
+            hops.end()
+            result.stage_bytes += comm.ledger.sent(HOP, 0)
+        comm.flush()
+    else:
+        own = earlier = Earlier(run.executor, comm, decoder)
+        if params.mode == "handoff":
+            earlier.hand_off()
+        _receive(coord, params, result, listener, ping_every, earlier if params.mode == "distributed" else None,
+                 decoder, idle)
+    for p in counters:
+        counts = comm.recv("control", p, [wire.byte_counts_buffer()], wire.TAG_DECODE_BYTES,
+                           "decode byte counts", count=False)[0].tolist()
+        result.handoff_bytes += int(counts[0])
+        result.decode_bytes += int(counts[1])
+        result.stage_bytes += int(counts[2])
+    failures = [(0, own.error)] if own.error else []
     for p, works in statuses.items():
         comm.wait_recv("control", p, works, "decode status", count=False)
         text = wire.unpack_text(works[0][1])
         failures += [(p, text)] if text else []
     coord.in_flight = False
     if failures:
-        raise RequestError(failures, trace=earlier.trace)
+        raise RequestError(failures, trace=own.trace)
     return listener.finish(result)
 
 
+class _Pinging:
+    """Rank 0 decoding itself: the listener's peers, keeping the idle workers awake between tokens."""
+
+    def __init__(self, coord: Coordinator, listener: _Listener, idle: list[int], every: float) -> None:
+        self.coord, self.listener, self.idle, self.every = coord, listener, idle, every
+        self.pinged = time.monotonic()
+
+    def token(self, tid: int) -> bool:
+        if self.idle and time.monotonic() - self.pinged > self.every:
+            self.coord.tell(wire.PING, self.idle, "heartbeat")
+            self.pinged = time.monotonic()
+        return self.listener.token(tid)
+
+    def enter(self, index: int) -> list[list[Tensor]] | None:
+        return None
+
+    def ask(self, index: int, query: Tensor) -> list[list[Tensor]]:
+        return []
+
+
 def _receive(coord: Coordinator, params: DecodeParams, result: Generation, listener: _Listener, ping_every: float,
-             serving: "Earlier | None") -> None:
-    """Take the last device's tokens until its end marker, answering its questions (and, distributed,
-    its queries); keep the idle ones awake."""
-    comm, last = coord.comm, coord.world - 1
+             serving: "Earlier | None", last: int, idle: list[int]) -> None:
+    """Take the decoding device's (`last`) tokens until its end marker, answering its questions (and,
+    distributed, its queries); keep the idle ones awake."""
+    comm = coord.comm
     count, asked, pinged = 0, 0, time.monotonic()
     while True:
         tid = int(comm.recv("token", last, [wire.word_buffer()], wire.token_tag(count), "new token")[0])
@@ -137,26 +189,32 @@ def _receive(coord: Coordinator, params: DecodeParams, result: Generation, liste
             asked += 1
         if serving is not None:
             serving.serve_token(count - 1)
-        elif time.monotonic() - pinged > ping_every:  # the idle devices wait for their next header
-            coord.tell(wire.PING, range(1, last), "heartbeat")
+        elif idle and time.monotonic() - pinged > ping_every:  # the idle devices wait for their next header
+            coord.tell(wire.PING, idle, "heartbeat")
             pinged = time.monotonic()
     comm.flush()
 
 
 # --------------------------------------------------------------------------- the workers
-def serve_generation(comm: DistCommunicator, run: DeviceRun, fault: Fault | None = None) -> Containment:
-    """Any rank > 0 after a GENERATE prefill: take the decode parameters, play its part, report its status."""
+def serve_generation(comm: DistCommunicator, run: DeviceRun, layout: StageLayout,
+                     fault: Fault | None = None) -> Containment:
+    """Any rank > 0 after a GENERATE prefill: take the decode parameters, play its part (its stage's decoding
+    device, a later stage's relay, or an earlier device of its stage), report its status."""
     params = DecodeParams.decode(comm.recv("control", 0, [DecodeParams.buffer()], wire.TAG_GENERATE,
                                            "decode parameters", count=False)[0])
     assert run.executor is not None
     role: Containment
     if params.is_abandoned:  # a device failed in the prefill: rank 0 refused the request
         return Containment()
-    if comm.rank == comm.world - 1:
-        role = DistPeers(run.executor, comm, params, fault)
+    st = layout.stage_of(comm.rank)
+    if comm.rank == st.last_rank and st.index == 0:
+        role = DistPeers(run.executor, comm, params, st, fault, StageHops(comm, layout) if layout.staged else None)
         role.decode(run.finals)
+    elif comm.rank == st.last_rank:
+        role = Relay(run.executor, comm, params, st, layout, fault)
+        role.relay()
     else:
-        role = Earlier(run.executor, comm, fault)
+        role = Earlier(run.executor, comm, st.last_rank, fault)
         if params.mode == "handoff":
             role.hand_off()
         elif params.mode == "distributed":
@@ -171,14 +229,15 @@ class Earlier(Containment):
     """An earlier device's part: its K/V handed off once, or its partial attention for every query.
     Rank 0 plays it too, from inside its token loop."""
 
-    def __init__(self, dev: DeviceExecutor, comm: DistCommunicator, fault: Fault | None = None) -> None:
+    def __init__(self, dev: DeviceExecutor, comm: DistCommunicator, last: int, fault: Fault | None = None) -> None:
+        """last: the global rank of this device's stage's decoding device."""
         super().__init__()
-        self.dev, self.comm, self.last, self.fault = dev, comm, comm.world - 1, fault
-        self.layers = dev.geo.layers
+        self.dev, self.comm, self.last, self.fault = dev, comm, last, fault
+        self.layers = dev.geo.layers  # every layer of the model: the tags count them all
 
     def hand_off(self) -> None:
         shapes = modes.handoff_shapes(self.dev.geo, self.dev.codec.wire, int(self.dev.shared_rows().sum()))
-        for i in range(self.layers):
+        for i in self.dev.layers:
             message = self.attempt(f"in layer {i}'s hand-off", self.dev.handoff_message, i)
             self.comm.isend("handoff", self.last, message or [torch.zeros(s, dtype=d) for s, d in shapes],
                             wire.handoff_tag(i), f"layer {i} hand-off")
@@ -200,7 +259,7 @@ class Earlier(Containment):
             return False
         shapes = modes.partial_shapes(self.dev.geo, self.dev.codec.wire)
         with torch.inference_mode():
-            for i in range(self.layers):
+            for i in self.dev.layers:
                 q = self.comm.recv("decode", self.last, [torch.empty(shapes[0][0], dtype=shapes[0][1])],
                                    wire.query_tag(t, i, self.layers), f"layer {i} query")[0]
                 answer = self._answer(i, q) or [torch.zeros(s, dtype=d) for s, d in shapes]
@@ -219,35 +278,42 @@ class DistPeers(Containment):
     """The last device's peers over torch.distributed: streams token ids to rank 0 and asks it every CHUNK
     tokens whether to go on; takes the hand-off layer by layer; sends the earlier devices each query."""
 
-    def __init__(self, dev: DeviceExecutor, comm: DistCommunicator, params: DecodeParams,
-                 fault: Fault | None = None) -> None:
+    def __init__(self, dev: DeviceExecutor, comm: DistCommunicator, params: DecodeParams, stage: Stage,
+                 fault: Fault | None = None, hops: "StageHops | None" = None) -> None:
+        """stage: this device's (it is the stage's last device); hops: the later pipeline stages, if any."""
         super().__init__()
-        self.dev, self.comm, self.params, self.fault = dev, comm, params, fault
-        self.earlier = range(comm.world - 1)
+        self.dev, self.comm, self.params, self.fault, self.hops = dev, comm, params, fault, hops
+        self.earlier = range(stage.first_rank, stage.last_rank)
         self.sent = self.asked = 0
         self.told = False  # distributed: the earlier devices heard that no more layers follow
         self.open: int | None = None  # distributed: the next layer of the current token still to exchange
         self.pending: dict[int, list] = {}
-        if params.mode == "handoff":  # posted now, waited for layer by layer in the first token's forward
-            rows = [int(modes.shared_mask(dev.plan, dev.request_positions, p).sum()) for p in self.earlier]
+        if params.mode == "handoff" and self.earlier:  # posted now, waited for layer by layer in the first token's forward
+            first = stage.first_rank
+            rows = [int(modes.shared_mask(dev.plan, dev.request_positions, p - first).sum()) for p in self.earlier]
             shapes = [modes.handoff_shapes(dev.geo, dev.codec.wire, r) for r in rows]
-            self.pending = {i: [comm.irecv(p, [torch.empty(s, dtype=d) for s, d in shapes[p]], wire.handoff_tag(i),
-                                           f"layer {i} hand-off") for p in self.earlier] for i in range(dev.geo.layers)}
+            self.pending = {i: [comm.irecv(p, [torch.empty(s, dtype=d) for s, d in shapes[p - first]],
+                                           wire.handoff_tag(i), f"layer {i} hand-off") for p in self.earlier]
+                            for i in dev.layers}
 
     def decode(self, finals: dict[str, Tensor]) -> None:
         """The whole decode on this device, then the end marker and the byte counts to rank 0."""
         with torch.inference_mode():
             self.attempt("while decoding", decode_loop, self.dev, self, self.params, finals["logits"][:, -1],
-                         self.dev.request_positions.shape[1], Generation(prompt_ids=torch.zeros(1, 0, dtype=torch.long)))
+                         self.dev.request_positions.shape[1], Generation(prompt_ids=torch.zeros(1, 0, dtype=torch.long)),
+                         False, None, self.hops)
         if self.error is not None:  # finish what the peers wait for, end early
             self._settle()
+        if self.hops is not None:
+            self.hops.end()
         if self.params.mode == "distributed" and not self.told:  # ranks 1.. wait for the next token's word; rank 0
             for p in self.earlier[1:]:  # learns of the end from the end marker
                 self.comm.isend("control", p, [wire.word(0)], wire.TAG_DECODE_WORD + self.sent, "decode word",
                                 count=False)
         self.comm.isend("token", 0, [wire.word(wire.END)], wire.token_tag(self.sent), "end of generation")
         ledger, me = self.comm.ledger, self.comm.rank
-        counts = wire.byte_counts(ledger.received("handoff", me), ledger.sent("decode", me) + ledger.received("decode", me))
+        counts = wire.byte_counts(ledger.received("handoff", me), ledger.sent("decode", me) + ledger.received("decode", me),
+                                  ledger.sent(HOP, me))
         self.comm.isend("control", 0, [counts], wire.TAG_DECODE_BYTES, "decode byte counts", count=False)
         self.comm.flush()
 
@@ -255,11 +321,11 @@ class DistPeers(Containment):
         """After a failure: take the hand-off still in flight and finish the current token's exchanges with
         zero queries, so that every earlier device is where the end of the generation expects it."""
         for index in sorted(self.pending):
-            for p, works in enumerate(self.pending.pop(index)):
+            for p, works in zip(self.earlier, self.pending.pop(index)):
                 self.comm.wait_recv("handoff", p, works, f"layer {index} hand-off")
         if self.params.mode == "distributed" and self.open is not None:
             shapes = modes.partial_shapes(self.dev.geo, self.dev.codec.wire)
-            for i in range(self.open, self.dev.geo.layers):
+            for i in range(self.open, self.dev.layers.stop):
                 self._exchange(i, torch.zeros(shapes[0][0], dtype=shapes[0][1]))
 
     def token(self, tid: int) -> bool:
@@ -277,7 +343,7 @@ class DistPeers(Containment):
                 self.comm.isend("control", p, [wire.word(int(follows))], wire.TAG_DECODE_WORD + self.sent - 1,
                                 "decode word", count=False)
             self.told = not follows
-            self.open = 0 if follows else None
+            self.open = self.dev.layers.start if follows else None
         return stopped
 
     def enter(self, index: int) -> list[list[Tensor]] | None:
@@ -286,7 +352,7 @@ class DistPeers(Containment):
         if index not in self.pending:
             return None
         messages = []
-        for p, works in enumerate(self.pending.pop(index)):
+        for p, works in zip(self.earlier, self.pending.pop(index)):
             self.comm.wait_recv("handoff", p, works, f"layer {index} hand-off")
             messages.append([buf for _, buf in works])
         return messages
@@ -306,5 +372,86 @@ class DistPeers(Containment):
         for p, works in posted.items():
             self.comm.wait_recv("decode", p, works, f"layer {index} partial attention")
             out[p] = [buf for _, buf in works]
-        self.open = index + 1 if index + 1 < layers else None
+        self.open = index + 1 if index + 1 < self.dev.layers.stop else None
         return out
+
+
+class StageHops:
+    """The first stage's decoding device, with later pipeline stages: each new position's id and hidden row to
+    the next stage's decoding device, its row back from the last stage's (the ring); the end marker at the end."""
+
+    def __init__(self, comm: DistCommunicator, layout: StageLayout) -> None:
+        self.comm, self.layout = comm, layout
+        self.next, self.back = layout.stages[1].last_rank, layout.stages[-1].last_rank
+        self.hops = 0
+        self.wait_s = comm.timeout * len(layout.stages)  # the whole pipeline runs before the row comes back
+
+    def __call__(self, x: Tensor, positions: Tensor) -> Tensor:
+        tag = wire.TAG_STAGE_HOP + 2 * self.hops
+        self.comm.isend(HOP, self.next, [wire.word(int(positions.reshape(-1)[0])), x.detach().reshape(-1)], tag,
+                        "a new position's row to the next stage")
+        back = self.comm.recv(HOP, self.back, [torch.empty(x.shape[-1], dtype=x.dtype)], tag,
+                              "a new position's row back from the last stage", timeout=self.wait_s)[0]
+        self.hops += 1
+        return back.view_as(x).to(x.device)
+
+    def end(self) -> None:
+        self.comm.isend("control", self.next, [wire.word(wire.END)], wire.TAG_STAGE_HOP + 2 * self.hops,
+                        "end of generation", count=False)
+        self.comm.flush()
+
+
+class Relay(DistPeers):
+    """A later pipeline stage's decoding device (its last): takes each new position's row from the previous stage,
+    runs its stage's layers on it (its earlier devices as the decode mode says) and hands it on — to the next
+    stage, or from the last stage back to the first.  Ends at the end marker."""
+
+    def __init__(self, dev: DeviceExecutor, comm: DistCommunicator, params: DecodeParams, stage: Stage,
+                 layout: StageLayout, fault: Fault | None = None) -> None:
+        super().__init__(dev, comm, params, stage, fault)
+        self.prev = layout.stages[stage.index - 1].last_rank
+        self.next = layout.next_stage(stage).last_rank
+        self.to_first = stage.index == len(layout.stages) - 1
+        self.wait_s = comm.timeout * len(layout.stages)
+        param = next(p for p in dev.adapter.model.parameters() if p.device.type != "meta")
+        self.dtype = param.dtype
+
+    def relay(self) -> None:
+        width, distributed = self.dev.geo.hidden, self.params.mode == "distributed"
+        t = 0
+        while True:
+            tag = wire.TAG_STAGE_HOP + 2 * t
+            pos = int(self.comm.recv(HOP, self.prev, [wire.word_buffer()], tag, "a new position from the previous "
+                                     "stage", timeout=self.wait_s)[0])
+            if pos == wire.END:
+                break
+            x = self.comm.recv(HOP, self.prev, [torch.empty(width, dtype=self.dtype)], tag + 1,
+                               "a new position's row from the previous stage")[0].view(1, 1, width)
+            self.sent = t + 1  # the token the query tags count
+            if distributed:
+                for p in self.earlier:
+                    self.comm.isend("control", p, [wire.word(1)], wire.TAG_DECODE_WORD + t, "decode word", count=False)
+                self.open = self.dev.layers.start
+            with torch.inference_mode():
+                out = self.attempt("while decoding", through_layers, self.dev, self, x, torch.tensor([[pos]]),
+                                   self.ask if distributed else None)
+            if out is None:  # failed (now or before): finish the token's exchanges, hand on zeros
+                self._settle()
+                out = torch.zeros(1, 1, width, dtype=self.dtype)
+            row = out.detach().reshape(-1).cpu()
+            self.comm.isend(HOP, self.next, [row] if self.to_first else [wire.word(pos), row], tag,
+                            "a new position's row to the next stage")
+            t += 1
+        if not self.to_first:
+            self.comm.isend("control", self.next, [wire.word(wire.END)], wire.TAG_STAGE_HOP + 2 * t,
+                            "end of generation", count=False)
+        if distributed:
+            for p in self.earlier:
+                self.comm.isend("control", p, [wire.word(0)], wire.TAG_DECODE_WORD + t, "decode word", count=False)
+        self.open = None
+        self._settle()  # a hand-off no token took
+        ledger, me = self.comm.ledger, self.comm.rank
+        counts = wire.byte_counts(ledger.received("handoff", me), ledger.sent("decode", me) + ledger.received("decode", me),
+                                  ledger.sent(HOP, me))
+        self.comm.isend("control", 0, [counts], wire.TAG_DECODE_BYTES, "decode byte counts", count=False)
+        self.comm.flush()

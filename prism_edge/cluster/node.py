@@ -24,9 +24,12 @@ from ..config import RunConfig
 from ..models import Adapter
 from ..models.base import Batch
 from ..partition.plan import Plan
+from ..partition.stages import StageLayout
+from ..runtime import wire
 from ..runtime.device import DeviceExecutor
 from ..runtime.loop import Containment, Forward, describe_error
-from ..runtime.stats import DeviceReport, FlopTally, peak_rss_kib
+from ..runtime.stages import handoff_expected, handoff_messages, handoff_rows
+from ..runtime.stats import STAGE, DeviceReport, FlopTally, peak_rss_kib
 from .transport import DistCommunicator
 
 FAULTS = ("die", "hang", "raise", "late", "decode")
@@ -68,7 +71,7 @@ class Fault:
 class DeviceRun(Containment):
     finals: dict[str, Tensor] = field(default_factory=dict)  # empty when the request failed here
     cpu_s: float = 0.0  # this thread's CPU time for the request (time.thread_time)
-    compute_s: list[float] = field(default_factory=list)  # per layer
+    compute_s: list[float] = field(default_factory=list)  # per model layer (0 for another stage's)
     wait_s: list[float] = field(default_factory=list)
     tally: FlopTally | None = None
     executor: DeviceExecutor | None = None  # kept for decoding (GENERATE)
@@ -77,7 +80,8 @@ class DeviceRun(Containment):
 def run_device(
     adapter: Adapter,
     cfg: RunConfig,
-    plan: Plan,
+    plans: list[Plan],
+    layout: StageLayout,
     batch: Batch,
     local: dict[str, Tensor],
     comm: DistCommunicator,
@@ -88,44 +92,118 @@ def run_device(
     keep_cache: bool = False,
     slowdown: float = 0.0,
 ) -> DeviceRun:
-    """This process's device for one request: embed, every layer with its exchange, the head.
+    """This process's device for one request: embed (first stage) or take the previous stage's rows, every layer
+    of its stage with its exchange, hand the rows on; the first stage then takes the last stage's rows back
+    (the ring) and runs the head.  plans: every stage's plan (runtime.stages.stage_plans); one stage: [plan].
 
     plan, batch and local inputs arrive on the CPU; they move to the model's device here.  slowdown
     (a testing aid for heterogeneous devices): after each layer, sleep `slowdown` times the CPU time the
     layer took, so 1.0 makes this device run at half speed; the sleep counts as compute.  A failure inside
     the request leaves `error` set and `finals` empty, with every message of the request exchanged (_Loop).
     """
-    device = next(adapter.model.parameters()).device
+    device = next(p for p in adapter.model.parameters() if p.device.type != "meta").device
+    st = layout.stage_of(comm.rank)
     if device.type != "cpu":
-        plan, batch = plan.to(device), batch.to(device)
+        plans, batch = [p.to(device) for p in plans], batch.to(device)
         local = {k: v.to(device) for k, v in local.items()}
-    dev = DeviceExecutor(adapter, plan, comm.rank, cfg, batch)
+    plan, offset = plans[st.index], st.first_rank
+    dev = DeviceExecutor(adapter, plan, comm.rank - offset, cfg, batch, layers=st.layers)
     dev.keep_cache = keep_cache
     run = DeviceRun(tally=FlopTally(count_flops), executor=dev)
     assert run.tally is not None
-    steps = Forward(dev, local, run.tally, overlap=overlap, contain=run, strike=fault.strike if fault else None)
+    steps = Forward(dev, local, run.tally, overlap=overlap, contain=run, strike=fault.strike if fault else None,
+                    rank=comm.rank)
+    hand = _Handoff(layout, plans, comm, dev, adapter) if layout.staged else None
+    run.compute_s, run.wait_s = [0.0] * adapter.geometry.layers, [0.0] * adapter.geometry.layers  # per model layer
     cpu0 = time.thread_time()
     with torch.inference_mode():
-        steps.start()
-        for i in range(adapter.geometry.layers):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            if fault is not None:
-                fault.strike(i, "start")
-            expected = dev.expected()
-            posted = comm.post_layer(i, expected)  # before computing anything: gloo sends go out once posted
-            comm.send_layer(i, steps.send(i))
-            steps.meanwhile(i)
-            t1 = time.perf_counter()
-            incoming = comm.collect_layer(i, posted, expected)
-            t2 = time.perf_counter()
-            steps.receive(i, incoming)
-            if slowdown:  # by CPU time: the work done, however long other processes kept this one waiting
-                time.sleep(slowdown * (time.thread_time() - c0))
-            run.compute_s.append((t1 - t0) + (time.perf_counter() - t2))
-            run.wait_s.append(t2 - t1)
-        run.finals = steps.finish()
+        if hand is not None:
+            hand.post()  # before anything: the previous stage's rows (and for the first stage, the ring's)
+        if st.index == 0:
+            steps.start()
+        else:
+            assert hand is not None
+            steps.resume(hand.take(run))
+        for i in st.layers:
+            _layer(i, dev, steps, comm, run, offset, fault, slowdown)
+        if hand is not None:
+            hand.give(steps.x)
+            if st.index == 0:
+                steps.resume(hand.take(run))
+        if st.index == 0:
+            run.finals = steps.finish()
     run.cpu_s = time.thread_time() - cpu0
     return run
+
+
+def _layer(i: int, dev: DeviceExecutor, steps: Forward, comm: DistCommunicator, run: DeviceRun, offset: int,
+           fault: Fault | None, slowdown: float) -> None:
+    """Layer i on this device, its exchange with the devices of its stage (global ranks from `offset`) timed."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    if fault is not None:
+        fault.strike(i, "start")
+    expected = {offset + s: parts for s, parts in dev.expected().items()}
+    posted = comm.post_layer(i, expected)  # before computing anything: gloo sends go out once posted
+    comm.send_layer(i, {offset + d: m for d, m in steps.send(i).items()})
+    steps.meanwhile(i)
+    t1 = time.perf_counter()
+    incoming = comm.collect_layer(i, posted, expected)
+    t2 = time.perf_counter()
+    steps.receive(i, {s - offset: m for s, m in incoming.items()})
+    if slowdown:  # by CPU time: the work done, however long other processes kept this one waiting
+        time.sleep(slowdown * (time.thread_time() - c0))
+    run.compute_s[i] = (t1 - t0) + (time.perf_counter() - t2)
+    run.wait_s[i] = t2 - t1
+
+
+class _Handoff:
+    """This device's stage boundaries in one request: the rows it takes from the previous stage (the first
+    stage: from the last, for the head) and the rows it hands the next, every byte counted under "stage"."""
+
+    def __init__(self, layout: StageLayout, plans: list[Plan], comm: DistCommunicator, dev: DeviceExecutor,
+                 adapter: Adapter) -> None:
+        self.layout, self.plans, self.comm, self.dev = layout, plans, comm, dev
+        self.stage = layout.stage_of(comm.rank)
+        self.src = layout.stages[self.stage.index - 1]  # the first stage's rows come back from the last
+        self.dst = layout.next_stage(self.stage)
+        param = next(p for p in adapter.model.parameters() if p.device.type != "meta")
+        self.width, self.dtype = adapter.geometry.hidden, param.dtype
+        self.expected = handoff_expected(plans[self.src.index], self.src, plans[self.stage.index], dev.rank,
+                                         self.width, self.dtype)
+        self.posted: dict = {}
+        # a whole pipeline may run before the rows come back: allow every stage its time
+        self.deadline_s = comm.timeout * len(layout.stages)
+
+    def post(self) -> None:
+        self.posted = {src: self.comm.irecv(src, [torch.empty(s, dtype=d) for s, d in parts], wire.TAG_STAGE_ROWS,
+                                            "stage hand-off rows")
+                       for src, parts in self.expected.items()}
+
+    def take(self, run: DeviceRun) -> Tensor | None:
+        deadline = time.monotonic() + self.deadline_s
+        incoming = {}
+        for src, works in self.posted.items():
+            self.comm.wait_recv(STAGE, src, works, "stage hand-off rows", deadline)
+            incoming[src] = [buf for _, buf in works]
+        like = torch.empty(1, self.width, dtype=self.dtype, device=self.dev.slice.index.device)
+        return run.attempt("taking the previous stage's rows", handoff_rows, incoming, self.plans[self.src.index],
+                           self.src, self.plans[self.stage.index], self.dev.rank, like)
+
+    def give(self, x: Tensor | None) -> None:
+        me, to = self.plans[self.stage.index], self.plans[self.dst.index]
+        if x is None:  # failed here: zeros of the planned shapes keep the request in step
+            x = torch.zeros(*me.devices[self.dev.rank].index.shape, self.width, dtype=self.dtype)
+        for g, message in handoff_messages(x, me, self.dev.rank, to, self.dst).items():
+            self.comm.isend(STAGE, g, message, wire.TAG_STAGE_ROWS, "stage hand-off rows")
+
+
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers this process holds (not on the meta device), a shared one once."""
+    seen: dict[int, Tensor] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "meta":
+            seen.setdefault(t.untyped_storage().data_ptr() if t.numel() else id(t), t)
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def output_layout(adapter: Adapter) -> dict[str, tuple[int, torch.dtype]]:
@@ -138,7 +216,7 @@ def output_layout(adapter: Adapter) -> dict[str, tuple[int, torch.dtype]]:
     return {name: (int(t.shape[-1]), t.dtype) for name, t in probe.items()}
 
 
-def device_report(comm: DistCommunicator, run: DeviceRun, layers: int) -> DeviceReport:
+def device_report(comm: DistCommunicator, run: DeviceRun, layers: int, param_bytes: int = 0) -> DeviceReport:
     """This device's numbers for the request, from its communicator's ledger and the run."""
     rank, ledger, tally = comm.rank, comm.ledger, run.tally
     counted = tally is not None and tally.enabled
@@ -151,7 +229,9 @@ def device_report(comm: DistCommunicator, run: DeviceRun, layers: int) -> Device
         input_bytes=ledger.received("input", rank), output_bytes=ledger.sent("output", rank),
         flops=sum(v for (_, r), v in counts.items() if r == rank) if counted else None,
         cpu_s=run.cpu_s, peak_rss_kib=peak_rss_kib(), error=run.error or "",
+        stage_sent=ledger.sent(STAGE, rank), stage_received=ledger.received(STAGE, rank), param_bytes=param_bytes,
     )
 
 
-__all__ = ["Containment", "DeviceRun", "Fault", "InjectedFault", "describe_error", "device_report", "output_layout", "run_device"]
+__all__ = ["Containment", "DeviceRun", "Fault", "InjectedFault", "describe_error", "device_report", "held_bytes",
+           "output_layout", "run_device"]

@@ -39,8 +39,9 @@ class ByteLedger:
 class LocalCommunicator:
     """All devices in one process: an exchange is a hand-over, recorded in the ledger."""
 
-    def __init__(self, world: int, ledger: ByteLedger | None = None) -> None:
-        self.world = world
+    def __init__(self, world: int, ledger: ByteLedger | None = None, offset: int = 0) -> None:
+        """offset: the global rank of this group's first device (a pipeline stage's devices), for the ledger."""
+        self.world, self.offset = world, offset
         self.ledger = ledger if ledger is not None else ByteLedger()
 
     def exchange(self, stage: object, outgoing: list[dict[int, list[Tensor]]]) -> list[dict[int, list[Tensor]]]:
@@ -51,6 +52,6 @@ class LocalCommunicator:
         for src, messages in enumerate(outgoing):
             for dst, tensors in messages.items():
                 for tensor in tensors:
-                    self.ledger.record(stage, src, dst, tensor)
+                    self.ledger.record(stage, src + self.offset, dst + self.offset, tensor)
                 incoming[dst][src] = tensors
         return incoming

@@ -131,15 +131,20 @@ class _DecodeHalf(_Heads):
     rank: int
     codec: Codec
     cache: list[LayerCache]
+    layers: range  # the model layers this device holds (its pipeline stage's)
     request_positions: Tensor
     _shared: Tensor | None
+
+    def cached(self, index: int) -> LayerCache:
+        """Model layer `index`'s cache (the cache holds this device's layers only)."""
+        return self.cache[index - self.layers.start]
 
     def decode_layer(self, index: int, x: Tensor, positions: Tensor, ask: Ask | None = None) -> Tensor:
         """One new position (B, 1, d) through layer `index` on the decoding (last) device; its K/V join the
         cache.  ask None: attention over the rows this device holds (its cache and what it received at
         prefill, or was handed off).  Else the own cache's partial attention, merged exactly with every
         earlier device's answer to `ask(index, query)` (their partials over the rows they own)."""
-        g, layer, c = self.geo, self.adapter.layers()[index], self.cache[index]
+        g, layer, c = self.geo, self.adapter.layers()[index], self.cached(index)
         h = self.adapter.attn_input(layer, x)
         q, k, v = self.adapter.qkv(layer, h)
         q, k, v = self._heads(q, g.heads), self._heads(k, g.kv_heads), self._heads(v, g.kv_heads)
@@ -168,7 +173,7 @@ class _DecodeHalf(_Heads):
     def answer(self, index: int, query: Tensor) -> list[Tensor]:
         """An earlier device's answer to the decoding device's query (B, H, 1, hd): its partial attention
         (output and log-sum-exp, at the query's wire dtype) over its shared rows of layer `index`."""
-        c = self.cache[index]
+        c = self.cached(index)
         mask = torch.zeros_like(c.own_mask).masked_fill(~self.shared_rows().view(1, 1, 1, -1), torch.finfo(c.k.dtype).min)
         part = self._partial(index, query.to(c.k.dtype), c.k, c.v, mask)
         wire = query_wire(self.codec.wire)
@@ -177,13 +182,13 @@ class _DecodeHalf(_Heads):
     def handoff_message(self, index: int) -> list[Tensor]:
         """An earlier device's K/V of its shared rows of layer `index` (generation: B = 1), encoded for the
         wire: (R, 2 * kv_width)."""
-        c, rows = self.cache[index], self.shared_rows()[0]
+        c, rows = self.cached(index), self.shared_rows()[0]
         kv = torch.cat([c.k[0, :, rows].transpose(0, 1).flatten(1), c.v[0, :, rows].transpose(0, 1).flatten(1)], -1)
         return message.encode(kv, kv_codec(self.geo, self.codec.wire))
 
     def install_handoff(self, index: int, messages: list[list[Tensor]]) -> None:
         """The decoding device: every earlier device's handed-off K/V replace what it received at prefill."""
-        g, cache = self.geo, self.cache[index]
+        g, cache = self.geo, self.cached(index)
         codec = kv_codec(g, self.codec.wire)
         rows = [message.decode(m, codec, cache.k.dtype).to(cache.k.device) for m in messages]
         k, v = torch.cat(rows).split(g.kv_width, dim=-1)  # (R, kv_width) each
@@ -195,9 +200,13 @@ class _DecodeHalf(_Heads):
 class DeviceExecutor(_DecodeHalf):
     """One device's share of every layer: the prefill half here, the decode half inherited."""
 
-    def __init__(self, adapter: Adapter, plan: Plan, rank: int, cfg: RunConfig, batch: Batch) -> None:
+    def __init__(self, adapter: Adapter, plan: Plan, rank: int, cfg: RunConfig, batch: Batch,
+                 layers: range | None = None) -> None:
+        """rank: this device's place in `plan` (its stage's PRISM group); layers: the model layers it runs (its
+        pipeline stage's; default every layer)."""
         self.adapter, self.plan, self.rank, self.cfg = adapter, plan, rank, cfg
         self.geo = g = adapter.geometry
+        self.layers = layers if layers is not None else range(g.layers)
         self.slice = plan.devices[rank]
         self.out_routes = plan.routes_from(rank)
         self.in_routes = plan.routes_to(rank)

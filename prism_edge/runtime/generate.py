@@ -29,6 +29,7 @@ from .decode import Link, choose
 from .device import DeviceExecutor
 from .sampling import Sampling
 from .simulator import run_devices
+from .stages import layout_for
 from .stats import Stats
 from .wire import MAX_STOPS, TOKEN_ID_BYTES, DecodeParams
 
@@ -43,6 +44,7 @@ class Generation:
     mode: str = "local"  # how new tokens saw the prompt: local | handoff | distributed (runtime.decode)
     handoff_bytes: int = 0  # sent once after prefill (handoff)
     decode_bytes: int = 0  # sent between devices while decoding (distributed), token ids excluded
+    stage_bytes: int = 0  # pipeline stages: each new position's hidden row from stage to stage and back
     stopped_by: str = "max_new_tokens"
     logits: list[Tensor] = field(default_factory=list)  # (V,) per new token, when keep_logits
 
@@ -53,16 +55,19 @@ class Generation:
     @property
     def decode_bytes_per_token(self) -> float:
         """Bytes between devices per new token, the token id handed to the coordinator included."""
-        return self.decode_bytes / max(1, len(self.new_ids)) + TOKEN_ID_BYTES
+        return (self.decode_bytes + self.stage_bytes) / max(1, len(self.new_ids)) + TOKEN_ID_BYTES
 
     @property
     def total_bytes(self) -> int:
-        """Prefill, hand-off and decode: every byte between devices for this generation."""
-        return self.prefill_bytes + self.handoff_bytes + self.decode_bytes + TOKEN_ID_BYTES * len(self.new_ids)
+        """Prefill (its stage hand-offs included), hand-off and decode: every byte between devices for this
+        generation."""
+        prefill = self.prefill_bytes + (self.prefill_stats.stage_bytes if self.prefill_stats is not None else 0)
+        return (prefill + self.handoff_bytes + self.decode_bytes + self.stage_bytes
+                + TOKEN_ID_BYTES * len(self.new_ids))
 
     def phases(self) -> dict[str, float]:
         return {"prefill": self.prefill_bytes, "handoff": self.handoff_bytes, "decode": self.decode_bytes,
-                "per_token": self.decode_bytes_per_token, "total": self.total_bytes}
+                "stage": self.stage_bytes, "per_token": self.decode_bytes_per_token, "total": self.total_bytes}
 
     @property
     def ids(self) -> Tensor:
@@ -127,10 +132,16 @@ class Peers(Protocol):
         """Distributed: every earlier device's partial attention [out, lse] for this layer's query."""
 
 
+Onward = Callable[[Tensor, Tensor], Tensor]  # (x, positions) after the first stage's layers -> x back from the last
+
+
 def decode_loop(dev: DeviceExecutor, peers: Peers, params: DecodeParams, logits: Tensor, position: int,
-           result: Generation, keep_logits: bool = False, teacher: list[int] | None = None) -> None:
+                result: Generation, keep_logits: bool = False, teacher: list[int] | None = None,
+                onward: Onward | None = None) -> None:
     """Pick a token from `logits` (B=1, V), hand it on, run it through every layer on `dev` (the last device,
     after a prefill with keep_cache), repeat: until max_new_tokens, a stop token, or `peers` says stop.
+    With pipeline stages `dev` is the first stage's last device (it embeds and holds the head) and `onward`
+    carries each new position through the later stages and back.
     teacher: feed these tokens instead of the picked ones (keep_logits shows what the model would have said)."""
     device = logits.device
     sampling = params.sampling
@@ -154,13 +165,21 @@ def decode_loop(dev: DeviceExecutor, peers: Peers, params: DecodeParams, logits:
             break  # the last token is never fed back: its logits would go unused
         pos = torch.tensor([[position]], device=device)
         x = dev.embed({"input_ids": token.view(1, 1), "positions": pos})
-        for i in range(dev.geo.layers):
-            handed = peers.enter(i)
-            if handed is not None:
-                dev.install_handoff(i, handed)
-            x = dev.decode_layer(i, x, pos, ask)
+        x = through_layers(dev, peers, x, pos, ask)
+        if onward is not None:
+            x = onward(x, pos)
         logits = dev.final(x)["logits"][:, -1]
         position += 1
+
+
+def through_layers(dev: DeviceExecutor, peers: Peers, x: Tensor, pos: Tensor, ask=None) -> Tensor:
+    """A new position through the layers `dev` holds, each seeing the earlier devices as the decode mode says."""
+    for i in dev.layers:
+        handed = peers.enter(i)
+        if handed is not None:
+            dev.install_handoff(i, handed)
+        x = dev.decode_layer(i, x, pos, ask)
+    return x
 
 
 class LocalPeers:
@@ -168,11 +187,11 @@ class LocalPeers:
     ledger counts the hand-off and the decode traffic, as the device processes' communicators do)."""
 
     def __init__(self, devs: list[DeviceExecutor], mode: str, on_token: TokenCallback | None = None) -> None:
-        self.devs, self.on_token, self.last = devs, on_token, len(devs) - 1
+        self.devs, self.on_token, self.last, self.mode = devs, on_token, len(devs) - 1, mode
         self.comm = LocalCommunicator(len(devs))
         self.handed: dict[int, list[list[Tensor]]] = {}
-        if mode == "handoff":  # once, right after the prefill (the device processes overlap it with decoding)
-            for i in range(devs[-1].geo.layers):
+        if mode == "handoff" and self.last > 0:  # once, right after the prefill (the device processes overlap it with decoding)
+            for i in devs[-1].layers:
                 got = self.comm.exchange("handoff", [{self.last: d.handoff_message(i)} for d in devs[:-1]] + [{}])
                 self.handed[i] = [got[self.last][p] for p in range(self.last)]
 
@@ -219,13 +238,35 @@ def generate(
     device = next(model.parameters()).device
     run = resolve(cfg, adapter.kind).for_generation()  # once, here: the prefill and every decode step read this one
     out, devs = run_devices(model, run, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
-    last = devs[-1]
+    groups = [devs[st.first_rank:st.first_rank + st.devices] for st in layout_for(run, adapter).stages]
+    last = groups[0][-1]
     mode = choose(decode, last.plan, last.request_positions, last.geo, last.codec.wire, max_new_tokens,
                   link or Link())
     result = Generation(prompt_ids=input_ids.cpu(), prefill_stats=out.stats, mode=mode)
-    peers = LocalPeers(devs, mode, on_token)
+    peers = LocalPeers(groups[0], mode, on_token)
+    later = LocalStages(groups[1:], mode) if len(groups) > 1 else None
     assert out.logits is not None  # a causal LM's output (check_prompt)
     decode_loop(last, peers, DecodeParams(max_new_tokens, sampling, stops, mode), out.logits[:, -1],
-                input_ids.shape[1], result, keep_logits, teacher)
-    result.handoff_bytes, result.decode_bytes = peers.bytes("handoff"), peers.bytes("decode")
+                input_ids.shape[1], result, keep_logits, teacher, onward=later)
+    every = [peers] + (later.peers if later is not None else [])
+    result.handoff_bytes = sum(p.bytes("handoff") for p in every)
+    result.decode_bytes = sum(p.bytes("decode") for p in every)
+    result.stage_bytes = later.hops if later is not None else 0
     return result
+
+
+class LocalStages:
+    """The simulator's later pipeline stages while decoding: a new position's hidden row goes to each stage's last
+    device, through its layers (that stage's peers as the decode mode says), and back to the first stage."""
+
+    def __init__(self, groups: list[list[DeviceExecutor]], mode: str) -> None:
+        self.groups = groups
+        self.peers = [LocalPeers(devs, mode) for devs in groups]
+        self.hops = 0  # bytes of hidden rows between the stages' decoding devices
+
+    def __call__(self, x: Tensor, pos: Tensor) -> Tensor:
+        for devs, peers in zip(self.groups, self.peers):
+            self.hops += TOKEN_ID_BYTES + x.numel() * x.element_size()  # its position and row, to this stage's decoder
+            x = through_layers(devs[-1], peers, x, pos, peers.ask if peers.mode == "distributed" else None)
+        self.hops += x.numel() * x.element_size()  # back to the first stage's
+        return x

@@ -75,8 +75,10 @@ class Forward:
     """One device's forward pass for one request, step by step (see the module's docstring)."""
 
     def __init__(self, dev: DeviceExecutor, local: dict[str, Tensor], tally: FlopTally, *, overlap: bool = False,
-                 contain: Containment | None = None, strike: Strike | None = None) -> None:
+                 contain: Containment | None = None, strike: Strike | None = None, rank: int | None = None) -> None:
+        """rank: the device's global rank, for the FLOP tally (default its rank in its plan: one stage)."""
         self.dev, self.local, self.tally, self.overlap = dev, local, tally, overlap
+        self.rank = dev.rank if rank is None else rank
         self.contain, self.strike = contain, strike
         self.x: Tensor | None = None
         self.state: LayerState | None = None
@@ -88,7 +90,7 @@ class Forward:
         def step() -> Any:
             if self.strike is not None and isinstance(stage, int):
                 self.strike(stage, point)
-            return self.tally.run(stage, self.dev.rank, fn, *args)
+            return self.tally.run(stage, self.rank, fn, *args)
 
         return step() if self.contain is None else self.contain.attempt(_where(stage), step)
 
@@ -98,6 +100,11 @@ class Forward:
 
     def start(self) -> None:
         self.x = self._run("embed", "-", self.dev.embed, self.local)
+
+    def resume(self, x: Tensor | None) -> None:
+        """A later pipeline stage: the rows the previous stage handed over instead of the embedding (None once
+        the request failed here)."""
+        self.x = None if self.failed else x
 
     def send(self, i: int) -> dict[int, list[Tensor]]:
         """Layer i's messages (zeros of their planned shapes once the request failed here)."""

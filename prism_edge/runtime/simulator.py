@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -10,13 +9,14 @@ from torch import Tensor, nn
 
 from ..config import PrismConfig, RunConfig, resolve
 from ..models import Adapter, Batch, adapter_for
-from ..models.base import Geometry
-from ..partition.plan import Plan, make_plan
+from ..partition.plan import Plan
+from ..partition.stages import Stage, StageLayout
 from .comm import ByteLedger, LocalCommunicator
-from .device import DeviceExecutor, row_cost
+from .device import DeviceExecutor
 from .loop import Forward
+from .stages import handoff_messages, handoff_rows, layout_for, plan_for, stage_plans
 from .wire import input_tensors, meta_tensors, output_tensors, request_header
-from .stats import FlopTally, Stats
+from .stats import STAGE, FlopTally, Stats
 
 
 @dataclass
@@ -37,25 +37,6 @@ class PrismOutput:
 
     def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
-
-
-def plan_for(batch: Batch, cfg: RunConfig, geo: Geometry, sizes: tuple[int, ...] | None = None) -> Plan:
-    """The plan a resolved config implies for a model of geometry `geo`: Voltage and full are plain exact
-    exchanges (CR=1, no extras); under a budget every route is filled to it at this request's wire."""
-    sink = batch.sink if (cfg.scheme == "prism" and cfg.sinks) else torch.zeros_like(batch.sink)
-    fidelity = cfg.fidelity
-    if fidelity.budget:
-        row, count = row_cost(cfg, geo, cfg.wire_for(batch.longest))
-        fidelity = dataclasses.replace(fidelity, row_cost=row, count_cost=count)
-    return make_plan(
-        batch.valid,
-        sink,
-        devices=cfg.effective_devices,
-        fidelity=fidelity,
-        causal=geo.causal,
-        weights=cfg.slice_weights,
-        sizes=sizes,
-    )
 
 
 def scatter_rows(parts: list[Tensor], plan: Plan, batch: int, length: int) -> Tensor:
@@ -121,34 +102,73 @@ def run_devices(
     (runtime.generate)."""
     adapter = adapter if adapter is not None else adapter_for(model)
     batch = adapter.prepare(**inputs, sink_token_ids=cfg.sink_token_ids)
-    plan = plan_for(batch, cfg, adapter.geometry, sizes)
-    device = next(model.parameters()).device
+    layout = layout_for(cfg, adapter)
+    plans = stage_plans(batch, cfg, adapter.geometry, layout, sizes)
+    plan = plans[0]  # the first stage's: it embeds the inputs and computes the outputs
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
     local_batch = batch.to(device)
     B, N = batch.valid.shape
     ledger, tally = ByteLedger(), FlopTally(count_flops)
-    comm = LocalCommunicator(plan.world, ledger)
-    devs = [DeviceExecutor(adapter, plan.to(device), p, cfg, local_batch) for p in range(plan.world)]
-    for d in devs:
-        d.keep_cache = keep_cache
     header = request_header(batch, 0, "all")
-    for p in range(1, plan.world):
-        for t in meta_tensors(batch, header) + input_tensors(batch, plan, p):
+    for p in range(1, layout.world):
+        for t in meta_tensors(batch, header) + (input_tensors(batch, plan, p) if p < plan.world else []):
             ledger.record("input", 0, p, t)
 
-    steps = [Forward(d, local_batch.gather(d.slice.index), tally, overlap=overlap) for d in devs]
-    for f in steps:
-        f.start()
-    for i in range(adapter.geometry.layers):
-        incoming = comm.exchange(i, [f.send(i) for f in steps])
-        for f in steps:
-            f.meanwhile(i)
-        for f, got in zip(steps, incoming):
-            f.receive(i, got)
-    finals = [f.finish() for f in steps]
+    devs: list[DeviceExecutor] = []
+    first: list[Forward] = []
+    rows: list[Tensor] = []  # the previous stage's rows, per device
+    for st in layout.stages:
+        steps = _stage(st, plans, layout, adapter, cfg, local_batch, tally, ledger, rows, overlap, keep_cache)
+        devs += [f.dev for f in steps]
+        first = first or steps
+        rows = [f.x for f in steps]  # type: ignore[misc]
+    if layout.staged:  # the ring: the last stage's rows back to the first, where the head is
+        for f in first:
+            f.x = _handed(rows, layout, 0, plans, f.dev, ledger)
+    finals = [f.finish() for f in first]
     for p in range(1, plan.world):
         for t in output_tensors(finals[p], plan, p, "all"):
             ledger.record("output", p, 0, t)
     outputs = {name: scatter_rows([f[name] for f in finals], plan, B, N) for name in finals[0]}
     outputs.update(tally.run("head", 0, adapter.pool, outputs))  # the first position lives on device 0
-    stats = Stats.collect(plan.world, adapter.geometry.layers, ledger, tally)
+    stats = Stats.collect(layout.world, adapter.geometry.layers, ledger, tally)
     return PrismOutput(**outputs, stats=stats, plan=plan), devs
+
+
+def _stage(st: Stage, plans: list[Plan], layout: StageLayout, adapter: Adapter, cfg: RunConfig, batch: Batch,
+           tally: FlopTally, ledger: ByteLedger, rows: list[Tensor], overlap: bool, keep_cache: bool) -> list[Forward]:
+    """One pipeline stage's devices in lockstep over its layers: embedding (the first) or the previous stage's rows."""
+    plan_s = plans[st.index]
+    comm = LocalCommunicator(st.devices, ledger, offset=st.first_rank)
+    devs = [DeviceExecutor(adapter, plan_s.to(batch.valid.device), p, cfg, batch, layers=st.layers)
+            for p in range(st.devices)]
+    steps = []
+    for d in devs:
+        d.keep_cache = keep_cache
+        f = Forward(d, batch.gather(d.slice.index) if st.index == 0 else {}, tally, overlap=overlap,
+                    rank=st.first_rank + d.rank)
+        f.start() if st.index == 0 else f.resume(_handed(rows, layout, st.index, plans, d, ledger))
+        steps.append(f)
+    for i in st.layers:
+        incoming = comm.exchange(i, [f.send(i) for f in steps])
+        for f in steps:
+            f.meanwhile(i)
+        for f, got in zip(steps, incoming):
+            f.receive(i, got)
+    return steps
+
+
+def _handed(rows: list[Tensor], layout: StageLayout, to: int, plans: list[Plan], dev: DeviceExecutor,
+            ledger: ByteLedger) -> Tensor:
+    """Device `dev` of stage `to`: the rows the previous stage (for the first stage: the last) hands it, counted."""
+    src = layout.stages[to - 1]  # index -1 for the first stage: the ring
+    dst = layout.stages[to]
+    q = dev.rank
+    incoming = {}
+    for p, x in enumerate(rows):
+        message = handoff_messages(x, plans[src.index], p, plans[to], dst).get(dst.first_rank + q)
+        if message is not None:
+            for t in message:
+                ledger.record(STAGE, src.first_rank + p, dst.first_rank + q, t)
+            incoming[src.first_rank + p] = message
+    return handoff_rows(incoming, plans[src.index], src, plans[to], q, rows[0])

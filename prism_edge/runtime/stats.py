@@ -11,6 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from .comm import ByteLedger
 
+STAGE = "stage"  # the ledger's stage name for hidden rows handed across a pipeline-stage boundary
+
 _aten = torch.ops.aten
 # torch's counter knows the CUDA attention kernels but not the CPU one that
 # scaled_dot_product_attention dispatches to here; count it with torch's own SDPA formula.
@@ -75,18 +77,26 @@ class Stats:
     wall_s: float | None = None
     cpu_s: tuple[float, ...] | None = None  # runtime: each device thread's CPU time for the request
     peak_rss_mib: tuple[float, ...] | None = None  # runtime: each device process's peak resident memory
+    # pipeline stages: hidden rows each device handed across a stage boundary (sent / received); not in `sent`
+    stage_sent: tuple[int, ...] | None = None
+    stage_received: tuple[int, ...] | None = None
+    param_bytes: tuple[int, ...] | None = None  # bytes of parameters each device holds
 
     @classmethod
-    def collect(cls, world: int, layers: int, ledger: ByteLedger, tally: FlopTally) -> "Stats":
+    def collect(cls, world: int, layers: int, ledger: ByteLedger, tally: FlopTally,
+                param_bytes: tuple[int, ...] | None = None) -> "Stats":
         sent = tuple(tuple(ledger.sent(i, p) for p in range(world)) for i in range(layers))
         received = tuple(tuple(ledger.received(i, p) for p in range(world)) for i in range(layers))
         inputs = tuple(ledger.received("input", p) for p in range(world))
         outputs = tuple(ledger.sent("output", p) for p in range(world))
-        if not tally.enabled:
-            return cls(world, sent, received, None, None, input_bytes=inputs, output_bytes=outputs)
-        layer_flops = tuple(tuple(tally.counts.get((i, p), 0) for p in range(world)) for i in range(layers))
-        flops = tuple(sum(v for (_, r), v in tally.counts.items() if r == p) for p in range(world))
-        return cls(world, sent, received, layer_flops, flops, input_bytes=inputs, output_bytes=outputs)
+        stage_sent = tuple(ledger.sent(STAGE, p) for p in range(world))
+        stage_received = tuple(ledger.received(STAGE, p) for p in range(world))
+        layer_flops = flops = None
+        if tally.enabled:
+            layer_flops = tuple(tuple(tally.counts.get((i, p), 0) for p in range(world)) for i in range(layers))
+            flops = tuple(sum(v for (_, r), v in tally.counts.items() if r == p) for p in range(world))
+        return cls(world, sent, received, layer_flops, flops, input_bytes=inputs, output_bytes=outputs,
+                   stage_sent=stage_sent, stage_received=stage_received, param_bytes=param_bytes)
 
     @classmethod
     def from_reports(cls, reports: Sequence["DeviceReport"], wall_s: float) -> "Stats":
@@ -101,6 +111,8 @@ class Stats:
             input_bytes=tuple(r.input_bytes for r in reports), output_bytes=tuple(r.output_bytes for r in reports),
             compute_s=per("compute_s"), wait_s=per("wait_s"), wall_s=wall_s,
             cpu_s=tuple(r.cpu_s for r in reports), peak_rss_mib=tuple(r.peak_rss_kib / 1024 for r in reports),
+            stage_sent=tuple(r.stage_sent for r in reports), stage_received=tuple(r.stage_received for r in reports),
+            param_bytes=tuple(r.param_bytes for r in reports),
         )
 
     @property
@@ -113,9 +125,14 @@ class Stats:
         return sum(map(sum, self.sent))
 
     @property
+    def stage_bytes(self) -> int:
+        """Bytes of hidden rows handed across pipeline-stage boundaries (0 with one stage)."""
+        return sum(self.stage_sent or ())
+
+    @property
     def request_bytes(self) -> int:
-        """Everything on the wire for the request: the exchange plus inputs out and outputs back."""
-        return self.total_bytes + sum(self.input_bytes or ()) + sum(self.output_bytes or ())
+        """Everything on the wire for the request: the exchange, the stage hand-offs, inputs out and outputs back."""
+        return self.total_bytes + self.stage_bytes + sum(self.input_bytes or ()) + sum(self.output_bytes or ())
 
     def bytes_sent(self, rank: int) -> int:
         return sum(layer[rank] for layer in self.sent)
@@ -144,20 +161,28 @@ class Stats:
             "wall_s": self.wall_s,
             "cpu_s": None if self.cpu_s is None else list(self.cpu_s),
             "peak_rss_mib": None if self.peak_rss_mib is None else list(self.peak_rss_mib),
+            "stage_sent": None if self.stage_sent is None else list(self.stage_sent),
+            "stage_received": None if self.stage_received is None else list(self.stage_received),
+            "stage_bytes": self.stage_bytes,
+            "param_bytes": None if self.param_bytes is None else list(self.param_bytes),
         }
 
     def table(self) -> str:
         """Per device: exchange bytes, request input/output bytes, FLOPs and (runtime) compute/wait time."""
         compute, wait = self.compute_s, self.wait_s
         timed = compute is not None and wait is not None
-        head = "device  exchange sent  exchange recv  input recv  output sent  GFLOPs"
+        staged = self.stage_bytes > 0
+        head = "device  exchange sent  exchange recv" + ("  stage sent  stage recv" if staged else "")
+        head += "  input recv  output sent  GFLOPs"
         rows = [head + ("  compute s  wait s" if timed else "")]
         for p in range(self.world):
             gf = "n/a" if self.flops is None else f"{self.flops[p] / 1e9:.3f}"
             inp = "n/a" if self.input_bytes is None else f"{self.input_bytes[p]:,}"
             out = "n/a" if self.output_bytes is None else f"{self.output_bytes[p]:,}"
-            row = (f"{p:>6}  {self.bytes_sent(p):>13,}  {self.bytes_received(p):>13,}  {inp:>10}  {out:>11}"
-                   f"  {gf:>6}")
+            row = f"{p:>6}  {self.bytes_sent(p):>13,}  {self.bytes_received(p):>13,}"
+            if staged and self.stage_sent is not None and self.stage_received is not None:
+                row += f"  {self.stage_sent[p]:>10,}  {self.stage_received[p]:>10,}"
+            row += f"  {inp:>10}  {out:>11}  {gf:>6}"
             if compute is not None and wait is not None:
                 row += f"  {sum(layer[p] for layer in compute):>9.3f}  {sum(layer[p] for layer in wait):>6.3f}"
             rows.append(row)
@@ -200,6 +225,9 @@ class DeviceReport:
     cpu_s: float
     peak_rss_kib: int
     error: str = ""
+    stage_sent: int = 0  # pipeline stages: hidden rows handed to the next stage (or back to the first)
+    stage_received: int = 0
+    param_bytes: int = 0  # bytes of the parameters this device holds (its stage's)
 
 
 def measured(stats: Stats | None) -> Stats:

@@ -222,6 +222,8 @@ def assemble(parts: list[list[Tensor]], names: list[str], plan: Plan, mode: str,
 
 # ---------------------------------------------------------------------------------------- tags
 TAG_HEADER, TAG_META, TAG_INPUT, TAG_OUTPUT, TAG_STATS = 32, 64, 96, 128, 160
+TAG_STAGE_ROWS = 192  # a request's hidden rows from a device of one pipeline stage to one of the next (or the first)
+TAG_STAGE_HOP = 1 << 25  # generation: new position t's [position, hidden row] to the next stage's decoder, tag + 2t
 TAG_LAYER = 256  # tensor j of layer i's message travels with tag TAG_LAYER + LAYER_TAGS * i + j
 LAYER_TAGS = 4  # tensors per layer message at most: rows, int8 scales, group sizes (one spare)
 TAG_GENERATE = 1 << 20  # decode parameters to every device; new token t comes back with tag + 1 + t
@@ -347,24 +349,26 @@ class DecodeParams:
         return torch.zeros(PARAMS, dtype=torch.float64)
 
 
-def byte_counts(handoff: int, decode: int) -> Tensor:
-    """The last device's hand-off and decode bytes, for rank 0 at the end of a generation."""
-    return torch.tensor([handoff, decode], dtype=torch.int64)
+def byte_counts(handoff: int, decode: int, hops: int = 0) -> Tensor:
+    """A decoding device's hand-off and decode bytes and the stage hops it sent, for rank 0 at the end of a
+    generation (every stage's decoding device sends its own)."""
+    return torch.tensor([handoff, decode, hops], dtype=torch.int64)
 
 
 def byte_counts_buffer() -> Tensor:
-    return torch.zeros(2, dtype=torch.int64)
+    return torch.zeros(3, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------- the device report
 ERROR_ROWS = 16  # rows of a report that carry its error text: 16 x 5 cells x 8 bytes = 640 bytes
 REPORT_COLUMNS = 5  # layer rows: sent, received, flops, compute ns, wait ns; totals: input, output, flops, cpu ns, rss
+# then a row of the pipeline stages': stage hand-off bytes sent, received, parameter bytes held, -, -
 
 
 def report_buffer(layers: int) -> Tensor:
-    """An empty tensor of a report's wire shape, (layers + 1 + ERROR_ROWS, REPORT_COLUMNS): a row per layer,
-    a totals row, then the error text.  Times travel in nanoseconds; a FLOP count of -1 means "not counted"."""
-    return torch.zeros(layers + 1 + ERROR_ROWS, REPORT_COLUMNS, dtype=torch.int64)
+    """An empty tensor of a report's wire shape, (layers + 2 + ERROR_ROWS, REPORT_COLUMNS): a row per layer,
+    two totals rows, then the error text.  Times travel in nanoseconds; a FLOP count of -1 means "not counted"."""
+    return torch.zeros(layers + 2 + ERROR_ROWS, REPORT_COLUMNS, dtype=torch.int64)
 
 
 def report_tensor(r: DeviceReport) -> Tensor:
@@ -375,13 +379,14 @@ def report_tensor(r: DeviceReport) -> Tensor:
         t[i] = torch.tensor([r.sent[i], r.received[i], flops[i], round(r.compute_s[i] * 1e9), round(r.wait_s[i] * 1e9)])
     t[layers] = torch.tensor([r.input_bytes, r.output_bytes, -1 if r.flops is None else r.flops,
                               round(r.cpu_s * 1e9), r.peak_rss_kib])
-    t[layers + 1:] = pack_text(r.error, ERROR_ROWS * REPORT_COLUMNS).view(ERROR_ROWS, REPORT_COLUMNS)
+    t[layers + 1] = torch.tensor([r.stage_sent, r.stage_received, r.param_bytes, 0, 0])
+    t[layers + 2:] = pack_text(r.error, ERROR_ROWS * REPORT_COLUMNS).view(ERROR_ROWS, REPORT_COLUMNS)
     return t
 
 
 def report_from(t: Tensor) -> DeviceReport:
     rows = t[:-ERROR_ROWS].tolist()
-    layers, total = rows[:-1], rows[-1]
+    layers, total, staged = rows[:-2], rows[-2], rows[-1]
     counted = total[2] >= 0
     return DeviceReport(
         sent=tuple(r[0] for r in layers), received=tuple(r[1] for r in layers),
@@ -389,4 +394,5 @@ def report_from(t: Tensor) -> DeviceReport:
         compute_s=tuple(r[3] * 1e-9 for r in layers), wait_s=tuple(r[4] * 1e-9 for r in layers),
         input_bytes=total[0], output_bytes=total[1], flops=total[2] if counted else None,
         cpu_s=total[3] * 1e-9, peak_rss_kib=total[4], error=unpack_text(t[-ERROR_ROWS:]),
+        stage_sent=staged[0], stage_received=staged[1], param_bytes=staged[2],
     )

@@ -1,0 +1,175 @@
+"""Pipeline stages of PRISM groups: the layout, CR=1 exactness for every family and layout, generation in every
+decode mode, memory budgets, and the device processes against the simulator (outputs and every byte)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DECODERS, TEXT, image_batch, text_batch, tiny
+from prism_edge import PrismConfig, simulate
+from prism_edge.partition.stages import MIB, Sizes, balanced_split, fit_memory, stage_layout
+from prism_edge.runtime.generate import generate
+from prism_edge.runtime.stages import layout_for, model_sizes
+from prism_edge.models import adapter_for
+
+LAYERS = 5  # tiny models deep enough for 4 stages and uneven splits
+LAYOUTS = [
+    dict(stages=2),  # 2 x 2
+    dict(stages=4),  # 4 x 1: a plain pipeline
+    dict(stages=2, stage_devices=(1, 3)),
+    dict(stages=3, stage_devices=(2, 1, 1), layer_split=(1, 3, 1)),
+]
+TOL = 1e-4
+
+
+def _ids(d: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in d.items())
+
+
+def _inputs(name: str) -> tuple[dict, torch.Tensor | None]:
+    if name.startswith("vit"):
+        return {"pixel_values": image_batch()}, None
+    ids, mask = text_batch(batch=3, length=13, pad_to=[13, 9, 6])
+    return {"input_ids": ids, "attention_mask": mask}, mask
+
+
+def _worst(ref, out, mask) -> float:
+    worst, compared = 0.0, 0
+    for key in ("last_hidden_state", "pooler_output", "logits"):
+        expected = getattr(ref, key, None)
+        if expected is None:
+            continue
+        got = out[key]
+        if mask is not None and got.dim() == 3:
+            got, expected = got[mask.bool()], expected[mask.bool()]
+        worst, compared = max(worst, (got - expected).abs().max().item()), compared + 1
+    assert compared
+    return worst
+
+
+# ------------------------------------------------------------------------------------------------ the layout
+def test_config_refuses_bad_stage_options():
+    cases = [
+        (dict(stages=0), "stages must be an integer >= 1"),
+        (dict(devices=2, stages=3), "at least one device per stage"),
+        (dict(stages=2, layer_split=(3,)), "layer_split has 1 entries but stages=2"),
+        (dict(stages=2, stage_devices=(1, 2)), "make them add up"),
+        (dict(stages=2, stage_devices=(0, 4)), "stage_devices must be whole numbers >= 1"),
+        (dict(memory_budget=(100.0, 100.0)), "one for every device or one per device"),
+        (dict(memory_budget=(-1.0,)), "memory_budget must be MiB > 0"),
+        (dict(memory_budget=(100.0,), stages=2), "memory_budget chooses the stages"),
+    ]
+    for kwargs, text in cases:
+        with pytest.raises(ValueError, match=text):
+            PrismConfig(**kwargs)
+
+
+def test_layout_refuses_what_the_model_cannot_take():
+    run = PrismConfig(devices=4, stages=3).resolve("encoder")
+    with pytest.raises(ValueError, match="stages=3 but the model has 2 layers"):
+        stage_layout(run, 2)
+    split = PrismConfig(devices=4, stages=2, layer_split=(2, 2)).resolve("encoder")
+    with pytest.raises(ValueError, match="layer_split 2 \\+ 2 = 4 layers, but the model has 5"):
+        stage_layout(split, 5)
+
+
+def test_default_split_balances_parameter_bytes():
+    # SmolLM2's shape: a 113 MB embedding (tied head) and 30 layers of 14.2 MB
+    sizes = Sizes(113_246_208, (14_157_312,) * 30)
+    assert balanced_split(sizes, (1.0, 1.0)) == (11, 19)  # the first stage carries the embedding: fewer layers
+    assert balanced_split(Sizes(0, (1,) * 30), (1.0, 1.0)) == (15, 15)
+    assert balanced_split(Sizes(0, (1,) * 7), (1.0,) * 3) in ((2, 3, 2), (3, 2, 2), (2, 2, 3))
+    layout = stage_layout(PrismConfig(devices=4, stages=2).resolve("decoder"), 30, sizes)
+    per_device = [layout.held_bytes(sizes, r) / sizes.total for r in range(4)]
+    assert max(per_device) <= 0.55, per_device
+
+
+def test_memory_budget_picks_the_fewest_stages_that_fit():
+    sizes = Sizes(100 * MIB, (20 * MIB,) * 10)  # 300 MiB in all
+    assert len(fit_memory(sizes, 4, (400.0,)).stages) == 1
+    two = fit_memory(sizes, 4, (200.0,))
+    assert len(two.stages) == 2 and all(two.held_bytes(sizes, r) <= 200 * MIB for r in range(4))
+    assert len(fit_memory(sizes, 4, (130.0,)).stages) == 3  # 100 MiB of embeddings + one layer on the first
+    per_device = fit_memory(sizes, 4, (250.0, 250.0, 90.0, 90.0))  # small boards take fewer layers
+    assert all(per_device.held_bytes(sizes, r) <= b * MIB for r, b in enumerate((250, 250, 90, 90)))
+    with pytest.raises(ValueError, match="the model cannot fit.*embeddings and head 100.0 MiB"):
+        fit_memory(sizes, 4, (110.0,))
+
+
+# ------------------------------------------------------------------------------------------- exactness
+@pytest.mark.fast_cases(name="llama-lm", layout=LAYOUTS[3])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
+@pytest.mark.parametrize("name", TEXT + ["vit", "vit-cls"])
+@torch.no_grad()
+def test_stages_exact_at_cr1(name, layout):
+    model = tiny(name, layers=LAYERS)
+    inputs, mask = _inputs(name)
+    ref = model(**inputs)
+    for extra in (dict(scheme="prism", cr=1), dict(scheme="voltage")):
+        out = simulate(model, PrismConfig(devices=4, **extra, **layout), **inputs)
+        assert _worst(ref, out, mask) <= TOL
+        stats = out.stats
+        assert stats.world == 4 and stats.stage_bytes > 0  # the hand-offs are counted, apart from the exchange
+        assert stats.request_bytes == (stats.total_bytes + stats.stage_bytes + sum(stats.input_bytes)
+                                       + sum(stats.output_bytes))
+
+
+@torch.no_grad()
+def test_stage_handoffs_carry_exactly_the_rows_each_device_needs():
+    model = tiny("llama-lm", layers=LAYERS)
+    ids, mask = text_batch(batch=2, length=12, pad_to=[12, 7])
+    out = simulate(model, PrismConfig(devices=4, cr=1, stages=2, stage_devices=(1, 3), anchor=2),
+                   input_ids=ids, attention_mask=mask)
+    assert _worst(model(input_ids=ids, attention_mask=mask), out, mask) <= TOL
+    real, anchors, d = int(mask.sum()), 2 * 2 * 2, 64  # stage 1's last two devices recompute 2 anchors each
+    # stage 0 -> 1: every real row once plus the anchor copies; the ring back: every real row once
+    assert out.stats.stage_bytes == 4 * d * (real + anchors) + 4 * d * real
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:2], ids=_ids)
+@torch.no_grad()
+def test_compressed_stages_equal_the_same_group_without_stages(layout):
+    """At CR > 1 every stage of P devices plans as a P-device PRISM group does: 2 x 2 is PRISM on 2 devices."""
+    model = tiny("llama-lm", layers=LAYERS)
+    inputs, mask = _inputs("llama-lm")
+    per_stage = 4 // layout["stages"]
+    staged = simulate(model, PrismConfig(devices=4, cr=4, budget=0, window=2, topk=1, **layout), **inputs)
+    group = simulate(model, PrismConfig(devices=per_stage, cr=4, budget=0, window=2, topk=1), **inputs)
+    assert (staged.logits - group.logits)[mask.bool()].abs().max().item() <= TOL
+    assert staged.stats.total_bytes == layout["stages"] * 0 + sum(map(sum, staged.stats.sent))
+    if per_stage > 1:  # each stage's exchange is the group's, over its own layers
+        assert staged.stats.total_bytes == group.stats.total_bytes
+
+
+@torch.no_grad()
+def test_memory_budget_runs_a_model_no_device_holds():
+    model = tiny("llama-lm", layers=LAYERS)
+    sizes = model_sizes(adapter_for(model))
+    budget = 0.6 * sizes.total / MIB
+    cfg = PrismConfig(devices=4, cr=4, budget=0, window=2, memory_budget=(budget,))
+    layout = layout_for(cfg.resolve("decoder"), adapter_for(model))
+    assert len(layout.stages) == 2 and all(layout.held_bytes(sizes, r) <= budget * MIB for r in range(4))
+    inputs, mask = _inputs("llama-lm")
+    staged = simulate(model, cfg, **inputs)
+    group = simulate(model, PrismConfig(devices=2, cr=4, budget=0, window=2), **inputs)
+    assert (staged.logits - group.logits)[mask.bool()].abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="the model cannot fit"):
+        simulate(model, PrismConfig(devices=4, memory_budget=(0.01,)), **inputs)
+
+
+# ------------------------------------------------------------------------------------------- generation
+@pytest.mark.fast_cases(name="llama-lm", layout=LAYOUTS[3])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
+@pytest.mark.parametrize("name", DECODERS)
+def test_generation_through_stages_equals_the_full_model(name, layout):
+    model = tiny(name, layers=LAYERS)
+    ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(5))
+    full = generate(model, PrismConfig(scheme="full"), ids, max_new_tokens=8).new_ids
+    for mode in ("local", "handoff", "distributed"):
+        got = generate(model, PrismConfig(devices=4, cr=1, **layout), ids, max_new_tokens=8, decode=mode)
+        assert got.new_ids == full, mode
+        d, later = 64, layout["stages"] - 1
+        # per fed-back token: its id and row to every later stage, the row back to the first
+        assert got.stage_bytes == 7 * (later * (8 + 4 * d) + 4 * d)
+        assert got.prefill_stats is not None and got.prefill_stats.stage_bytes > 0
