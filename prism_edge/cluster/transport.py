@@ -83,10 +83,11 @@ class DistCommunicator:
         self.wait_recv(stage, src, posted, what, deadline, count)
         return buffers
 
-    def flush(self) -> None:
-        """Wait until every posted send has gone out."""
-        deadline = time.monotonic() + self.timeout
-        sends, self._sends = self._sends, []
+    def flush(self, keep: int = 0, timeout: float | None = None) -> None:
+        """Wait until every posted send but the `keep` newest has gone out (keep 1: a stream keeps one in flight)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        cut = max(0, len(self._sends) - keep)
+        sends, self._sends = self._sends[:cut], self._sends[cut:]
         for work, dst, what, _ in sends:
             self._wait(work, dst, what, deadline, sending=True)
 

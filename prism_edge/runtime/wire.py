@@ -24,6 +24,10 @@ A header announces a request's shapes, then rank 0 sends each device only what i
 
 and each device sends back only what the request's output mode needs.  The simulator counts the
 same tensors, so the two ledgers agree byte for byte.
+
+At start-up, rank 0 may send a worker the weights of its stage (cluster/weights.py, tags TAG_WEIGHTS...):
+the manifest's length (int64) and the manifest (uint8 JSON), the worker's answer (int64: cached or not), the
+tensors' bytes as uint8 pieces, and the worker's status (a line of text).
 """
 
 from __future__ import annotations
@@ -234,6 +238,12 @@ TAG_DECODE_BYTES = 7 << 20  # last -> rank 0 at the end: hand-off and decode byt
 TAG_DECODE_STATUS = (7 << 20) + 16  # every worker -> rank 0 at the end of a generation: "" or what failed
 TAG_DECODE_QUERY = 1 << 23  # last -> earlier device: token t's query of layer i, tag + 4 * (t * layers + i)
 TAG_DECODE_ANSWER = 1 << 24  # earlier device -> last: its partial attention for it, tag + 4 * (t * layers + i) + j
+# Start-up weight transfer (cluster/weights.py), rank 0 <-> one worker, before any request.  Far above every
+# range above (the decode answers would need 2^28 token-layers to reach it) and below gloo's int32 limit.
+TAG_WEIGHTS = 1 << 30  # manifest length (int64), then the manifest (uint8 JSON) with tag + 1
+TAG_WEIGHTS_ANSWER = TAG_WEIGHTS + 2  # worker -> rank 0: 1 cached, 0 send them, -1 refused
+TAG_WEIGHTS_STATUS = TAG_WEIGHTS + 3  # worker -> rank 0 after the data or a refusal: "" or what failed
+TAG_WEIGHTS_DATA = TAG_WEIGHTS + 16  # piece k of the tensor data (chunks of at most 16 MiB) with tag + k
 
 
 def layer_tag(index: int) -> int:
