@@ -272,3 +272,33 @@ def test_smollm2_half_the_layers_holds_about_half_the_bytes(smollm2):
     assert runs["half"]["held"] == sizes.embed + sum(sizes.layers[:15])  # the embedding (28.3 M params) included
     assert 0.5 < runs["half"]["held"] / runs["full"]["held"] < 0.7
     print(f"\nSmolLM2 held bytes and peak RSS: half (layers 0-14 + embed) {runs['half']}, full {runs['full']}")
+
+
+def test_checkpoint_keys_are_mapped_as_hugging_face_maps_them(tmp_path):
+    """Shards, a base-model prefix to strip (a GPT2LMHeadModel file read as GPT2Model), old LayerNorm gamma/beta
+    names; a missing tensor is named."""
+    from safetensors.torch import load_file, save_file
+
+    gpt = tiny("gpt2-lm")
+    gpt.save_pretrained(tmp_path / "gpt2", max_shard_size="100KB")
+    assert (tmp_path / "gpt2" / "model.safetensors.index.json").exists()
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(dict(config, architectures=["GPT2Model"])))
+    holding = Holding(1, 2, False, True)
+    part = load_model(str(tmp_path / "gpt2"), holding=holding).model
+    assert type(part).__name__ == "GPT2Model" and torch.equal(part.h[1].attn.c_attn.weight, gpt.transformer.h[1].attn.c_attn.weight)
+    assert torch.equal(part.ln_f.weight, gpt.transformer.ln_f.weight) and part.wte.weight.is_meta
+
+    bert = tiny("bert")
+    bert.save_pretrained(tmp_path / "bert")
+    file = tmp_path / "bert" / "model.safetensors"
+    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+           for k, v in load_file(file).items()}
+    assert any(k.endswith("gamma") for k in old)
+    save_file(old, file, metadata={"format": "pt"})
+    part = load_model(str(tmp_path / "bert"), holding=Holding(0, 1, True, False)).model
+    assert torch.equal(part.embeddings.LayerNorm.weight, bert.embeddings.LayerNorm.weight)
+    assert torch.equal(part.encoder.layer[0].output.LayerNorm.bias, bert.encoder.layer[0].output.LayerNorm.bias)
+    save_file({k: v for k, v in old.items() if "layer.0.output.dense.weight" not in k}, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="no tensor for encoder.layer.0.output.dense.weight"):
+        load_model(str(tmp_path / "bert"), holding=Holding(0, 1, False, False))
