@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from .base import Adapter, Batch, Geometry
@@ -11,11 +13,31 @@ from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 from .vit import ViTAdapter
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, ViTAdapter, LlamaAdapter, Dinov2Adapter)
+# What to build when a checkpoint names no architecture we support: the family's most useful head.
+DEFAULT_CLASS = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "vit": "ViTModel", "llama": "LlamaForCausalLM",
+                 "dinov2": "Dinov2Model"}
 
 
 def supported() -> str:
     return ", ".join(name for a in ADAPTERS for name in a.classes)
+
+
+def class_for(config) -> type[PreTrainedModel]:
+    """The Hugging Face class to build for a config: its architecture if we support it, else the family's default."""
+    import transformers
+
+    model_type = getattr(config, "model_type", None)
+    known = {name for a in ADAPTERS for name in a.classes}
+    for arch in getattr(config, "architectures", None) or []:
+        if arch in known:
+            return getattr(transformers, arch)
+    if model_type in DEFAULT_CLASS:
+        return getattr(transformers, DEFAULT_CLASS[model_type])
+    raise ValueError(f"unsupported model type {model_type!r}; supported: {supported()}")
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -32,4 +54,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     raise ValueError(f"unsupported model type {model_type!r} ({type(model).__name__}); supported: {supported()}")
 
 
-__all__ = ["Adapter", "Batch", "Geometry", "adapter_for", "supported", "ADAPTERS"]
+__all__ = ["Adapter", "Batch", "Geometry", "adapter_for", "class_for", "supported", "ADAPTERS", "DEFAULT_CLASS"]

@@ -135,6 +135,11 @@ class Adapter:
         """Outputs computed from the first position (pooler, classifier): runs where position 0 lives."""
         return {}
 
+    def head_modules(self) -> list[nn.Module]:
+        """The modules `final` and `pool` use (final norm, LM head, pooler, classifier): a pipeline's last stage
+        holds them (models/parts.py).  Everything that is neither a layer nor in here belongs to the embedding."""
+        raise NotImplementedError
+
     # --- shared helpers -----------------------------------------------------------------------
     def vocab_size(self) -> int:
         return int(getattr(self.config, "vocab_size", None) or 2**31)

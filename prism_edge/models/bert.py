@@ -69,3 +69,7 @@ class BertAdapter(TextAdapter):
         if self.head == "base":
             return {"pooler_output": pooled}
         return {"logits": self.model.classifier(self.model.dropout(pooled))}
+
+    def head_modules(self) -> list[nn.Module]:
+        pooler = [] if self.bert.pooler is None else [self.bert.pooler]
+        return pooler + ([self.model.classifier] if self.head == "classify" else [])

