@@ -173,3 +173,64 @@ def test_generation_through_stages_equals_the_full_model(name, layout):
         # per fed-back token: its id and row to every later stage, the row back to the first
         assert got.stage_bytes == 7 * (later * (8 + 4 * d) + 4 * d)
         assert got.prefill_stats is not None and got.prefill_stats.stage_bytes > 0
+
+
+# ------------------------------------------------------------------------------------------- device processes
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deep")
+    paths = {}
+    for name in ("llama-lm", "bert"):
+        paths[name] = str(root / name)
+        tiny(name, layers=LAYERS).save_pretrained(paths[name])
+    return paths
+
+
+@pytest.mark.fast_cases(layout=LAYOUTS[0], name="llama-lm")
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[3]], ids=_ids)
+@pytest.mark.parametrize("name", ["llama-lm", "bert"])
+def test_device_processes_equal_the_simulator_holding_only_their_stage(deep, name, layout, one_thread):
+    from prism_edge.cluster import Cluster
+    from prism_edge.models.parts import held_bytes
+
+    model = tiny(name, layers=LAYERS)
+    inputs, mask = _inputs(name)
+    cfg = PrismConfig(devices=4, cr=4, **layout)
+    ref = simulate(model, cfg, **inputs)
+    with Cluster(deep[name], cfg, timeout=20) as cluster:
+        out = cluster(**inputs)
+        key = "logits" if name == "llama-lm" else "last_hidden_state"
+        assert (getattr(out, key) - getattr(ref, key))[mask.bool()].abs().max().item() <= 1e-5
+        s, r = out.stats, ref.stats
+        assert s.sent == r.sent and s.stage_sent == r.stage_sent and s.stage_received == r.stage_received
+        assert s.input_bytes == r.input_bytes and s.output_bytes == r.output_bytes
+        whole = held_bytes(model)
+        assert all(b < whole for b in s.param_bytes), (s.param_bytes, whole)  # no device holds the whole model
+        if name == "llama-lm":
+            ids = inputs["input_ids"][:1]
+            for mode in ("local", "handoff", "distributed"):
+                got = cluster.generate(ids, max_new_tokens=5, decode=mode)
+                want = generate(model, cfg, ids, max_new_tokens=5, decode=mode)
+                assert got.new_ids == want.new_ids, mode
+                assert (got.handoff_bytes, got.decode_bytes, got.stage_bytes) == (
+                    want.handoff_bytes, want.decode_bytes, want.stage_bytes), mode
+
+
+@pytest.mark.slow
+def test_workers_without_the_model_take_it_from_rank_0_once(deep, tmp_path, one_thread):
+    from prism_edge.cluster import Cluster
+
+    model = tiny("llama-lm", layers=LAYERS)
+    ids, mask = text_batch(batch=2, length=11, pad_to=[11, 8])
+    cfg = PrismConfig(devices=3, cr=4, stages=2, stage_devices=(1, 2))
+    ref = simulate(model, cfg, input_ids=ids, attention_mask=mask)
+    for start in (1, 2):
+        logs: list[str] = []
+        with Cluster(deep["llama-lm"], cfg, timeout=20, fetch_weights=True, cache_dir=str(tmp_path),
+                     log=logs.append) as cluster:
+            out = cluster(input_ids=ids, attention_mask=mask)
+        assert (out.logits - ref.logits)[mask.bool()].abs().max().item() <= 1e-5
+        sent = [line for line in logs if line.startswith("weights for rank")]
+        assert len(sent) == 2, logs
+        if start == 2:  # every worker found its stage's tensors in its cache
+            assert all("0.0 MB sent" in line and "cached" in line for line in sent), sent

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..config import AnyConfig, PrismConfig, RunConfig, resolve
 from ..models import adapter_for
-from ..models.loading import load_model
+from .stageload import load_for_rank, serve_weights, to_device
 from ..runtime import wire
 from ..runtime.decode import Link, choose
 from ..runtime.generate import Generation, TokenCallback, check_prompt, check_request
@@ -102,14 +102,16 @@ class Cluster:
             atexit.register(self.close)
 
     def _start(self, given: AnyConfig, spawn: bool, endpoint: Endpoint | None, worker_env: dict[str, str] | None) -> None:
-        self.loaded = load_model(self.spec.model, cache_dir=self.spec.cache_dir)  # first: workers hit a warm cache
-        self.model, self.tokenizer = self.loaded.model.to(self.device), self.loaded.tokenizer
+        # first: workers hit a warm cache.  With pipeline stages, only the first stage's weights
+        self.loaded = load_for_rank(self.spec.model, self.spec.cache_dir, given, 0)
+        self.model, self.tokenizer = to_device(self.loaded.model, self.device), self.loaded.tokenizer
         self.adapter = adapter_for(self.model)
         cfg = resolve(given, self.adapter.kind, name="config")  # once; workers get every option spelled out
         self._comm = DistCommunicator(None, 0, 1, self.spec.timeout)  # alone: no group
         self.agreement = Agreement(cfg, [])
         if self.world > 1:
             group = open_group(self.spec, cfg, endpoint, self.workers, spawn, worker_env, self.log)
+            serve_weights(group, self.spec, cfg, self.world, self.log)  # to workers started without the model
             self._comm = DistCommunicator(group, 0, self.world, self.spec.timeout)
             self.agreement = agree(group, 0, self.world, self.model, self.adapter, cfg, self.spec)
             if self.agreement.probe_s is not None:

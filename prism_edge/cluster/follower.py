@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from ..config import PrismConfig, RunConfig
 from ..models import Adapter, adapter_for
-from ..models.loading import load_model
+from .stageload import load_for_rank, take_weights, to_device
 from ..runtime import wire
 from .node import Fault, device_report, held_bytes, output_layout, run_device
 from .rendezvous import Endpoint
@@ -68,8 +68,9 @@ def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | No
     endpoint = seat.endpoint()
     group = meet(endpoint, seat.rank, seat.world, spec, agent_store=seat.agent_store)
     try:
-        loaded = load_model(spec.model, cache_dir=spec.cache_dir)
-        loaded.model.to(spec.torch_device())
+        loaded = (take_weights(group, spec, seat.rank, seat.world, spec.fetch_weights)
+                  or load_for_rank(spec.model, spec.cache_dir, cfg, seat.rank))
+        to_device(loaded.model, spec.torch_device())
         adapter = adapter_for(loaded.model)
         # as rank 0 does: resolved once, here; the handshake compares resolved configs
         agreed = agree(group, seat.rank, seat.world, loaded.model, adapter, cfg.resolve(adapter.kind), spec, slowdown)

@@ -27,17 +27,26 @@ class HandshakeError(ValueError):
     """The ranks disagree on version, config or model: refused before any request."""
 
 
-def fingerprint(model: nn.Module) -> str:
-    """Hash of the model class, every parameter's name, shape and dtype, and a sample of its values."""
+def _digest(name: str, t) -> str:
+    flat = t.detach().reshape(-1).cpu()
+    step = max(1, flat.numel() // 64)
+    h = hashlib.sha256(f"{name}|{tuple(t.shape)}|{t.dtype}|{flat.to(torch.float64).sum().item():.10e}|".encode())
+    h.update(flat[::step][:64].to(torch.float64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(model: nn.Module) -> tuple[str, dict[str, str]]:
+    """(structure, values): a hash of the model class and every parameter's name, shape and dtype (held or not:
+    equal on every rank), and per tensor this rank holds (a pipeline stage holds only its own; the others are
+    on the meta device) a hash of its values and a sample of them."""
     h = hashlib.sha256(type(model).__name__.encode())
+    values = {}
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
-            flat = t.detach().reshape(-1).cpu()
-            step = max(1, flat.numel() // 64)
-            sample = flat[::step][:64].to(torch.float64)
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{flat.to(torch.float64).sum().item():.10e}|".encode())
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            if t.device.type != "meta":
+                values[name] = _digest(name, t)
+    return h.hexdigest()[:32], values
 
 
 def identity(model: nn.Module, cfg: RunConfig, model_name: str, auto_weights: bool = False) -> dict:
@@ -47,11 +56,13 @@ def identity(model: nn.Module, cfg: RunConfig, model_name: str, auto_weights: bo
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     if auto_weights:  # every rank must take part in timing the devices, or the start-up would hang
         config["weights"] = "auto"
+    structure, values = fingerprint(model)
     return {
         "prism_edge": __version__,
         "config": config,
-        "model": {"class": type(model).__name__, "fingerprint": fingerprint(model),
+        "model": {"class": type(model).__name__, "fingerprint": structure,
                   "parameters": sum(p.numel() for p in model.parameters())},
+        "values": values,  # per tensor this rank holds: ranks compare the ones they both hold
         "model_name": model_name,  # informative only: the same weights may live at different paths
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -72,8 +83,14 @@ def differences(reference: dict, other: dict) -> list[str]:
         if a["class"] != b["class"]:
             out.append(f"model class {a['class']} vs {b['class']}")
         else:
-            out.append(f"model weights differ (fingerprint {a['fingerprint']} from {other['model_name']!r} vs "
+            out.append(f"model weights differ (structure {a['fingerprint']} from {other['model_name']!r} vs "
                        f"{b['fingerprint']} from {reference['model_name']!r})")
+        return out
+    mine, theirs = other.get("values", {}), reference.get("values", {})
+    differ = sorted(name for name in set(mine) & set(theirs) if mine[name] != theirs[name])
+    if differ:
+        out.append(f"model weights differ ({len(differ)} tensor(s), e.g. {differ[0]}: {mine[differ[0]]} from "
+                   f"{other['model_name']!r} vs {theirs[differ[0]]} from {reference['model_name']!r})")
     return out
 
 
@@ -88,6 +105,9 @@ def check(group: dist.ProcessGroup, rank: int, world: int, ident: dict, timeout:
     problems = []
     for r in range(1, world):
         diff = differences(docs[0], docs[r])
+        for earlier in range(1, r):  # pipeline stages: the tensors two workers both hold, rank 0 may not
+            if not diff:
+                diff = [d + f" (against rank {earlier})" for d in differences(docs[earlier], docs[r])]
         if diff:
             problems.append(f"rank {r} has " + ", ".join(diff))
     if problems:

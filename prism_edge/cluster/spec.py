@@ -37,6 +37,9 @@ class LaunchSpec:
     cache_dir: str | None = option("folder for converted weights (default: $PRISM_EDGE_CACHE or "
                                    "~/.cache/prism-edge)", default=None)
     verbose: bool = option("log each worker's shutdown", default=False)
+    fetch_weights: bool = option("a worker takes its (pipeline stage's) weights from rank 0 over the cluster link "
+                                 "instead of a local copy; checked by hash and cached in --cache-dir, so its next "
+                                 "start sends nothing", default=False)
     # set by `--weights auto` (a PrismConfig flag), not a flag of its own
     auto_weights: bool = field(default=False, metadata={"flag": False})
 
