@@ -64,7 +64,7 @@ class Cluster:
 
     model: alias, hub name or folder every rank can load.  config: resolved once, for its kind, into `cfg`.
     settings: any other LaunchSpec field (threads, timeout, startup_timeout, overlap, count_flops, device, cache_dir,
-    verbose, auto_weights), with its defaults; or the whole LaunchSpec as `spec`.  spawn: start the other devices as
+    verbose, fetch_weights, auto_weights), with its defaults; or the whole LaunchSpec as `spec`.  spawn: start the other devices as
     local processes (False: they join through `endpoint`); worker_env: extra environment for spawned workers.
     This process's own torch threads and exit hooks are the caller's: set_threads=True sets them to
     `threads` until close(), and close_at_exit=True closes the cluster when the interpreter exits.
