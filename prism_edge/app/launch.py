@@ -92,11 +92,19 @@ def drive(cluster: Cluster, args: argparse.Namespace) -> int:
         return 0
     for line in _summary(cluster, inputs, mode, walls):
         print(line)
-    for line in describe_result(cluster.model, cluster.tokenizer, inputs, outs[-1], mode)[: args.show]:
-        print("result   " + line)
+    stages = cluster.coordinator.stages
+    if stages.staged:  # rank 0 holds only its stage: no unpartitioned model here to compare with
+        print(f"stages   {stages.describe()}; parameters held per device: "
+              + ", ".join(fmt_bytes(b) for b in stats.param_bytes or ()))
+        print("result   not compared with the unpartitioned model: rank 0 holds only its stage's layers "
+              "(run with --stages 1 to compare)")
+    else:
+        for line in describe_result(cluster.model, cluster.tokenizer, inputs, outs[-1], mode)[: args.show]:
+            print("result   " + line)
     print("\nper device, one request (bytes counted from the tensors sent):")
     print(stats.table())
-    print(f"\non the wire: {fmt_bytes(stats.request_bytes)} = exchange {fmt_bytes(stats.total_bytes)} + inputs "
+    staged = f" + stage hand-offs {fmt_bytes(stats.stage_bytes)}" if stats.stage_bytes else ""
+    print(f"\non the wire: {fmt_bytes(stats.request_bytes)} = exchange {fmt_bytes(stats.total_bytes)}{staged} + inputs "
           f"{fmt_bytes(sum(stats.input_bytes or ()))} + outputs {fmt_bytes(sum(stats.output_bytes or ()))}")
     return 0
 
