@@ -47,8 +47,8 @@ def test_flags_give_the_options_back():
 
 @pytest.mark.parametrize("argv, owner", [
     (["runtime", "--trials", "3"], "faults"),
-    (["overhead", "--link", "wifi"], "schemes, generation and runtime"),
-    (["targets", "--model", "minilm"], "schemes, generation, overhead, runtime and hetero"),
+    (["overhead", "--link", "wifi"], "schemes, generation, runtime and stages"),
+    (["targets", "--model", "minilm"], "schemes, generation, overhead, runtime, hetero and stages"),
     (["schemes", "--device-counts", "2"], "generation and runtime"),
 ])
 def test_a_flag_of_another_bench_is_refused(argv, owner, capsys):

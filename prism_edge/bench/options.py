@@ -324,8 +324,52 @@ class GenerationOptions(BenchOptions):
             raise ValueError(f"--name is a suffix for file names, got {self.name!r}; e.g. --name short")
 
 
+def parse_layout(text: Any) -> tuple[int, int]:
+    """STAGESxDEVICES (devices per stage): 1x4 one PRISM group of 4, 2x2 two stages of 2, 4x1 a plain
+    pipeline, 1x1 one device (scheme full)."""
+    stages, sep, per = str(text).lower().partition("x")
+    if not sep or not stages.isdigit() or not per.isdigit() or int(stages) < 1 or int(per) < 1:
+        raise ValueError(f"--layouts: bad layout {text!r}; use STAGESxDEVICES (devices per stage), e.g. 2x2")
+    return int(stages), int(per)
+
+
+@dataclass(frozen=True)
+class StagesOptions(BenchOptions):
+    """Pipeline stages of PRISM groups: 1x4 vs 2x2 vs 4x1 vs one device, per link and prompt length."""
+
+    bench, entry = "stages", "prism_edge.bench.stages"
+    summary = "pipeline stages: 1x4 vs 2x2 vs 4x1 vs one device: latency, bytes, parameters and RSS per device"
+
+    model: str = option("model alias, hub name or folder (also random:bert-base, random:gpt2)", default="smollm2")
+    layouts: tuple[str, ...] = option("STAGESxDEVICES layouts (devices per stage): 1x4 one PRISM group, 2x2 two "
+                                      "stages of 2, 4x1 a plain pipeline, 1x1 one device", default=("1x4", "2x2",
+                                                                                                     "4x1", "1x1"))
+    lengths: tuple[int, ...] = option("prompt lengths in positions (exactly that many; longer than the model "
+                                      "takes: skipped)", default=(128, 512, 1024))
+    link: tuple[str, ...] = option(f"links: loopback or {LINKS} (emulated: needs root, else loopback)",
+                                   default=("loopback",))
+    repeats: int = option("timed requests per layout, link and length (median; one more warms up)", default=3)
+    generate: int = option("decoders: tokens to generate after a --generate-prompt prompt (tokens/s, stage hop "
+                           "bytes); 0: none", default=16)
+    generate_prompt: int = option("prompt length in positions of the generation", default=128)
+    cr: int = option("PRISM compression rate, the same in every layout", default=16)
+
+    def check(self) -> None:
+        _model(self.model)
+        _words("--layouts", self.layouts, "1x4 2x2 4x1 1x1")
+        for text in self.layouts:
+            parse_layout(text)
+        _counts("--lengths", self.lengths, 1, 512)
+        _links(self.link, loopback=True)
+        _count("--repeats", self.repeats, 1, 3)
+        _count("--generate", self.generate, 0, 16)
+        _count("--generate-prompt", self.generate_prompt, 1, 128)
+        _count("--cr", self.cr, 1, 16)
+
+
 BENCHES: dict[str, type[BenchOptions]] = {o.bench: o for o in (
-    SchemesOptions, TargetsOptions, GenerationOptions, OverheadOptions, RuntimeOptions, HeteroOptions, FaultsOptions)}
+    SchemesOptions, TargetsOptions, GenerationOptions, OverheadOptions, RuntimeOptions, HeteroOptions, FaultsOptions,
+    StagesOptions)}
 
 
 def benches_with(flag: str) -> list[str]:
