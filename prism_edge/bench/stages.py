@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..runtime.stats import measured
 from tqdm import tqdm
 
 from ..cluster.spec import LaunchSpec
@@ -69,7 +71,8 @@ def _prefill(cluster: Any, mode: str, ids: torch.Tensor, repeats: int) -> dict[s
         t0 = time.perf_counter()
         out = cluster(input_ids=ids, attention_mask=torch.ones_like(ids), outputs=mode, budget=None)
         walls.append(time.perf_counter() - t0)
-    st = out.stats.to_dict()
+    assert out is not None  # repeats + 1 >= 1 requests ran
+    st = measured(out.stats).to_dict()
     return {"wall_s": statistics.median(walls[1:]), "walls_s": walls[1:], "positions": int(ids.shape[1]),
             "exchange_bytes": st["total_bytes"], "stage_bytes": st["stage_bytes"],
             "request_bytes": st["request_bytes"], "param_bytes": st["param_bytes"],
@@ -98,14 +101,14 @@ def rank0(args: argparse.Namespace) -> None:
     from ..cluster.rendezvous import Endpoint
     from ..runtime.decode import Link
 
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()}
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()}
     cfg = PrismConfig(**fields)
     spec = LaunchSpec(model=args.model, cache_dir=args.cache_dir, threads=1, timeout=300, startup_timeout=900)
     with Cluster(config=cfg, spec=spec, spawn=cfg.effective_devices == 1,
                  endpoint=Endpoint.parse(args.master, bind=args.bind)) as cluster:
         causal = cluster.adapter.geometry.causal
         mode = "last" if causal else ("pooled" if cluster.adapter.head == "classify" else "mean")
-        vocab, limit = int(cluster.model.config.vocab_size), _limit(cluster.model)
+        vocab, limit = cluster.adapter.vocab_size(), _limit(cluster.model)
         rows = []
         for length in args.lengths:
             if length > limit:
