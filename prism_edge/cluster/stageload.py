@@ -36,7 +36,7 @@ def staged(cfg: AnyConfig) -> bool:
 
 def layout_of(name: str, cache_dir: str | None, cfg: AnyConfig) -> StageLayout:
     """The stage layout `cfg` gives model `name`, from its skeleton (nothing but its config is read)."""
-    adapter = adapter_for(load_holding(name, cache_dir, NOTHING).model)
+    adapter = adapter_for(load_holding(name, cache_dir, NOTHING, processor=False).model)
     return layout_for(resolve(cfg, adapter.kind, name="config"), adapter)
 
 
@@ -46,10 +46,11 @@ def holding_of(layout: StageLayout, rank: int) -> Holding:
 
 
 def load_for_rank(name: str, cache_dir: str | None, cfg: AnyConfig, rank: int) -> Loaded:
-    """Device `rank`'s model: the whole model with one stage, else only its stage's tensors (the rest on meta)."""
+    """Device `rank`'s model: the whole model with one stage, else only its stage's tensors (the rest on meta).
+    Only rank 0 reads the tokenizer (or image processor): the workers receive token ids."""
     if not staged(cfg):
-        return load_model(name, cache_dir=cache_dir)
-    return load_holding(name, cache_dir, holding_of(layout_of(name, cache_dir, cfg), rank))
+        return load_model(name, cache_dir=cache_dir, processor=rank == 0)
+    return load_holding(name, cache_dir, holding_of(layout_of(name, cache_dir, cfg), rank), processor=rank == 0)
 
 
 def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -70,8 +71,8 @@ def serve_weights(group: dist.ProcessGroup, spec: LaunchSpec, cfg: AnyConfig, wo
     for r in takers:
         t0 = time.perf_counter()
         holding = holding_of(layout, r) if layout is not None else None
-        loaded = (load_holding(spec.model, spec.cache_dir, holding) if holding is not None
-                  else load_model(spec.model, cache_dir=spec.cache_dir))
+        loaded = (load_holding(spec.model, spec.cache_dir, holding, processor=False) if holding is not None
+                  else load_model(spec.model, cache_dir=spec.cache_dir, processor=False))
         held = holding or Holding.whole(adapter_for(loaded.model).geometry.layers)
         sent = offer(comm, r, json.dumps(hf_config_dict(loaded.model)), state_for(loaded.model, held),
                      timeout=spec.startup_timeout)

@@ -86,13 +86,13 @@ def _save_dequantised(model: PreTrainedModel, tokenizer, folder: Path) -> None:
     tmp.rename(folder / "model.safetensors")  # last, so a half-written cache is never loaded
 
 
-def _load_smollm2(cache_dir: Path | None) -> Loaded:
+def _load_smollm2(cache_dir: Path | None, processor: bool = True) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = cache_dir / "smollm2-135m-instruct" if cache_dir else None
     if cached is not None and (cached / "model.safetensors").exists():
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(cached)
+        tokenizer = AutoTokenizer.from_pretrained(cached) if processor else None
     else:
         folder = package_dir(*ALIASES["smollm2"])
         if importlib.util.find_spec("gguf") is None:
@@ -220,16 +220,19 @@ def _config_of(path: str | Path, name: str) -> Any:
         ) from None
 
 
-def _with_processor(model: nn.Module, config: Any, path: str | Path, name: str) -> Loaded:
-    """The model with its image processor (ViT, DINOv2) or tokenizer, when the checkpoint has one."""
+def _with_processor(model: nn.Module, config: Any, path: str | Path, name: str, processor: bool = True) -> Loaded:
+    """The model with its image processor (ViT, DINOv2) or tokenizer, when the checkpoint has one (and
+    `processor`)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
+    if not processor:
+        return Loaded(model, None, str(name))
     if config.model_type in IMAGE_TYPES:
         try:
-            processor = AutoImageProcessor.from_pretrained(path)
+            images = AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError, ImportError):  # no preprocessor config, or Pillow missing
-            processor = None
-        return Loaded(model, processor, str(name))
+            images = None
+        return Loaded(model, images, str(name))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
@@ -239,38 +242,40 @@ def _with_processor(model: nn.Module, config: Any, path: str | Path, name: str) 
     return Loaded(model, tokenizer, str(name))
 
 
-def load_model(name: str = "minilm", cache_dir: str | Path | None = None, holding: Holding | None = None) -> Loaded:
+def load_model(name: str = "minilm", cache_dir: str | Path | None = None, holding: Holding | None = None,
+               processor: bool = True) -> Loaded:
     """Load `name` (an alias above, a hub name or a local folder) in eval mode with its tokenizer.
-    holding: load only that pipeline stage's weights (load_holding); None loads the whole model."""
+    holding: load only that pipeline stage's weights (load_holding); None loads the whole model.
+    processor=False: no tokenizer / image processor (a worker receives token ids: ~60 MiB less for SmolLM2's)."""
     if isinstance(name, str) and name.endswith("/"):
         name = name.rstrip("/")
     if holding is not None:
-        return load_holding(name, cache_dir, holding)
+        return load_holding(name, cache_dir, holding, processor)
     cache = Path(cache_dir) if cache_dir is not None else None
     if name == "smollm2":
-        return _load_smollm2(cache)
+        return _load_smollm2(cache, processor)
     if name == "dinov2-s":
         return _load_dinov2(cache)
     if name.startswith("random:"):
-        loaded = load_model(str(_random_folder(name.split(":", 1)[1], cache)), cache)
+        loaded = load_model(str(_random_folder(name.split(":", 1)[1], cache)), cache, processor=processor)
         return Loaded(loaded.model, loaded.tokenizer, name)
     path = _path_of(name)
     config = _config_of(path, name)
     model = _weights(class_for(config), Path(path) if Path(path).is_dir() else None, path)
-    return _with_processor(model, config, path, str(name))
+    return _with_processor(model, config, path, str(name), processor)
 
 
 # --- one pipeline stage: only the weights a Holding owns (models/parts.py) ------------------------------------
 
-def _stage_from_folder(folder: Path, holding: Holding, name: str) -> Loaded:
+def _stage_from_folder(folder: Path, holding: Holding, name: str, processor: bool = True) -> Loaded:
     _require_safetensors(folder)
     config = _config_of(folder, name)
     model = skeleton(config)
     materialize(model, read_safetensors(folder, model, owned_names(adapter_for(model), holding)))
-    return _with_processor(model, config, folder, name)
+    return _with_processor(model, config, folder, name, processor)
 
 
-def _smollm2_stage(cache: Path | None, holding: Holding) -> Loaded:
+def _smollm2_stage(cache: Path | None, holding: Holding, processor: bool = True) -> Loaded:
     """SmolLM2's stage from the de-quantised cache, or, before the cache exists, straight from the GGUF file
     (only the stage's tensors de-quantised; the cache is written only by a whole-model load)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -279,30 +284,31 @@ def _smollm2_stage(cache: Path | None, holding: Holding) -> Loaded:
     if cached is not None and (cached / "model.safetensors").exists():
         model = skeleton(AutoConfig.from_pretrained(cached))
         materialize(model, read_safetensors(cached, model, owned_names(adapter_for(model), holding)))
-        return Loaded(model, AutoTokenizer.from_pretrained(cached), "smollm2")
+        return Loaded(model, AutoTokenizer.from_pretrained(cached) if processor else None, "smollm2")
     folder = package_dir(*ALIASES["smollm2"])
     if importlib.util.find_spec("gguf") is None:
         raise ValueError("loading SmolLM2 from GGUF needs the gguf package; run: pip install gguf accelerate")
     config = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = skeleton(config)
     materialize(model, read_gguf(folder / SMOLLM2_GGUF, model, owned_names(adapter_for(model), holding)))
-    return Loaded(model, AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF), "smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF) if processor else None
+    return Loaded(model, tokenizer, "smollm2")
 
 
-def load_holding(name: str, cache_dir: str | Path | None, holding: Holding) -> Loaded:
+def load_holding(name: str, cache_dir: str | Path | None, holding: Holding, processor: bool = True) -> Loaded:
     """Load `name` as load_model does, but only the weights `holding` owns: the model is a skeleton (models/parts.py)
     whose other parameters stay on meta, and only the owned tensors are read from the checkpoint."""
     name = name.rstrip("/")
     cache = Path(cache_dir) if cache_dir is not None else None
     if name == "smollm2":
-        return _smollm2_stage(cache, holding)
+        return _smollm2_stage(cache, holding, processor)
     if name == "dinov2-s":
         with _dinov2_folder(cache) as folder:
-            return _stage_from_folder(folder, holding, name)
+            return _stage_from_folder(folder, holding, name, processor)
     if name.startswith("random:"):
-        return _stage_from_folder(_random_folder(name.split(":", 1)[1], cache), holding, name)
+        return _stage_from_folder(_random_folder(name.split(":", 1)[1], cache), holding, name, processor)
     path = _path_of(name)
     if not Path(path).is_dir():
         raise ValueError(f"a partial load (holding=...) reads a local checkpoint folder; {name!r} is not one: "
                          "download it first, or load the whole model")
-    return _stage_from_folder(Path(path), holding, name)
+    return _stage_from_folder(Path(path), holding, name, processor)
