@@ -13,6 +13,8 @@ and random-weight models of standard shapes, for cost benchmarks (seeded, saved 
 every device process loads the same weights):
   random:bert-base   BERT-base shape (hidden 768, 12 layers, 12 heads), MiniLM's (BERT uncased) tokenizer
   random:gpt2        GPT-2 small shape (hidden 768, 12 layers), SmolLM2's tokenizer (its ids fit the vocab)
+  random:llama-400m  a Llama of 412 M parameters (hidden 1024, 24 layers, GQA 16/4 heads, tied head; 1.6 GB at
+                     float32), SmolLM2's tokenizer: weights that dwarf a device process's ~0.4 GB runtime
 """
 
 from __future__ import annotations
@@ -130,7 +132,11 @@ def _load_dinov2(cache_dir: Path | None) -> Loaded:
     return Loaded(loaded.model, loaded.tokenizer, "dinov2-s")
 
 
-RANDOM = {"bert-base": ("bert", "minilm"), "gpt2": ("gpt2", "smollm2")}
+RANDOM = {"bert-base": ("bert", "minilm"), "gpt2": ("gpt2", "smollm2"), "llama-400m": ("llama", "smollm2")}
+# shapes beyond the family's default config: a Llama whose weights (1.6 GB) dwarf a device process's runtime
+SHAPES: dict[str, dict[str, Any]] = {"llama-400m": dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
+    vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)}
 
 
 def _random_folder(shape: str, cache: Path | None) -> Path:
@@ -147,7 +153,8 @@ def _random_folder(shape: str, cache: Path | None) -> Path:
     if (folder / "model.safetensors").exists():
         return folder
     family, tokenizer_from = RANDOM[shape]
-    config = {"bert": transformers.BertConfig, "gpt2": transformers.GPT2Config}[family]()
+    config = {"bert": transformers.BertConfig, "gpt2": transformers.GPT2Config,
+              "llama": transformers.LlamaConfig}[family](**SHAPES.get(shape, {}))
     torch.manual_seed(0)
     model = getattr(transformers, DEFAULT_CLASS[family])(config)
     tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
