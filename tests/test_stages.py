@@ -206,7 +206,13 @@ def test_device_processes_equal_the_simulator_holding_only_their_stage(deep, nam
         assert s.input_bytes == r.input_bytes and s.output_bytes == r.output_bytes
         whole = held_bytes(model)
         assert all(b < whole for b in s.param_bytes), (s.param_bytes, whole)  # no device holds the whole model
-        if name == "llama-lm":
+        if name == "llama-lm":  # outputs `last`: the ring carries each sequence's last row only, the head runs on it
+            last = cluster(**inputs, outputs="last")
+            ends = mask.sum(1) - 1
+            want = ref.logits[torch.arange(len(ends)), ends]
+            assert (last.logits[:, 0] - want).abs().max().item() <= 1e-5
+            real, batch, d = int(mask.sum()), mask.shape[0], 64
+            assert last.stats.stage_bytes == s.stage_bytes - 4 * d * real + 4 * d * batch  # the ring: one row each
             ids = inputs["input_ids"][:1]
             for mode in ("local", "handoff", "distributed"):
                 got = cluster.generate(ids, max_new_tokens=5, decode=mode)

@@ -128,7 +128,8 @@ class Coordinator:
             self.comm.isend("input", p, meta, TAG_META, "request plan data")
             self.comm.isend("input", p, rows, TAG_INPUT, "request inputs")
         return run_device(self.adapter, req.cfg, req.plans, self.stages, req.batch, req.local, self.comm,
-                          overlap=self.overlap, count_flops=self.count_flops, keep_cache=keep_cache)
+                          overlap=self.overlap, count_flops=self.count_flops, keep_cache=keep_cache,
+                          outputs=req.header.mode)
 
     def worker_reports(self) -> list[DeviceReport]:
         """Every worker's own numbers for the request, rank order."""

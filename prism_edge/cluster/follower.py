@@ -130,7 +130,7 @@ def serve_worker(adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, ov
             local = wire.local_inputs(header, batch, plan, rank, rows)
         generating = header.op == wire.GENERATE
         run = run_device(adapter, run_cfg, plans, stages, batch, local, comm, overlap=overlap,
-                         count_flops=count_flops, keep_cache=generating, slowdown=slowdown,
+                         count_flops=count_flops, keep_cache=generating, slowdown=slowdown, outputs=header.mode,
                          fault=fault if fault is not None and fault.request == served + 1 else None)
         if run.error is not None:
             _report(rank, run.error, run.trace)

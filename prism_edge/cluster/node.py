@@ -28,7 +28,7 @@ from ..partition.stages import StageLayout
 from ..runtime import wire
 from ..runtime.device import DeviceExecutor
 from ..runtime.loop import Containment, Forward, describe_error
-from ..runtime.stages import handoff_expected, handoff_messages, handoff_rows
+from ..runtime.stages import handoff_expected, handoff_messages, handoff_rows, ring_keep
 from ..runtime.stats import STAGE, DeviceReport, FlopTally, peak_rss_kib
 from .transport import DistCommunicator
 
@@ -91,6 +91,7 @@ def run_device(
     fault: Fault | None = None,
     keep_cache: bool = False,
     slowdown: float = 0.0,
+    outputs: str = "all",
 ) -> DeviceRun:
     """This process's device for one request: embed (first stage) or take the previous stage's rows, every layer
     of its stage with its exchange, hand the rows on; the first stage then takes the last stage's rows back
@@ -100,6 +101,8 @@ def run_device(
     (a testing aid for heterogeneous devices): after each layer, sleep `slowdown` times the CPU time the
     layer took, so 1.0 makes this device run at half speed; the sleep counts as compute.  A failure inside
     the request leaves `error` set and `finals` empty, with every message of the request exchanged (_Loop).
+    outputs `last` (the request's output mode): only the last device of the first stage runs the head, on each
+    sequence's last row, and the last stage hands back only those rows.
     """
     device = next(p for p in adapter.model.parameters() if p.device.type != "meta").device
     st = layout.stage_of(comm.rank)
@@ -113,7 +116,7 @@ def run_device(
     assert run.tally is not None
     steps = Forward(dev, local, run.tally, overlap=overlap, contain=run, strike=fault.strike if fault else None,
                     rank=comm.rank)
-    hand = _Handoff(layout, plans, comm, dev, adapter) if layout.staged else None
+    hand = _Handoff(layout, plans, comm, dev, adapter, ring_keep(batch.valid, outputs)) if layout.staged else None
     run.compute_s, run.wait_s = [0.0] * adapter.geometry.layers, [0.0] * adapter.geometry.layers  # per model layer
     cpu0 = time.thread_time()
     with torch.inference_mode():
@@ -130,8 +133,10 @@ def run_device(
             hand.give(steps.x)
             if st.index == 0:
                 steps.resume(hand.take(run))
-        if st.index == 0:
+        if st.index == 0 and outputs != "last":
             run.finals = steps.finish()
+        elif st.index == 0 and dev.rank == plan.world - 1:  # outputs `last`: the head on the last rows only
+            run.finals = steps.finish(wire.last_rows(plan, dev.rank))
     run.cpu_s = time.thread_time() - cpu0
     return run
 
@@ -161,15 +166,18 @@ class _Handoff:
     stage: from the last, for the head) and the rows it hands the next, every byte counted under "stage"."""
 
     def __init__(self, layout: StageLayout, plans: list[Plan], comm: DistCommunicator, dev: DeviceExecutor,
-                 adapter: Adapter) -> None:
+                 adapter: Adapter, ring: Tensor | None = None) -> None:
+        """ring: the positions the last stage hands back to the first (None: all)."""
         self.layout, self.plans, self.comm, self.dev = layout, plans, comm, dev
         self.stage = layout.stage_of(comm.rank)
         self.src = layout.stages[self.stage.index - 1]  # the first stage's rows come back from the last
         self.dst = layout.next_stage(self.stage)
         param = next(p for p in adapter.model.parameters() if p.device.type != "meta")
         self.width, self.dtype = adapter.geometry.hidden, param.dtype
+        self.take_keep = ring if self.stage.index == 0 else None  # what comes back to the first stage
+        self.give_keep = ring if self.dst.index == 0 else None  # what the last stage hands back
         self.expected = handoff_expected(plans[self.src.index], self.src, plans[self.stage.index], dev.rank,
-                                         self.width, self.dtype)
+                                         self.width, self.dtype, self.take_keep)
         self.posted: dict = {}
         # a whole pipeline may run before the rows come back: allow every stage its time
         self.deadline_s = comm.timeout * len(layout.stages)
@@ -187,13 +195,13 @@ class _Handoff:
             incoming[src] = [buf for _, buf in works]
         like = torch.empty(1, self.width, dtype=self.dtype, device=self.dev.slice.index.device)
         return run.attempt("taking the previous stage's rows", handoff_rows, incoming, self.plans[self.src.index],
-                           self.src, self.plans[self.stage.index], self.dev.rank, like)
+                           self.src, self.plans[self.stage.index], self.dev.rank, like, self.take_keep)
 
     def give(self, x: Tensor | None) -> None:
         me, to = self.plans[self.stage.index], self.plans[self.dst.index]
         if x is None:  # failed here: zeros of the planned shapes keep the request in step
             x = torch.zeros(*me.devices[self.dev.rank].index.shape, self.width, dtype=self.dtype)
-        for g, message in handoff_messages(x, me, self.dev.rank, to, self.dst).items():
+        for g, message in handoff_messages(x, me, self.dev.rank, to, self.dst, self.give_keep).items():
             self.comm.isend(STAGE, g, message, wire.TAG_STAGE_ROWS, "stage hand-off rows")
 
 

@@ -212,10 +212,11 @@ def fit_memory(sizes: Sizes, devices: int, budget_mib: tuple[float, ...]) -> Sta
 
 
 # ---------------------------------------------------------------------------------------------- hand-offs
-def handoff_index(src_plan: Plan, p: int, dst_plan: Plan, q: int) -> tuple[Tensor, Tensor]:
+def handoff_index(src_plan: Plan, p: int, dst_plan: Plan, q: int, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(src rows, dst rows): flat indices into device p's (B * n_p) rows under `src_plan` and device q's
     (B * n_q) rows under `dst_plan` of the rows p hands q: every real row q computes (owned or an anchor copy)
-    whose position p owns.  In input order, so both ends agree without sending an index."""
+    whose position p owns, and (keep, a (B, N) mask of positions) that is kept.  In input order, so both ends
+    agree without sending an index."""
     a, b = src_plan.devices[p], dst_plan.devices[q]
     batch, n_a, n_b = a.index.shape[0], a.rows, b.rows
     length = int(max(a.index.max(), b.index.max())) + 1 if a.index.numel() and b.index.numel() else 1
@@ -224,11 +225,21 @@ def handoff_index(src_plan: Plan, p: int, dst_plan: Plan, q: int) -> tuple[Tenso
     bi, ri = a.owned.cpu().nonzero(as_tuple=True)
     owner[bi, a.index.cpu()[bi, ri]] = ri
     bj, rj = b.valid.cpu().nonzero(as_tuple=True)
-    src_row = owner[bj, b.index.cpu()[bj, rj]]
+    position = b.index.cpu()[bj, rj]
+    src_row = owner[bj, position]
     take = src_row >= 0
+    if keep is not None:
+        take &= keep.cpu()[bj, position]
     bj, rj, src_row = bj[take], rj[take], src_row[take]
     return bj * n_a + src_row, bj * n_b + rj
 
 
-__all__ = ["MIB", "Sizes", "Stage", "StageLayout", "balanced_split", "even_devices", "fit_memory", "handoff_index",
+def last_positions(valid: Tensor) -> Tensor:
+    """(B, N) mask of each sequence's last real position: all the first stage needs back for outputs `last`."""
+    n = valid.shape[1]
+    last = n - 1 - valid.long().flip(1).argmax(1)
+    return torch.zeros_like(valid, dtype=torch.bool).scatter_(1, last.unsqueeze(1), True)
+
+
+__all__ = ["last_positions", "MIB", "Sizes", "Stage", "StageLayout", "balanced_split", "even_devices", "fit_memory", "handoff_index",
            "stage_layout"]

@@ -237,7 +237,8 @@ def generate(
     sampling, stops = check_request(adapter, input_ids, max_new_tokens, sampling, stop_ids, on_token)
     device = next(model.parameters()).device
     run = resolve(cfg, adapter.kind).for_generation()  # once, here: the prefill and every decode step read this one
-    out, devs = run_devices(model, run, input_ids=input_ids.to(device), count_flops=False, keep_cache=True)
+    out, devs = run_devices(model, run, input_ids=input_ids.to(device), count_flops=False, keep_cache=True,
+                            outputs="last")  # as the device processes' prefill: only the last row's logits matter
     groups = [devs[st.first_rank:st.first_rank + st.devices] for st in layout_for(run, adapter).stages]
     last = groups[0][-1]
     mode = choose(decode, last.plan, last.request_positions, last.geo, last.codec.wire, max_new_tokens,

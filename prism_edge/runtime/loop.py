@@ -122,8 +122,12 @@ class Forward:
     def receive(self, i: int, incoming: dict[int, list[Tensor]]) -> None:
         self.x = self._run(i, "receive", self.dev.receive, i, self.state, incoming, self.own)
 
-    def finish(self) -> dict[str, Tensor]:
-        return self._run("head", "-", self.dev.final, self.x) or {}
+    def finish(self, rows: Tensor | None = None) -> dict[str, Tensor]:
+        """The head over every row, or (rows: (B,) one row per sequence) over those only: outputs (B, 1, ...)."""
+        x = self.x
+        if rows is not None and x is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), rows.to(x.device)].unsqueeze(1)
+        return self._run("head", "-", self.dev.final, x) or {}
 
     def zeros(self) -> dict[int, list[Tensor]]:
         """The layer's outgoing messages as zeros of their planned shapes (after a failure)."""

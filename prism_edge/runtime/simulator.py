@@ -14,7 +14,7 @@ from ..partition.stages import Stage, StageLayout
 from .comm import ByteLedger, LocalCommunicator
 from .device import DeviceExecutor
 from .loop import Forward
-from .stages import handoff_messages, handoff_rows, layout_for, plan_for, stage_plans
+from .stages import handoff_messages, handoff_rows, layout_for, plan_for, ring_keep, stage_plans
 from .wire import input_tensors, meta_tensors, output_tensors, request_header
 from .stats import STAGE, FlopTally, Stats
 
@@ -95,11 +95,13 @@ def run_devices(
     overlap: bool = False,
     sizes: tuple[int, ...] | None = None,
     keep_cache: bool = False,
+    outputs: str = "all",
     **inputs: Tensor | None,
 ) -> tuple[PrismOutput, list[DeviceExecutor]]:
     """`simulate` under a config resolved for the model (simulate and generate resolve it), also returning the
     per-device executors; with keep_cache they hold every layer's K/V after the forward, for decoding
-    (runtime.generate)."""
+    (runtime.generate).  outputs `last` (a generation's prefill): with pipeline stages only each sequence's
+    last row comes back to the first stage, as in the device processes (the other rows' outputs are junk)."""
     adapter = adapter if adapter is not None else adapter_for(model)
     batch = adapter.prepare(**inputs, sink_token_ids=cfg.sink_token_ids)
     layout = layout_for(cfg, adapter)
@@ -123,16 +125,17 @@ def run_devices(
         first = first or steps
         rows = [f.x for f in steps]  # type: ignore[misc]
     if layout.staged:  # the ring: the last stage's rows back to the first, where the head is
+        keep = ring_keep(batch.valid, outputs)  # outputs `last`: only each sequence's last row comes back
         for f in first:
-            f.x = _handed(rows, layout, 0, plans, f.dev, ledger)
+            f.x = _handed(rows, layout, 0, plans, f.dev, ledger, keep)
     finals = [f.finish() for f in first]
     for p in range(1, plan.world):
         for t in output_tensors(finals[p], plan, p, "all"):
             ledger.record("output", p, 0, t)
-    outputs = {name: scatter_rows([f[name] for f in finals], plan, B, N) for name in finals[0]}
-    outputs.update(tally.run("head", 0, adapter.pool, outputs))  # the first position lives on device 0
+    result = {name: scatter_rows([f[name] for f in finals], plan, B, N) for name in finals[0]}
+    result.update(tally.run("head", 0, adapter.pool, result))  # the first position lives on device 0
     stats = Stats.collect(layout.world, adapter.geometry.layers, ledger, tally)
-    return PrismOutput(**outputs, stats=stats, plan=plan), devs
+    return PrismOutput(**result, stats=stats, plan=plan), devs
 
 
 def _stage(st: Stage, plans: list[Plan], layout: StageLayout, adapter: Adapter, cfg: RunConfig, batch: Batch,
@@ -159,16 +162,16 @@ def _stage(st: Stage, plans: list[Plan], layout: StageLayout, adapter: Adapter, 
 
 
 def _handed(rows: list[Tensor], layout: StageLayout, to: int, plans: list[Plan], dev: DeviceExecutor,
-            ledger: ByteLedger) -> Tensor:
+            ledger: ByteLedger, keep: Tensor | None = None) -> Tensor:
     """Device `dev` of stage `to`: the rows the previous stage (for the first stage: the last) hands it, counted."""
     src = layout.stages[to - 1]  # index -1 for the first stage: the ring
     dst = layout.stages[to]
     q = dev.rank
     incoming = {}
     for p, x in enumerate(rows):
-        message = handoff_messages(x, plans[src.index], p, plans[to], dst).get(dst.first_rank + q)
+        message = handoff_messages(x, plans[src.index], p, plans[to], dst, keep).get(dst.first_rank + q)
         if message is not None:
             for t in message:
                 ledger.record(STAGE, src.first_rank + p, dst.first_rank + q, t)
             incoming[src.first_rank + p] = message
-    return handoff_rows(incoming, plans[src.index], src, plans[to], q, rows[0])
+    return handoff_rows(incoming, plans[src.index], src, plans[to], q, rows[0], keep)

@@ -17,7 +17,7 @@ from ..config import RunConfig
 from ..models import Adapter, Batch
 from ..models.base import Geometry
 from ..partition.plan import Plan, make_plan
-from ..partition.stages import Sizes, Stage, StageLayout, handoff_index, stage_layout
+from ..partition.stages import Sizes, Stage, StageLayout, handoff_index, last_positions, stage_layout
 from .device import row_cost
 
 
@@ -78,40 +78,48 @@ def stage_plans(batch: Batch, cfg: RunConfig, geo: Geometry, layout: StageLayout
 
 
 # --------------------------------------------------------------------------------------------- hand-offs
-def handoff_messages(x: Tensor, src_plan: Plan, p: int, dst_plan: Plan, dst: Stage) -> dict[int, list[Tensor]]:
-    """Device p's rows x (B, n_p, d) cut for the devices of stage `dst`: {global rank: [(k, d) rows]}."""
+def ring_keep(valid: Tensor, outputs: str) -> Tensor | None:
+    """The positions the last stage hands back to the first (where the head is): each sequence's last real
+    one for outputs `last`, else every position (None)."""
+    return last_positions(valid) if outputs == "last" else None
+
+
+def handoff_messages(x: Tensor, src_plan: Plan, p: int, dst_plan: Plan, dst: Stage,
+                     keep: Tensor | None = None) -> dict[int, list[Tensor]]:
+    """Device p's rows x (B, n_p, d) cut for the devices of stage `dst`: {global rank: [(k, d) rows]}.
+    keep: only these positions (B, N) (the ring back to the first stage, for outputs `last`)."""
     flat = x.reshape(-1, x.shape[-1])
     out = {}
     for q in range(dst.devices):
-        src_rows, _ = handoff_index(src_plan, p, dst_plan, q)
+        src_rows, _ = handoff_index(src_plan, p, dst_plan, q, keep)
         if src_rows.numel():
             out[dst.first_rank + q] = [flat[src_rows.to(flat.device)].detach().contiguous()]
     return out
 
 
-def handoff_expected(src_plan: Plan, src: Stage, dst_plan: Plan, q: int, width: int,
-                     dtype: torch.dtype) -> dict[int, list[tuple[tuple[int, ...], torch.dtype]]]:
+def handoff_expected(src_plan: Plan, src: Stage, dst_plan: Plan, q: int, width: int, dtype: torch.dtype,
+                     keep: Tensor | None = None) -> dict[int, list[tuple[tuple[int, ...], torch.dtype]]]:
     """{global rank of a sender in stage `src`: [(shape, dtype)]} of what device q of the next stage receives."""
     out: dict[int, list[tuple[tuple[int, ...], torch.dtype]]] = {}
     for p in range(src.devices):
-        _, dst_rows = handoff_index(src_plan, p, dst_plan, q)
+        _, dst_rows = handoff_index(src_plan, p, dst_plan, q, keep)
         if dst_rows.numel():
             out[src.first_rank + p] = [((int(dst_rows.numel()), width), dtype)]
     return out
 
 
 def handoff_rows(incoming: dict[int, list[Tensor]], src_plan: Plan, src: Stage, dst_plan: Plan, q: int,
-                 like: Tensor) -> Tensor:
-    """Device q's rows (B, n_q, d) from what the devices of stage `src` handed it (zeros at padding rows).
-    like: a tensor of the model's dtype and device."""
+                 like: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Device q's rows (B, n_q, d) from what the devices of stage `src` handed it (zeros at padding rows and at
+    positions not kept).  like: a tensor of the model's dtype and device."""
     sl = dst_plan.devices[q]
     batch, n = sl.index.shape
     x = like.new_zeros(batch * n, like.shape[-1])
     for g, tensors in incoming.items():
-        _, dst_rows = handoff_index(src_plan, g - src.first_rank, dst_plan, q)
+        _, dst_rows = handoff_index(src_plan, g - src.first_rank, dst_plan, q, keep)
         x[dst_rows.to(x.device)] = tensors[0].to(x.device, x.dtype)
     return x.view(batch, n, -1)
 
 
-__all__ = ["handoff_expected", "handoff_messages", "handoff_rows", "layout_for", "model_sizes", "plan_for",
+__all__ = ["ring_keep", "handoff_expected", "handoff_messages", "handoff_rows", "layout_for", "model_sizes", "plan_for",
            "stage_config", "stage_plans"]

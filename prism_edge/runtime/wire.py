@@ -170,6 +170,8 @@ def output_tensors(finals: dict[str, Tensor], plan: Plan, rank: int, mode: str) 
     position 0, which lives on rank 0).
     """
     sl = plan.devices[rank]
+    if not finals:  # outputs `last`: only the last device runs the head
+        return []
     valid = sl.owned.to(next(iter(finals.values())).device)  # anchor copies are answered by their owner
     out = []
     for name in sorted(finals):
@@ -177,11 +179,20 @@ def output_tensors(finals: dict[str, Tensor], plan: Plan, rank: int, mode: str) 
         if mode == "all":
             out.append(t[valid])
         elif mode == "last" and rank == plan.world - 1:
-            last = sl.valid.sum(1).to(valid.device) - 1  # owned rows come after any anchor copies
-            out.append(t[torch.arange(t.shape[0], device=t.device), last])
+            if t.shape[1] == sl.rows:  # every row's outputs (a device that failed sends zeros of this shape)
+                t = t[torch.arange(t.shape[0], device=t.device), last_rows(plan, rank).to(t.device)]
+            else:  # the head ran on the last rows only (B, 1, ...)
+                t = t[:, 0]
+            out.append(t)
         elif mode == "mean":
             out.append((t * valid.unsqueeze(-1).to(t.dtype)).sum(1))
     return [o.detach().cpu().contiguous() for o in out]
+
+
+def last_rows(plan: Plan, rank: int) -> Tensor:
+    """(B,) each sequence's last real row on device `rank` (owned rows come after any anchor copies): for
+    outputs `last`, the only rows of the last device whose outputs are returned."""
+    return plan.devices[rank].valid.sum(1) - 1
 
 
 Layout = dict[str, tuple[int, torch.dtype]]  # output name -> (width, dtype): cluster.node.output_layout
