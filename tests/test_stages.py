@@ -240,3 +240,58 @@ def test_workers_without_the_model_take_it_from_rank_0_once(deep, tmp_path, one_
         assert len(sent) == 2, logs
         if start == 2:  # every worker found its stage's tensors in its cache
             assert all("0.0 MB sent" in line and "cached" in line for line in sent), sent
+
+
+@torch.no_grad()
+def test_dinov2_stages_exact_at_cr1():
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=4,
+                                     image_size=28, patch_size=7)).eval()
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.2)  # layer scales and norms away from 1 and 0
+    px = torch.randn(2, 3, 28, 35, generator=torch.Generator().manual_seed(1))  # any size: 4 x 5 patches
+    ref = model(pixel_values=px)
+    for layout in (dict(stages=2), dict(stages=4), dict(stages=2, stage_devices=(3, 1))):
+        out = simulate(model, PrismConfig(devices=4, cr=1, **layout), pixel_values=px)
+        assert _worst(ref, out, None) <= TOL, layout
+
+
+@pytest.mark.slow
+def test_a_device_failing_in_a_later_stage_fails_only_that_request(deep, one_thread):
+    """Rank 3 (the second stage's last device) raises in layer 4 of request 1; rank 2 (the second stage's earlier
+    device) while answering a decode query in request 3: each request is refused naming the rank, and every stage
+    serves the next one as the simulator does."""
+    from prism_edge.cluster import Cluster, RequestError
+
+    model = tiny("llama-lm", layers=LAYERS)
+    inputs, mask = _inputs("llama-lm")
+    cfg = PrismConfig(devices=4, cr=4, stages=2)
+    ref = simulate(model, cfg, **inputs)
+    ids = inputs["input_ids"][:1]
+    env = {"PRISM_EDGE_FAULT": "3:raise@4#1,2:decode@4#3"}
+    with Cluster(deep["llama-lm"], cfg, timeout=20, worker_env=env) as cluster:
+        with pytest.raises(RequestError, match="rank 3 failed in layer 4: InjectedFault"):
+            cluster(**inputs)
+        out = cluster(**inputs)
+        assert (out.logits - ref.logits)[mask.bool()].abs().max().item() <= 1e-5
+        with pytest.raises(RequestError, match="rank 2 failed answering layer 4's decode query"):
+            cluster.generate(ids, max_new_tokens=5, decode="distributed")
+        want = generate(model, cfg, ids, max_new_tokens=5, decode="distributed").new_ids
+        assert cluster.generate(ids, max_new_tokens=5, decode="distributed").new_ids == want
+
+
+@pytest.mark.slow
+def test_a_lost_device_in_a_later_stage_stops_everyone(deep, one_thread, monkeypatch):
+    from prism_edge.cluster import Cluster, ClusterError
+
+    monkeypatch.setenv("PRISM_EDGE_FAULT", "2:die@4")  # a second-stage device dies in its first request
+    cluster = Cluster(deep["llama-lm"], PrismConfig(devices=4, cr=4, stages=2), timeout=3)
+    try:
+        with pytest.raises(ClusterError, match="rank 2"):
+            cluster(**_inputs("llama-lm")[0])
+        for rank in (1, 3):
+            assert cluster.workers.procs[rank].wait(timeout=30) == 3  # they stop on their own, naming the loss
+    finally:
+        cluster.close()
