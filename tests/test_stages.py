@@ -187,8 +187,8 @@ def deep(tmp_path_factory):
 
 
 @pytest.mark.fast_cases(layout=LAYOUTS[0], name="llama-lm")
-@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[3]], ids=_ids)
-@pytest.mark.parametrize("name", ["llama-lm", "bert"])
+@pytest.mark.parametrize("name, layout", [("llama-lm", LAYOUTS[0]), ("llama-lm", LAYOUTS[3]), ("bert", LAYOUTS[0])],
+                         ids=lambda v: v if isinstance(v, str) else _ids(v))
 def test_device_processes_equal_the_simulator_holding_only_their_stage(deep, name, layout, one_thread):
     from prism_edge.cluster import Cluster
     from prism_edge.models.parts import held_bytes

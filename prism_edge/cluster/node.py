@@ -122,21 +122,15 @@ def run_device(
     with torch.inference_mode():
         if hand is not None:
             hand.post()  # before anything: the previous stage's rows (and for the first stage, the ring's)
-        if st.index == 0:
-            steps.start()
-        else:
-            assert hand is not None
-            steps.resume(hand.take(run))
+        steps.start() if st.index == 0 else steps.resume(hand.take(run) if hand is not None else None)
         for i in st.layers:
             _layer(i, dev, steps, comm, run, offset, fault, slowdown)
         if hand is not None:
             hand.give(steps.x)
             if st.index == 0:
                 steps.resume(hand.take(run))
-        if st.index == 0 and outputs != "last":
-            run.finals = steps.finish()
-        elif st.index == 0 and dev.rank == plan.world - 1:  # outputs `last`: the head on the last rows only
-            run.finals = steps.finish(wire.last_rows(plan, dev.rank))
+        if st.index == 0 and (outputs != "last" or dev.rank == plan.world - 1):  # `last`: the last rows only
+            run.finals = steps.finish(wire.last_rows(plan, dev.rank) if outputs == "last" else None)
     run.cpu_s = time.thread_time() - cpu0
     return run
 
