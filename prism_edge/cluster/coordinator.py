@@ -23,7 +23,8 @@ from ..models.base import Batch
 from ..models.loading import IMAGE_TYPES
 from ..partition.plan import Plan
 from ..runtime import wire
-from .node import DeviceRun, describe_error, device_report, held_bytes, output_layout, run_device
+from ..models.parts import held_bytes
+from .node import DeviceRun, describe_error, device_report, output_layout, run_device
 from ..runtime.simulator import PrismOutput
 from ..runtime.stages import layout_for, stage_plans
 from ..runtime.stats import DeviceReport, Stats

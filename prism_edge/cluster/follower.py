@@ -20,7 +20,8 @@ from ..config import PrismConfig, RunConfig
 from ..models import Adapter, adapter_for
 from .stageload import load_for_rank, take_weights, to_device
 from ..runtime import wire
-from .node import Fault, device_report, held_bytes, output_layout, run_device
+from ..models.parts import held_bytes
+from .node import Fault, device_report, output_layout, run_device
 from .rendezvous import Endpoint
 from ..runtime.stages import layout_for, stage_plans
 from ..runtime.wire import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS

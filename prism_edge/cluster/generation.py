@@ -34,6 +34,7 @@ from torch import Tensor
 from ..runtime import decode as modes
 from ..runtime import wire
 from ..runtime.device import DeviceExecutor
+from ..models.parts import first_held
 from ..partition.stages import Stage, StageLayout
 from ..runtime.generate import Generation, TokenCallback, decode_loop, through_layers
 from ..runtime.wire import DecodeParams
@@ -413,8 +414,7 @@ class Relay(DistPeers):
         self.next = layout.next_stage(stage).last_rank
         self.to_first = stage.index == len(layout.stages) - 1
         self.wait_s = comm.timeout * len(layout.stages)
-        param = next(p for p in dev.adapter.model.parameters() if p.device.type != "meta")
-        self.dtype = param.dtype
+        self.dtype = first_held(dev.adapter.model).dtype
 
     def relay(self) -> None:
         width, distributed = self.dev.geo.hidden, self.params.mode == "distributed"

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..config import RunConfig
 from ..models import Adapter
+from ..models.parts import first_held
 from ..models.base import Batch
 from ..partition.plan import Plan
 from ..partition.stages import StageLayout
@@ -104,7 +105,7 @@ def run_device(
     outputs `last` (the request's output mode): only the last device of the first stage runs the head, on each
     sequence's last row, and the last stage hands back only those rows.
     """
-    device = next(p for p in adapter.model.parameters() if p.device.type != "meta").device
+    device = first_held(adapter.model).device
     st = layout.stage_of(comm.rank)
     if device.type != "cpu":
         plans, batch = [p.to(device) for p in plans], batch.to(device)
@@ -166,8 +167,7 @@ class _Handoff:
         self.stage = layout.stage_of(comm.rank)
         self.src = layout.stages[self.stage.index - 1]  # the first stage's rows come back from the last
         self.dst = layout.next_stage(self.stage)
-        param = next(p for p in adapter.model.parameters() if p.device.type != "meta")
-        self.width, self.dtype = adapter.geometry.hidden, param.dtype
+        self.width, self.dtype = adapter.geometry.hidden, first_held(adapter.model).dtype
         self.take_keep = ring if self.stage.index == 0 else None  # what comes back to the first stage
         self.give_keep = ring if self.dst.index == 0 else None  # what the last stage hands back
         self.expected = handoff_expected(plans[self.src.index], self.src, plans[self.stage.index], dev.rank,
@@ -199,20 +199,10 @@ class _Handoff:
             self.comm.isend(STAGE, g, message, wire.TAG_STAGE_ROWS, "stage hand-off rows")
 
 
-def held_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters and buffers this process holds (not on the meta device), a shared one once."""
-    seen: dict[int, Tensor] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type != "meta":
-            seen.setdefault(t.untyped_storage().data_ptr() if t.numel() else id(t), t)
-    return sum(t.numel() * t.element_size() for t in seen.values())
-
-
 def output_layout(adapter: Adapter) -> dict[str, tuple[int, torch.dtype]]:
     """Name -> (width, dtype) of every position-wise output of the model's head: what a device sends back
     for a request, known before any request (a device that failed sends zeros in this layout)."""
-    model = adapter.model
-    param = next(model.parameters())
+    param = first_held(adapter.model)
     with torch.inference_mode():
         probe = adapter.final(torch.zeros(1, 1, adapter.geometry.hidden, dtype=param.dtype, device=param.device))
     return {name: (int(t.shape[-1]), t.dtype) for name, t in probe.items()}
@@ -235,5 +225,5 @@ def device_report(comm: DistCommunicator, run: DeviceRun, layers: int, param_byt
     )
 
 
-__all__ = ["Containment", "DeviceRun", "Fault", "InjectedFault", "describe_error", "device_report", "held_bytes",
-           "output_layout", "run_device"]
+__all__ = ["Containment", "DeviceRun", "Fault", "InjectedFault", "describe_error", "device_report", "output_layout",
+           "run_device"]

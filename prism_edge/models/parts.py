@@ -144,6 +144,11 @@ def _storage_key(t: Tensor) -> tuple[int, int]:
     return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
 
 
+def first_held(model: nn.Module) -> Tensor:
+    """The first parameter this process holds (not on meta): where a stage's model runs, and at what dtype."""
+    return next(p for p in model.parameters() if not p.is_meta)
+
+
 def held_bytes(model: nn.Module) -> int:
     """Bytes of the materialised (not meta) parameters and buffers, each storage counted once."""
     seen: dict[tuple[int, int], int] = {}

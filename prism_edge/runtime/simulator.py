@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..config import PrismConfig, RunConfig, resolve
 from ..models import Adapter, Batch, adapter_for
+from ..models.parts import first_held
 from ..partition.plan import Plan
 from ..partition.stages import Stage, StageLayout
 from .comm import ByteLedger, LocalCommunicator
@@ -107,7 +108,7 @@ def run_devices(
     layout = layout_for(cfg, adapter)
     plans = stage_plans(batch, cfg, adapter.geometry, layout, sizes)
     plan = plans[0]  # the first stage's: it embeds the inputs and computes the outputs
-    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    device = first_held(model).device
     local_batch = batch.to(device)
     B, N = batch.valid.shape
     ledger, tally = ByteLedger(), FlopTally(count_flops)

@@ -16,6 +16,7 @@ from torch import Tensor
 from ..config import RunConfig
 from ..models import Adapter, Batch
 from ..models.base import Geometry
+from ..models.parts import part_bytes
 from ..partition.plan import Plan, make_plan
 from ..partition.stages import Sizes, Stage, StageLayout, handoff_index, last_positions, stage_layout
 from .device import row_cost
@@ -42,16 +43,11 @@ def plan_for(batch: Batch, cfg: RunConfig, geo: Geometry, sizes: tuple[int, ...]
 
 
 def model_sizes(adapter: Adapter) -> Sizes:
-    """Bytes of the model's parts as loaded: each layer's parameters, and the rest (embeddings, head; a tied
-    matrix once).  Parameters on the meta device count too, so a model's skeleton gives its sizes."""
-    layer_ids: set[int] = set()
-    per_layer = []
-    for layer in adapter.layers():
-        seen = {id(p): p for p in layer.parameters()}
-        layer_ids.update(seen)
-        per_layer.append(sum(p.numel() * p.element_size() for p in seen.values()))
-    rest = {id(p): p for p in adapter.model.parameters() if id(p) not in layer_ids}
-    return Sizes(sum(p.numel() * p.element_size() for p in rest.values()), tuple(per_layer))
+    """Bytes of the model's parts as loaded (models.parts.part_bytes): each layer, and what the first stage holds
+    besides its layers (embeddings and head, a tied matrix once).  Meta parameters count too, so a model's
+    skeleton gives its sizes."""
+    parts = part_bytes(adapter.model)
+    return Sizes(parts.embed + parts.head, parts.layers)
 
 
 def layout_for(cfg: RunConfig, adapter: Adapter) -> StageLayout:
