@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..config import AnyConfig, PrismConfig, RunConfig, resolve
 from ..models import adapter_for
+from ..runtime.stages import layout_for
 from .stageload import load_for_rank, serve_weights, to_device
 from ..runtime import wire
 from ..runtime.decode import Link, choose
@@ -111,7 +112,8 @@ class Cluster:
         self.agreement = Agreement(cfg, [])
         if self.world > 1:
             group = open_group(self.spec, cfg, endpoint, self.workers, spawn, worker_env, self.log)
-            serve_weights(group, self.spec, cfg, self.world, self.log)  # to workers started without the model
+            # to workers started without the model; the layout from rank 0's own (partial) model, no second skeleton
+            serve_weights(group, self.spec, layout_for(cfg, self.adapter), self.world, self.log)
             self._comm = DistCommunicator(group, 0, self.world, self.spec.timeout)
             self.agreement = agree(group, 0, self.world, self.model, self.adapter, cfg, self.spec)
             if self.agreement.probe_s is not None:

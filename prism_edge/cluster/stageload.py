@@ -58,23 +58,21 @@ def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model if torch.device(device).type == "cpu" else model.to(device)
 
 
-def serve_weights(group: dist.ProcessGroup, spec: LaunchSpec, cfg: AnyConfig, world: int,
+def serve_weights(group: dist.ProcessGroup, spec: LaunchSpec, layout: StageLayout, world: int,
                   log: Callable[[str], None]) -> None:
     """Rank 0, at start-up: learn which workers take their weights from here, and send each its stage's tensors
-    (nothing to a worker whose cache already holds them)."""
+    (nothing to a worker whose cache already holds them).  layout: the group's stages (one: the whole model)."""
     wanted = all_gather_floats(group, world, 0.0, spec.startup_timeout)
     takers = [r for r in range(1, world) if wanted[r] > 0]
     if not takers:
         return
     comm = DistCommunicator(group, 0, world, spec.startup_timeout)
-    layout = layout_of(spec.model, spec.cache_dir, cfg) if staged(cfg) else None
     for r in takers:
         t0 = time.perf_counter()
-        holding = holding_of(layout, r) if layout is not None else None
-        loaded = (load_holding(spec.model, spec.cache_dir, holding, processor=False) if holding is not None
+        holding = holding_of(layout, r)  # with one stage: the whole model
+        loaded = (load_holding(spec.model, spec.cache_dir, holding, processor=False) if layout.staged
                   else load_model(spec.model, cache_dir=spec.cache_dir, processor=False))
-        held = holding or Holding.whole(adapter_for(loaded.model).geometry.layers)
-        sent = offer(comm, r, json.dumps(hf_config_dict(loaded.model)), state_for(loaded.model, held),
+        sent = offer(comm, r, json.dumps(hf_config_dict(loaded.model)), state_for(loaded.model, holding),
                      timeout=spec.startup_timeout)
         log(f"weights for rank {r}: {sent / 1e6:.1f} MB sent in {time.perf_counter() - t0:.1f} s"
             + (" (it had them cached)" if sent == 0 else ""))
