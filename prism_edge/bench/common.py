@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from typing import Any
+
+
+def rank0_args(argv: Sequence[str], strings: Sequence[str], ints: Sequence[str] = (),
+               int_lists: Sequence[str] = ()) -> argparse.Namespace:
+    """The flags a bench passes to its own rank-0 process (`python -m prism_edge.bench.X --rank0 ...`): the
+    config, master, bind and model as strings, counts as integers, the emulated link's --mbit / --ms."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--rank0", action="store_true")
+    for name in strings:
+        p.add_argument("--" + name)
+    for name in ints:
+        p.add_argument("--" + name, type=int)
+    for name in int_lists:
+        p.add_argument("--" + name, type=int, nargs="+")
+    p.add_argument("--mbit", type=float)
+    p.add_argument("--ms", type=float)
+    return p.parse_args(list(argv))
 
 
 def free_port() -> int:

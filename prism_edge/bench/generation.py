@@ -43,7 +43,7 @@ from ..cluster.spec import LaunchSpec
 from ..eval.variants import variant_config
 from ..eval.tasks import heldout_prose
 from ..runtime.generate import Generation, generate
-from .common import Placement, free_port, run_ranks
+from .common import Placement, free_port, rank0_args, run_ranks
 from .options import GenerationOptions
 
 CHAT = [
@@ -293,17 +293,6 @@ def main(options: GenerationOptions, cache: Any = None) -> str:
     return timed(options, cache) if options.link else fidelity(options, cache)
 
 
-def _args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rank0", action="store_true")
-    for name in ("config", "master", "bind", "model", "decode", "cache-dir"):
-        p.add_argument("--" + name)
-    for name in ("length", "count", "new"):
-        p.add_argument("--" + name, type=int)
-    p.add_argument("--mbit", type=float)
-    p.add_argument("--ms", type=float)
-    return p.parse_args(argv)
-
-
 if __name__ == "__main__":
-    rank0(_args(sys.argv[1:]))
+    rank0(rank0_args(sys.argv[1:], ("config", "master", "bind", "model", "decode", "cache-dir"),
+                     ("length", "count", "new")))

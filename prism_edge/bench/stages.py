@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..cluster.spec import LaunchSpec
 from ..config import PrismConfig
-from .common import Placement, free_port, run_ranks
+from .common import Placement, free_port, rank0_args, run_ranks
 from .options import StagesOptions, parse_layout
 
 
@@ -273,18 +273,6 @@ def main(options: StagesOptions, cache: Any = None) -> str:
     return text
 
 
-def _args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    p.add_argument("--rank0", action="store_true")
-    for name in ("config", "master", "bind", "model", "cache-dir"):
-        p.add_argument("--" + name)
-    p.add_argument("--lengths", type=int, nargs="+")
-    for name in ("repeats", "new", "gen-length"):
-        p.add_argument("--" + name, type=int)
-    p.add_argument("--mbit", type=float)
-    p.add_argument("--ms", type=float)
-    return p.parse_args(argv)
-
-
 if __name__ == "__main__":
-    rank0(_args(sys.argv[1:]))
+    rank0(rank0_args(sys.argv[1:], ("config", "master", "bind", "model", "cache-dir"),
+                     ("repeats", "new", "gen-length"), ("lengths",)))
