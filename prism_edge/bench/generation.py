@@ -293,6 +293,10 @@ def main(options: GenerationOptions, cache: Any = None) -> str:
     return timed(options, cache) if options.link else fidelity(options, cache)
 
 
+def _args(argv: list[str]) -> argparse.Namespace:
+    """Rank 0's own flags (bench.common.rank0_args)."""
+    return rank0_args(argv, ("config", "master", "bind", "model", "decode", "cache-dir"), ("length", "count", "new"))
+
+
 if __name__ == "__main__":
-    rank0(rank0_args(sys.argv[1:], ("config", "master", "bind", "model", "decode", "cache-dir"),
-                     ("length", "count", "new")))
+    rank0(_args(sys.argv[1:]))

@@ -273,6 +273,11 @@ def main(options: StagesOptions, cache: Any = None) -> str:
     return text
 
 
+def _args(argv: list[str]) -> argparse.Namespace:
+    """Rank 0's own flags (bench.common.rank0_args)."""
+    return rank0_args(argv, ("config", "master", "bind", "model", "cache-dir"), ("repeats", "new", "gen-length"),
+                      ("lengths",))
+
+
 if __name__ == "__main__":
-    rank0(rank0_args(sys.argv[1:], ("config", "master", "bind", "model", "cache-dir"),
-                     ("repeats", "new", "gen-length"), ("lengths",)))
+    rank0(_args(sys.argv[1:]))
