@@ -29,7 +29,7 @@ LAYERS = (
                     "prism_edge.data")),
     ("models", ("prism_edge.models",)),
     ("partition", ("prism_edge.partition",)),
-    ("runtime", ("prism_edge.runtime",)),
+    ("runtime", ("prism_edge.runtime", "prism_edge.planning")),
     ("cluster", ("prism_edge.cluster",)),
     ("measurement", ("prism_edge.eval", "prism_edge.train", "prism_edge.finetune", "prism_edge.bench")),
     ("app", ("prism_edge.app", "prism_edge.__main__", "prism_edge.worker")),
