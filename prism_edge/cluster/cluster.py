@@ -14,8 +14,6 @@ slice, sends every other device only its own slice, and gathers what the output 
 from __future__ import annotations
 
 import atexit
-import dataclasses
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +42,9 @@ from .generation import run_generation
 from .heartbeat import Heartbeat
 from .procs import LocalWorkers
 from .startup import Agreement, agree, open_group
+from .replan import Replanner
+from .views import ClusterViews
+from ..planning import Candidate
 
 
 def _quiet(msg: str) -> None:
@@ -60,13 +61,14 @@ def _config(config: AnyConfig | None, devices: int | None, spec: LaunchSpec) -> 
     return cfg
 
 
-class Cluster:
+class Cluster(ClusterViews):
     """Rank 0 of a PRISM device group: keeps workers and weights loaded and serves many requests, one at a time.
 
     model: alias, hub name or folder every rank can load.  config: resolved once, for its kind, into `cfg`.
     settings: any other LaunchSpec field (threads, timeout, startup_timeout, overlap, count_flops, device, cache_dir,
-    verbose, fetch_weights, auto_weights), with its defaults; or the whole LaunchSpec as `spec`.  spawn: start the other devices as
-    local processes (False: they join through `endpoint`); worker_env: extra environment for spawned workers.
+    verbose, fetch_weights, plan, fidelity, auto_weights), with its defaults (plan "fixed": the config on every
+    device; "auto" probes at start-up and plans each request); or the whole LaunchSpec as `spec`.  spawn: start
+    the other devices as local processes (False: they join through `endpoint`); worker_env: extra environment for spawned workers.
     This process's own torch threads and exit hooks are the caller's: set_threads=True sets them to
     `threads` until close(), and close_at_exit=True closes the cluster when the interpreter exits.
     """
@@ -115,47 +117,54 @@ class Cluster:
             # to workers started without the model; the layout from rank 0's own (partial) model, no second skeleton
             serve_weights(group, self.spec, layout_for(cfg, self.adapter), self.world, self.log)
             self._comm = DistCommunicator(group, 0, self.world, self.spec.timeout)
-            self.agreement = agree(group, 0, self.world, self.model, self.adapter, cfg, self.spec)
+            self.agreement = agree(group, 0, self.world, self.model, self.adapter, cfg, self.spec, log=self.log)
             if self.agreement.probe_s is not None:
                 ms = " / ".join(f"{t * 1e3:.1f}" for t in self.agreement.probe_s)
                 self.log(f"weights auto: a {self.world}-device probe took {ms} ms per device -> weights "
                          + ", ".join(f"{w:g}" for w in self.agreement.cfg.weights or ()))
         self.cfg = self.agreement.cfg
         self.coordinator = Coordinator(self.adapter, self.cfg, self._comm, overlap=self.spec.overlap,
-                                       count_flops=self.spec.count_flops)
+                                       count_flops=self.spec.count_flops, plan=self.spec.plan,
+                                       fidelity=self.spec.fidelity)
+        self.replanner = Replanner(self.coordinator, self.adapter, self.cfg, self.spec, self.agreement.profile,
+                                   self.log)
 
     # ------------------------------------------------------------------ requests
     def __call__(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                  token_type_ids: Tensor | None = None, position_ids: Tensor | None = None,
-                 pixel_values: Tensor | None = None, outputs: str = "all", budget: float | None = None
-                 ) -> PrismOutput:
+                 pixel_values: Tensor | None = None, outputs: str = "all", budget: float | None = None,
+                 plan: str | Candidate | None = None, fidelity: str | float | None = None) -> PrismOutput:
         """Run one (batched) request across the devices.
 
         outputs: "all" (every position, like the model / simulate), "last" (each sequence's last real
         position: logits for the next token), "mean" (mean over real positions: sentence embeddings),
         "pooled" (pooler / classifier outputs only).  last and mean return (B, 1, width) tensors.
         budget: this request's byte budget, a fraction of Voltage's bytes (None: the cluster's config).
-        """
+        plan, fidelity: Coordinator.prepare's (None: the cluster's --plan, --fidelity).  The output's `planned`
+        says which plan ran, with its predicted and measured time."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                       position_ids=position_ids, pixel_values=pixel_values)
         with self._lock:
             self._check_usable()
-            req = self.coordinator.prepare(inputs, outputs, budget=budget)  # a bad request stops here, nothing sent
+            req = self.coordinator.prepare(inputs, outputs, budget=budget, plan=plan, fidelity=fidelity)
             with self._guard("request"):
                 return self.coordinator.forward(req)
 
     def generate(self, input_ids: Tensor, *, max_new_tokens: int = 32, sampling: Sampling | None = None,
                  stop_ids: tuple[int, ...] = (), on_token: TokenCallback | None = None, decode: str = "auto",
-                 link: Link | None = None, budget: float | None = None) -> Generation:
+                 link: Link | None = None, budget: float | None = None, plan: str | Candidate | None = None,
+                 fidelity: str | float | None = None) -> Generation:
         """Prefill one prompt (1, N) across the devices, then decode on the last device, which streams each
         new token id back (8 bytes per token).  on_token(id) is called as each arrives; returning True stops
         the generation (the last device stops within a few tokens).  decode: local | handoff | distributed |
         auto (runtime.decode; `link` is what auto assumes).  budget: the prefill's byte budget (None: the
-        config's generation budget).  Returns a Generation (its `mode` says which)."""
+        config's generation budget).  plan, fidelity: the prefill's, as for a forward.  Returns a Generation (its
+        `mode` says which, its `planned` the prefill's plan)."""
         sampling, stops = check_request(self.adapter, input_ids, max_new_tokens, sampling, stop_ids, on_token)
         with self._lock:
             self._check_usable()
-            req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=wire.GENERATE, budget=budget)
+            req = self.coordinator.prepare({"input_ids": input_ids}, "last", op=wire.GENERATE, budget=budget,
+                                           plan=plan, fidelity=fidelity)
             geo, dtype = self.adapter.geometry, req.cfg.wire_for(req.batch.longest)
             mode = choose(decode, req.plan, req.batch.positions, geo, dtype, max_new_tokens, link or Link())
             params = DecodeParams(max_new_tokens, sampling, stops, mode)
@@ -195,9 +204,18 @@ class Cluster:
         if self._broken or self._closed or self.world == 1:
             return
         try:
+            if self.replanner.due:
+                self.replanner.reprobe()
             self.coordinator.tell(wire.PING, range(1, self.world), "heartbeat")
         except DeviceLost as err:
             self._fail(str(err))
+
+    def reprobe(self) -> None:
+        """Run the start-up probes again on every device (between requests), and plan with what they find."""
+        with self._lock:
+            self._check_usable()
+            with self._guard("probe"):
+                self.replanner.reprobe()
 
     def _fail(self, reason: str) -> None:
         """A device is lost: note which local process died (if one did) and take the rest down."""
@@ -236,27 +254,3 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ------------------------------------------------------------------ read-only views
-    model_name = property(lambda self: self.spec.model)
-    threads = property(lambda self: self.spec.threads)
-    timeout = property(lambda self: self.spec.timeout)
-    overlap = property(lambda self: self.spec.overlap)
-    count_flops = property(lambda self: self.spec.count_flops)
-    requests = property(lambda self: self.coordinator.requests)
-
-    @property
-    def pids(self) -> dict[int, int]:
-        return {0: os.getpid(), **self.workers.pids}
-
-    @property
-    def alive(self) -> bool:
-        return not (self._broken or self._closed)
-
-    def describe(self) -> dict[str, Any]:
-        g = self.adapter.geometry
-        return {"model": self.model_name, "class": type(self.model).__name__, "devices": self.world,
-                "layers": g.layers, "hidden": g.hidden, "config": dataclasses.asdict(self.cfg),
-                "threads": self.threads, "timeout_s": self.timeout, "overlap": self.overlap, "device": str(self.device),
-                "auto_weights": self.spec.auto_weights, "requests": self.requests, "alive": self.alive,
-                "error": self._broken}

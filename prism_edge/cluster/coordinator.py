@@ -9,10 +9,11 @@ the request (a bug, out of memory) finishes its exchange with zeros and says so 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,6 +23,8 @@ from ..models import Adapter
 from ..models.base import Batch
 from ..models.loading import IMAGE_TYPES
 from ..partition.plan import Plan
+from ..partition.stages import StageLayout
+from ..planning import Candidate, Choice, Drift, Planner, candidate_config, check_fidelity, exchange_waits
 from ..runtime import wire
 from ..models.parts import held_bytes
 from .node import DeviceRun, describe_error, device_report, output_layout, run_device
@@ -42,8 +45,15 @@ class Request:
     plans: list[Plan]  # every pipeline stage's
     cfg: RunConfig  # the config this request runs under (its own budget; a generation's prefill budget)
     header: wire.Header
-    messages: list[tuple[list[Tensor], list[Tensor]]]  # per rank 1..: what it is sent (plan data, its inputs)
+    messages: list[tuple[list[Tensor], list[Tensor]]]  # per rank 1..world-1: what it is sent (plan data, inputs)
     local: dict[str, Tensor]  # device 0's own inputs
+    layout: StageLayout  # the request's stages over ranks 0..world-1
+    choice: Choice | None = None  # the planner's pick (None: the plan was given)
+
+    @property
+    def world(self) -> int:
+        """Devices taking part: ranks 0..world-1 (the others sit the request out)."""
+        return self.layout.world
 
 
 def check_inputs(inputs: dict[str, Tensor | None], family: str) -> dict[str, Tensor]:
@@ -65,11 +75,21 @@ def check_inputs(inputs: dict[str, Tensor | None], family: str) -> dict[str, Ten
     return given
 
 
-def request_config(cfg: RunConfig, op: int, budget: float | None) -> RunConfig:
-    """The config one request runs under: its own budget if it carries one; a generation's prefill at the
-    generation budget.  Rank 0 and every worker derive it alike from the request header."""
-    cfg = cfg.with_budget(budget)
-    return cfg.for_generation() if op == wire.GENERATE else cfg
+def request_config(cfg: RunConfig, header: wire.Header) -> RunConfig:
+    """The config one request runs under: on the devices, under the scheme and at the budget its header names
+    (the config's where it names none); a generation's prefill at the generation budget.  Rank 0 and every
+    taking-part worker derive it alike from the header."""
+    cand = Candidate(header.devices or cfg.effective_devices, header.scheme or cfg.scheme, header.budget)
+    if cand.devices == 1:
+        return candidate_config(cfg, cand)
+    cfg = candidate_config(cfg, Candidate(cand.devices, cand.scheme)).with_budget(header.budget)
+    return cfg.for_generation() if header.op == wire.GENERATE else cfg
+
+
+def request_layout(layout: StageLayout, cfg: RunConfig, layers: int) -> StageLayout:
+    """The stages of one request: the group's own when its devices hold only their layers, else one stage of
+    the request's devices."""
+    return layout if layout.staged else StageLayout.single(cfg.effective_devices, layers)
 
 
 class Coordinator:
@@ -80,7 +100,8 @@ class Coordinator:
     leaves them ready for the next request."""
 
     def __init__(self, adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, overlap: bool,
-                 count_flops: bool) -> None:
+                 count_flops: bool, plan: str = "fixed", fidelity: str | float = "high") -> None:
+        """plan, fidelity: what a request runs under unless it says (LaunchSpec's)."""
         self.adapter, self.cfg, self.comm = adapter, cfg, comm
         self.overlap, self.count_flops = overlap, count_flops
         self.requests = 0
@@ -88,17 +109,53 @@ class Coordinator:
         self.stages = layout_for(cfg, adapter)
         self.param_bytes = held_bytes(adapter.model)
         self.in_flight = False
+        self.planner: Planner | None = None  # set once the start-up probes ran (plan auto)
+        self.plan, self.fidelity = plan, check_fidelity(fidelity)
+        self.drift = Drift()
+        self.ping_every = comm.timeout / 3
 
     @property
     def world(self) -> int:
         return self.comm.world
 
     def prepare(self, inputs: dict[str, Tensor | None], outputs: str, op: int = wire.FORWARD,
-                budget: float | None = None) -> Request:
+                budget: float | None = None, plan: Candidate | str | None = None,
+                fidelity: str | float | None = None) -> Request:
         """Validate a request on rank 0, plan it and build every device's message (ValueError: nothing was sent).
-        budget: the request's own byte budget (None: the config's; every device derives the same plan)."""
+        budget: the request's own byte budget (None: the config's; every device derives the same plan).
+        plan: "fixed" runs the config on every device; a Candidate runs that; "auto" asks the planner for the
+        fastest candidate at `fidelity` (a budget given with it is the fidelity); None: the coordinator's plan
+        and fidelity."""
         if not isinstance(outputs, str) or outputs not in wire.OUTPUT_MODES:
             raise ValueError(f"unknown outputs {outputs!r}; choose one of {', '.join(wire.OUTPUT_MODES)}")
+        batch = self._batch(inputs)
+        self.cfg.with_budget(budget)  # refuses a bad budget before the header quantises it
+        choice, plan = None, self.plan if plan is None else plan
+        fidelity = self.fidelity if fidelity is None else check_fidelity(fidelity)
+        if plan == "auto":
+            if self.planner is None:
+                raise ValueError("plan 'auto' needs the start-up probes: start the cluster with plan='auto' "
+                                 "(--plan auto)")
+            choice = self.planner.choose(batch, outputs, budget if budget is not None else fidelity,
+                                         op == wire.GENERATE)
+            plan = choice.candidate
+        cand = self._check_plan(plan)
+        if cand is not None and cand.budget is not None:
+            budget = cand.budget
+        header = dataclasses.replace(wire.request_header(batch, 0, outputs), op=op,  # numbered when sent
+                                     budget_ppm=wire.budget_ppm(budget),
+                                     devices=cand.devices if cand is not None else 0,
+                                     scheme=cand.scheme if cand is not None and cand.scheme != self.cfg.scheme else "")
+        cfg = request_config(self.cfg, header)  # the plan as every worker reads it from the header
+        layout = request_layout(self.stages, cfg, self.adapter.geometry.layers)
+        plans = stage_plans(batch, cfg, self.adapter.geometry, layout)
+        plan0 = plans[0]
+        messages = [(wire.meta_tensors(batch, header), wire.input_tensors(batch, plan0, p) if p < plan0.world else [])
+                    for p in range(1, layout.world)]
+        return Request(batch, plan0, plans, cfg, header, messages, batch.gather(plan0.devices[0].index), layout,
+                       choice)
+
+    def _batch(self, inputs: dict[str, Tensor | None]) -> Batch:
         given = check_inputs(inputs, self.adapter.family)
         try:
             batch = self.adapter.prepare(**given, sink_token_ids=self.cfg.sink_token_ids)
@@ -108,15 +165,21 @@ class Coordinator:
         if n_pos and self.adapter.family not in IMAGE_TYPES and int(batch.positions.max()) >= n_pos:
             raise ValueError(f"position {int(batch.positions.max())} is beyond the model's {n_pos} positions; "
                              f"truncate the input to {n_pos} tokens")
-        self.cfg.with_budget(budget)  # refuses a bad budget before the header quantises it
-        header = dataclasses.replace(wire.request_header(batch, 0, outputs), op=op,  # numbered when sent
-                                     budget_ppm=wire.budget_ppm(budget))
-        cfg = request_config(self.cfg, op, header.budget)  # the budget as every worker reads it from the header
-        plans = stage_plans(batch, cfg, self.adapter.geometry, self.stages)
-        plan = plans[0]
-        messages = [(wire.meta_tensors(batch, header), wire.input_tensors(batch, plan, p) if p < plan.world else [])
-                    for p in range(1, self.world)]
-        return Request(batch, plan, plans, cfg, header, messages, batch.gather(plan.devices[0].index))
+        return batch
+
+    def _check_plan(self, plan: Candidate | str | None) -> Candidate | None:
+        if plan is None or plan == "fixed":
+            return None
+        if not isinstance(plan, Candidate):
+            raise ValueError(f"plan must be 'auto', 'fixed' or a Candidate, got {plan!r}")
+        if not 1 <= plan.devices <= self.world:
+            raise ValueError(f"plan devices must be 1..{self.world} (the devices of this cluster), got {plan.devices}")
+        if self.stages.staged and plan.devices != self.world:
+            raise ValueError(f"this cluster's devices hold only their pipeline stage's layers: every request runs on "
+                             f"all {self.world}; drop the plan's devices")
+        if plan.scheme not in wire.PLAN_SCHEMES:
+            raise ValueError(f"plan scheme must be one of {', '.join(wire.PLAN_SCHEMES)}, got {plan.scheme!r}")
+        return plan
 
     def start(self, req: Request, keep_cache: bool = False) -> DeviceRun:
         """Send every other device its header, plan data and slice; then run device 0's share."""
@@ -128,15 +191,32 @@ class Coordinator:
             self.comm.isend("control", p, [header.encode()], TAG_HEADER, "request header", count=False)
             self.comm.isend("input", p, meta, TAG_META, "request plan data")
             self.comm.isend("input", p, rows, TAG_INPUT, "request inputs")
-        return run_device(self.adapter, req.cfg, req.plans, self.stages, req.batch, req.local, self.comm,
+        return run_device(self.adapter, req.cfg, req.plans, req.layout, req.batch, req.local, self.comm,
                           overlap=self.overlap, count_flops=self.count_flops, keep_cache=keep_cache,
-                          outputs=req.header.mode)
+                          outputs=req.header.mode, tick=self.pinger(req))
 
-    def worker_reports(self) -> list[DeviceReport]:
-        """Every worker's own numbers for the request, rank order."""
+    def sitting_out(self, req: Request) -> list[int]:
+        """The workers a request leaves out: they wait for the next header and must be kept awake."""
+        return list(range(req.world, self.world))
+
+    def pinger(self, req: Request) -> Callable[[], None] | None:
+        """For rank 0's layer loop: a heartbeat to the workers sitting the request out, every ping_every s."""
+        idle = self.sitting_out(req)
+        if not idle:
+            return None
+        last = [time.monotonic()]
+
+        def tick() -> None:
+            if time.monotonic() - last[0] > self.ping_every:
+                self.tell(wire.PING, idle, "heartbeat")
+                last[0] = time.monotonic()
+        return tick
+
+    def worker_reports(self, req: Request) -> list[DeviceReport]:
+        """Every taking-part worker's own numbers for the request, rank order."""
         layers = self.adapter.geometry.layers
         raw = [self.comm.recv("control", p, [wire.report_buffer(layers)], TAG_STATS, "statistics", count=False)[0]
-               for p in range(1, self.world)]
+               for p in range(1, req.world)]
         return [wire.report_from(t) for t in raw]
 
     def stats(self, run: DeviceRun, workers: list[DeviceReport], t0: float) -> Stats:
@@ -166,7 +246,7 @@ class Coordinator:
         for p in range(1, plan.world):  # the first stage's devices hold the head
             bufs = wire.output_buffers(self.layout, plan, p, mode)
             parts.append(self.comm.recv("output", p, bufs, TAG_OUTPUT, "outputs"))
-        workers = self.worker_reports()
+        workers = self.worker_reports(req)
         self.comm.flush()
         self.settle(run, workers)
         try:
@@ -174,7 +254,20 @@ class Coordinator:
         except Exception as err:  # rank 0's own last step (the pooler): the devices are in step already
             raise RequestError([(0, describe_error(err, "assembling the outputs"))],
                                trace=traceback.format_exc()) from None
-        return PrismOutput(**result, stats=self.stats(run, workers, t0), plan=req.plan)
+        stats = self.stats(run, workers, t0)
+        return PrismOutput(**result, stats=stats, plan=req.plan, planned=self.planned(req, stats))
+
+    def planned(self, req: Request, stats: Stats | None) -> dict[str, Any]:
+        """What ran (the planner's pick, or the fixed plan), its predicted time and the measured one; the measured
+        exchange is checked against the model (drift: the probes run again between requests)."""
+        if req.choice is not None:
+            info = req.choice.to_dict()
+            self.drift.observe(req.choice.estimate.exchange_s, exchange_waits(stats.wait_s if stats else None))
+        else:
+            info = {"plan": "fixed", "devices": req.world, "scheme": req.cfg.scheme,
+                    "budget": req.header.budget, "predicted_ms": None}
+        info["measured_ms"] = round((stats.wall_s or 0.0) * 1e3, 1) if stats is not None else None
+        return info
 
     def _outputs(self, parts: list[list[Tensor]], names: list[str], req: Request, run: DeviceRun) -> dict[str, Tensor]:
         mode, plan, length = req.header.mode, req.plan, req.batch.valid.shape[1]

@@ -27,9 +27,10 @@ from ..runtime.stages import layout_for, stage_plans
 from ..runtime.wire import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS
 from .transport import DeviceLost, DistCommunicator
 from . import env
-from .coordinator import request_config
+from .coordinator import request_config, request_layout
 from .generation import serve_generation
 from .startup import agree, meet
+from .probes import probe_profile
 from .spec import LaunchSpec
 
 
@@ -81,8 +82,11 @@ def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | No
     comm = DistCommunicator(group, seat.rank, seat.world, spec.timeout)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if spec.verbose else None
     try:
+        def reprobe(c: DistCommunicator) -> None:  # rank 0 plans with its own copy of the profile
+            probe_profile(c.group, c.rank, c.world, adapter, agreed.cfg, spec.startup_timeout, slowdown)
+
         serve_worker(adapter, agreed.cfg, comm, overlap=spec.overlap, count_flops=spec.count_flops,
-                     fault=fault, slowdown=slowdown, log=log)
+                     fault=fault, slowdown=slowdown, log=log, reprobe=reprobe if spec.plan == "auto" else None)
     except DeviceLost as err:
         # the group is broken and may hold stuck operations: report and leave at once, never hang on exit
         print(f"prism-edge: error: {err}", file=sys.stderr, flush=True)
@@ -97,17 +101,19 @@ def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | No
 
 def serve_worker(adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, overlap: bool = True,
                  count_flops: bool = False, fault: Fault | None = None, slowdown: float = 0.0,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 reprobe: Callable[[DistCommunicator], None] | None = None) -> None:
     """Rank > 0: wait for requests from rank 0 until it says stop.
 
     Rank 0 sends a heartbeat header whenever it is idle, so silence longer than the timeout means the
     coordinator died or hung: DeviceLost.  fault (testing) strikes in its request only.  A failure
-    inside a request (cluster.node) is reported to rank 0 and the worker serves the next one.
+    inside a request (cluster.node) is reported to rank 0 and the worker serves the next one.  A request
+    header names the devices taking part: a worker left out hears nothing of it but heartbeats.  reprobe:
+    what a PROBE header runs (the start-up probes again, with every other rank).
     """
     rank, layers = comm.rank, adapter.geometry.layers
     stages = layout_for(cfg, adapter)
-    first = stages.stage_of(rank).index == 0  # embeds the inputs and holds the head
-    layout = output_layout(adapter) if first else {}
+    heads = output_layout(adapter) if stages.stage_of(rank).index == 0 else {}  # the first stage holds the head
     param_bytes = held_bytes(adapter.model)
     served = 0
     while True:
@@ -119,32 +125,37 @@ def serve_worker(adapter: Adapter, cfg: RunConfig, comm: DistCommunicator, *, ov
             if log:
                 log(f"rank {rank}: shut down by rank 0 after {served} request(s)")
             return
+        if header.op == wire.PROBE:
+            if reprobe is not None:
+                reprobe(comm)
+            continue
         comm.reset()
         batch = wire.batch_from_meta(header, comm.recv("input", 0, wire.meta_buffers(header), TAG_META,
                                                            "request plan data"))
-        run_cfg = request_config(cfg, header.op, header.budget)
-        plans = stage_plans(batch, run_cfg, adapter.geometry, stages)
+        run_cfg = request_config(cfg, header)
+        layout = request_layout(stages, run_cfg, layers)
+        plans = stage_plans(batch, run_cfg, adapter.geometry, layout)
         plan = plans[0]
+        first = layout.stage_of(rank).index == 0
         local = {}
         if first:
             rows = comm.recv("input", 0, wire.input_buffers(header, plan, rank), TAG_INPUT, "request inputs")
             local = wire.local_inputs(header, batch, plan, rank, rows)
-        generating = header.op == wire.GENERATE
-        run = run_device(adapter, run_cfg, plans, stages, batch, local, comm, overlap=overlap,
+        generating, strike = header.op == wire.GENERATE, fault if fault is not None and fault.request == served + 1 else None
+        run = run_device(adapter, run_cfg, plans, layout, batch, local, comm, overlap=overlap,
                          count_flops=count_flops, keep_cache=generating, slowdown=slowdown, outputs=header.mode,
-                         fault=fault if fault is not None and fault.request == served + 1 else None)
+                         fault=strike)
         if run.error is not None:
             _report(rank, run.error, run.trace)
         if not generating and first:
-            finals = run.finals if run.error is None else wire.zero_finals(layout, plan, rank)
+            finals = run.finals if run.error is None else wire.zero_finals(heads, plan, rank)
             comm.isend("output", 0, wire.output_tensors(finals, plan, rank, header.mode), TAG_OUTPUT,
                        "outputs")
         report = device_report(comm, run, layers, param_bytes)
         comm.isend("control", 0, [wire.report_tensor(report)], TAG_STATS, "statistics", count=False)
         comm.flush()
         if generating:
-            decoded = serve_generation(comm, run, stages,
-                                       fault if fault is not None and fault.request == served + 1 else None)
+            decoded = serve_generation(comm, run, layout, strike)
             if decoded.error is not None:
                 _report(rank, decoded.error, decoded.trace)
         served += 1

@@ -92,9 +92,9 @@ def run_generation(coord: Coordinator, req: Request, params: DecodeParams, promp
     """Rank 0: the prefill with every device, then the decode (here when rank 0 is the first stage's last
     device, else on that device)."""
     t0 = time.perf_counter()
-    comm, world, layout = coord.comm, coord.world, coord.stages
+    comm, world, layout = coord.comm, req.world, req.layout
     run = coord.start(req, keep_cache=True)
-    workers = coord.worker_reports()  # before the parameters: a failed prefill is not decoded
+    workers = coord.worker_reports(req)  # before the parameters: a failed prefill is not decoded
     failures = coord.failures(run, workers)
     for p in range(1, world):
         sent = DecodeParams.abandoned() if failures else params
@@ -110,7 +110,7 @@ def run_generation(coord: Coordinator, req: Request, params: DecodeParams, promp
     counters = [st.last_rank for st in layout.stages if st.last_rank != 0]  # who reports decode byte counts
     statuses = {p: comm.irecv(p, [wire.status_buffer()], wire.TAG_DECODE_STATUS, "decode status")
                 for p in range(1, world)}
-    idle = _idle(layout, params.mode)
+    idle = _idle(layout, params.mode) + coord.sitting_out(req)
     own: Containment
     if decoder == 0:  # rank 0 is the first stage (alone): it decodes, the later stages relay
         if world == 1:
@@ -145,6 +145,7 @@ def run_generation(coord: Coordinator, req: Request, params: DecodeParams, promp
     coord.in_flight = False
     if failures:
         raise RequestError(failures, trace=own.trace)
+    result.planned = coord.planned(req, result.prefill_stats)
     return listener.finish(result)
 
 

@@ -49,13 +49,15 @@ def fingerprint(model: nn.Module) -> tuple[str, dict[str, str]]:
     return h.hexdigest()[:32], values
 
 
-def identity(model: nn.Module, cfg: RunConfig, model_name: str, auto_weights: bool = False) -> dict:
-    """What a rank is: versions, config (weights "auto" when they are still to be measured), model fingerprint."""
+def identity(model: nn.Module, cfg: RunConfig, model_name: str, auto_weights: bool = False, plan: str = "fixed") -> dict:
+    """What a rank is: versions, config (weights "auto" when they are still to be measured; plan: whether every rank
+    takes part in the start-up probes), model fingerprint."""
     import transformers
 
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     if auto_weights:  # every rank must take part in timing the devices, or the start-up would hang
         config["weights"] = "auto"
+    config["plan"] = plan  # every rank must take part in the probes, or the start-up would hang
     structure, values = fingerprint(model)
     return {
         "prism_edge": __version__,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +94,7 @@ def run_device(
     keep_cache: bool = False,
     slowdown: float = 0.0,
     outputs: str = "all",
+    tick: Callable[[], None] | None = None,
 ) -> DeviceRun:
     """This process's device for one request: embed (first stage) or take the previous stage's rows, every layer
     of its stage with its exchange, hand the rows on; the first stage then takes the last stage's rows back
@@ -103,7 +105,8 @@ def run_device(
     layer took, so 1.0 makes this device run at half speed; the sleep counts as compute.  A failure inside
     the request leaves `error` set and `finals` empty, with every message of the request exchanged (_Loop).
     outputs `last` (the request's output mode): only the last device of the first stage runs the head, on each
-    sequence's last row, and the last stage hands back only those rows.
+    sequence's last row, and the last stage hands back only those rows.  tick: called after every layer (rank 0
+    keeps the devices that sit the request out awake with it).
     """
     device = first_held(adapter.model).device
     st = layout.stage_of(comm.rank)
@@ -126,6 +129,8 @@ def run_device(
         steps.start() if st.index == 0 else steps.resume(hand.take(run) if hand is not None else None)
         for i in st.layers:
             _layer(i, dev, steps, comm, run, offset, fault, slowdown)
+            if tick is not None:
+                tick()
         if hand is not None:
             hand.give(steps.x)
             if st.index == 0:

@@ -20,6 +20,19 @@ from ..config import PrismConfig, RunConfig
 from ..flags import add_dataclass_flags, config_args, dataclass_args, dataclass_from_args, flag_fields, option
 from ..flags import auto_weights as _auto_weights
 
+FIDELITIES = ("exact", "high", "balanced")
+
+
+def check_fidelity(value: Any) -> None:
+    """exact, high, balanced or a byte budget in (0, 1] (torch-free: the planner reads it as planning.check_fidelity)."""
+    try:
+        ok = value in FIDELITIES or 0 < float(value) <= 1
+    except (TypeError, ValueError):
+        ok = False
+    if isinstance(value, bool) or not ok:
+        raise ValueError(f"fidelity must be one of {', '.join(FIDELITIES)} or a byte budget in (0, 1], got {value!r}")
+
+
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -40,6 +53,12 @@ class LaunchSpec:
     fetch_weights: bool = option("a worker takes its (pipeline stage's) weights from rank 0 over the cluster link "
                                  "instead of a local copy; checked by hash and cached in --cache-dir, so its next "
                                  "start sends nothing", default=False)
+    plan: str = option("auto: probe the devices and links at start-up and run each request on the plan the cost "
+                       "model predicts fastest (devices 1..P) at --fidelity; fixed: every request on the config as "
+                       "given", default="fixed", choices=("auto", "fixed"))
+    fidelity: str = option("what --plan auto may trade for speed: exact (one device or Voltage), high (the config's "
+                           "fidelity), balanced (the smallest byte budget whose held-out fidelity meets the planner's "
+                           "floors), or a byte budget such as 0.1", default="high")
     # set by `--weights auto` (a PrismConfig flag), not a flag of its own
     auto_weights: bool = field(default=False, metadata={"flag": False})
 
@@ -51,6 +70,9 @@ class LaunchSpec:
                              f"startup_timeout={self.startup_timeout}")
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
             raise ValueError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N")
+        if self.plan not in ("auto", "fixed"):
+            raise ValueError(f"plan must be auto or fixed, got {self.plan!r}")
+        check_fidelity(self.fidelity)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be an alias, hub name or folder, got {self.model!r}")
 
@@ -60,9 +82,10 @@ class LaunchSpec:
         return flag_fields(LaunchSpec)
 
     @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser, model_default: str | None = None) -> None:
-        """One flag per field; defaults from the dataclass (model_default: a command's own default model)."""
-        add_dataclass_flags(parser, cls, {"model": model_default} if model_default else None)
+    def add_flags(cls, parser: argparse.ArgumentParser, model_default: str | None = None,
+                  defaults: Mapping[str, Any] | None = None) -> None:
+        """One flag per field; defaults from the dataclass (model_default, defaults: a command's own)."""
+        add_dataclass_flags(parser, cls, {**({"model": model_default} if model_default else {}), **(defaults or {})})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LaunchSpec":

@@ -17,6 +17,9 @@ from ..config import RunConfig
 from ..models import Adapter
 from .rendezvous import Endpoint, join_group, open_store, take_seat
 from .calibrate import agree_weights, probe_in_turn, time_forward
+from .probes import probe_profile
+from ..planning import Profile, speed_weights
+from ..runtime.stages import layout_for
 from .handshake import check, identity
 from .spec import LaunchSpec
 from .procs import LocalWorkers
@@ -29,17 +32,25 @@ class Agreement:
     cfg: RunConfig  # with the measured weights under --weights auto
     handshake: list[dict]  # every rank's identity document, rank order
     probe_s: tuple[float, ...] | None = None  # every rank's probe forward time (--weights auto)
+    profile: Profile | None = None  # every device's speed and memory, every link (--plan auto)
 
 
 def agree(group: dist.ProcessGroup, rank: int, world: int, model: nn.Module, adapter: Adapter, cfg: RunConfig,
-          spec: LaunchSpec, slowdown: float = 0.0) -> Agreement:
-    """The handshake, then (auto weights) time this device and take the weights rank 0 broadcasts."""
-    docs = check(group, rank, world, identity(model, cfg, spec.model, spec.auto_weights), spec.startup_timeout)
-    if not spec.auto_weights or cfg.effective_devices == 1:
-        return Agreement(cfg, docs)
-    seconds = probe_in_turn(group, rank, world, lambda: time_forward(adapter, cfg, slowdown), spec.startup_timeout)
-    times, weights = agree_weights(group, rank, world, seconds, spec.startup_timeout)
-    return Agreement(cfg.replace(weights=weights), docs, times)
+          spec: LaunchSpec, slowdown: float = 0.0, log: Callable[[str], None] | None = None) -> Agreement:
+    """The handshake, then (auto weights) time this device and take the weights rank 0 broadcasts, then (plan
+    auto) probe every device and link; without weights of their own, the slices follow the probed speeds."""
+    docs = check(group, rank, world, identity(model, cfg, spec.model, spec.auto_weights, spec.plan), spec.startup_timeout)
+    times = None
+    if spec.auto_weights and cfg.effective_devices > 1:
+        seconds = probe_in_turn(group, rank, world, lambda: time_forward(adapter, cfg, slowdown), spec.startup_timeout)
+        times, weights = agree_weights(group, rank, world, seconds, spec.startup_timeout)
+        cfg = cfg.replace(weights=weights)
+    profile = None
+    if spec.plan == "auto":
+        profile = probe_profile(group, rank, world, adapter, cfg, spec.startup_timeout, slowdown, log)
+        if cfg.weights is None and cfg.effective_devices > 1 and not layout_for(cfg, adapter).staged:
+            cfg = cfg.replace(weights=speed_weights(profile))  # the same on every rank: the same profile
+    return Agreement(cfg, docs, times, profile)
 
 
 def meet(endpoint: Endpoint, rank: int, world: int, spec: LaunchSpec, agent_store: bool = False,

@@ -195,3 +195,28 @@ def broadcast_floats(group: dist.ProcessGroup, values: list[float], timeout: flo
     opts.rootRank, opts.rootTensor = 0, 0
     group.broadcast([t], opts).wait(timedelta(seconds=timeout))
     return [float(v) for v in t]
+
+
+def ping_pong(group: dist.ProcessGroup, peer: int, lead: bool, nbytes: int, rounds: int, timeout: float
+              ) -> list[float]:
+    """`rounds` round trips of `nbytes` with `peer` (the lead sends first and times them; the other echoes):
+    the lead's seconds per round trip, the other's list empty.  A link probe (cluster/probes.py)."""
+    wait = timedelta(seconds=timeout)
+    buf = torch.zeros(max(1, nbytes), dtype=torch.uint8)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        if lead:
+            group.send([buf], peer, 7).wait(wait)
+            group.recv([buf], peer, 8).wait(wait)
+            times.append(time.perf_counter() - t0)
+        else:
+            group.recv([buf], peer, 7).wait(wait)
+            group.send([buf], peer, 8).wait(wait)
+    return times
+
+
+def exchange_int(group: dist.ProcessGroup, peer: int, lead: bool, value: Tensor, timeout: float) -> None:
+    """The lead's one-element int64 `value` into its partner's (a link probe's payload size)."""
+    wait = timedelta(seconds=timeout)
+    (group.send([value], peer, 9) if lead else group.recv([value], peer, 9)).wait(wait)

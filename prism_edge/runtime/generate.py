@@ -47,6 +47,7 @@ class Generation:
     stage_bytes: int = 0  # pipeline stages: each new position's hidden row from stage to stage and back
     stopped_by: str = "max_new_tokens"
     logits: list[Tensor] = field(default_factory=list)  # (V,) per new token, when keep_logits
+    planned: dict | None = None  # a cluster's plan for the prefill: which ran, predicted and measured ms
 
     @property
     def prefill_bytes(self) -> int:

@@ -32,6 +32,7 @@ class PrismOutput:
     logits: Tensor | None = None
     stats: Stats | None = None
     plan: Plan | None = None
+    planned: dict | None = None  # a cluster's plan for the request: which ran, predicted and measured ms
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -136,7 +137,7 @@ def run_devices(
     result = {name: scatter_rows([f[name] for f in finals], plan, B, N) for name in finals[0]}
     result.update(tally.run("head", 0, adapter.pool, result))  # the first position lives on device 0
     stats = Stats.collect(layout.world, adapter.geometry.layers, ledger, tally)
-    return PrismOutput(**result, stats=stats, plan=plan), devs
+    return PrismOutput(**result, stats=stats, plan=plan, planned=None), devs
 
 
 def _stage(st: Stage, plans: list[Plan], layout: StageLayout, adapter: Adapter, cfg: RunConfig, batch: Batch,

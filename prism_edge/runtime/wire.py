@@ -3,7 +3,8 @@
 Every message is a plain tensor of a known dtype and shape; nothing is pickled.  Each travels with a tag
 (the j-th tensor of a message with tag + j).  A request:
 
-  header     (16,) int64    op, request number, shapes, output mode, input keys   -- rank 0 -> every device
+  header     (18,) int64    op, request number, shapes, output mode, input keys, budget, the plan's devices
+                            and scheme                                     -- rank 0 -> every device taking part
   meta, positions, inputs   (below)                                            -- rank 0 -> devices
   layer i    (rows, width)  per route: message.py                              -- device -> device
   outputs    what the output mode needs                                        -- devices -> rank 0
@@ -43,9 +44,11 @@ from .modes import DECODE_MODES, OUTPUT_MODES
 from .sampling import Sampling
 from .stats import DeviceReport
 
-HEADER_LEN = 16
+HEADER_LEN = 18
 MAGIC = 0x5052534D  # "PRSM": a desynchronised or foreign peer fails loudly, not silently
-PING, FORWARD, SHUTDOWN, GENERATE = 1, 2, 3, 4  # GENERATE: a FORWARD (prefill), then the last device decodes
+PING, FORWARD, SHUTDOWN, GENERATE, PROBE = 1, 2, 3, 4, 5  # GENERATE: a FORWARD (prefill), then the last device decodes;
+# PROBE: every device re-runs the start-up probes (cluster/probes.py)
+PLAN_SCHEMES = ("prism", "voltage", "full")  # a header's scheme code - 1 (0: the config's)
 INPUT_KEYS = ("input_ids", "token_type_ids", "patches")  # position in this tuple is the wire code
 MAX_KEYS = 3
 
@@ -60,6 +63,8 @@ class Header:
     mode: str = "all"
     keys: tuple[tuple[str, int], ...] = ()  # (input name, values per position; 0 = one scalar)
     budget_ppm: int = 0  # the request's own byte budget in millionths of Voltage's bytes (0: the config's)
+    devices: int = 0  # the request runs on ranks 0..devices-1 (0: every device); the others sit it out
+    scheme: str = ""  # the request's scheme ("": the config's)
 
     @property
     def budget(self) -> float | None:
@@ -73,6 +78,8 @@ class Header:
         for i, (name, width) in enumerate(self.keys):
             t[8 + 2 * i], t[9 + 2 * i] = INPUT_KEYS.index(name), width
         t[8 + 2 * MAX_KEYS] = self.budget_ppm
+        t[9 + 2 * MAX_KEYS] = self.devices
+        t[10 + 2 * MAX_KEYS] = PLAN_SCHEMES.index(self.scheme) + 1 if self.scheme else 0
         return t
 
     @classmethod
@@ -81,7 +88,9 @@ class Header:
         if v[0] != MAGIC:
             raise RuntimeError(f"received a malformed request header (magic {v[0]:#x}); the ranks are out of step")
         keys = tuple((INPUT_KEYS[v[8 + 2 * i]], v[9 + 2 * i]) for i in range(v[7]))
-        return cls(v[1], v[2], v[3], v[4], bool(v[5]), OUTPUT_MODES[v[6]], keys, v[8 + 2 * MAX_KEYS])
+        scheme = v[10 + 2 * MAX_KEYS]
+        return cls(v[1], v[2], v[3], v[4], bool(v[5]), OUTPUT_MODES[v[6]], keys, v[8 + 2 * MAX_KEYS],
+                   v[9 + 2 * MAX_KEYS], PLAN_SCHEMES[scheme - 1] if scheme else "")
 
 
 def empty_header() -> Tensor:
