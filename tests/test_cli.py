@@ -30,9 +30,13 @@ def test_launch_spec_gives_the_flags_and_the_worker_command_line():
     """One LaunchSpec: its flags parse back to itself, and a worker started from its command line gets the
     very same spec and config (the defaults are written once, in the dataclass)."""
     parser = build_parser()
-    assert LaunchSpec.from_args(parser.parse_args(["launch"])) == LaunchSpec()
+    # the command line plans each request; the Python API's default runs the config as given
+    assert LaunchSpec.from_args(parser.parse_args(["launch"])) == LaunchSpec(plan="auto")
+    assert LaunchSpec.from_args(parser.parse_args(["launch", "--plan", "fixed"])) == LaunchSpec()
+    with pytest.raises(ValueError, match="fidelity must be one of exact, high, balanced"):
+        LaunchSpec(fidelity="fast")
     spec = LaunchSpec(model="smollm2", threads=2, timeout=7.5, overlap=False, count_flops=True, cache_dir="/c",
-                      auto_weights=True)
+                      auto_weights=True, fidelity="0.1")
     cfg = PrismConfig(devices=3, cr=8, sinks=False, wire_dtype="float16")
     cmd = spec.worker_command(cfg, 2, 3, "10.0.0.1:29500", "10.0.0.3", ["--json"])
     assert cmd[1:3] == ["-m", "prism_edge.worker"]

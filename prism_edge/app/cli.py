@@ -2,6 +2,7 @@
 
   prism-edge launch              the bundled default: real MiniLM-L6 across 4 local device processes
   prism-edge launch --serve 127.0.0.1:8000    keep the devices up and serve HTTP (JSON and OpenAI-compatible)
+  prism-edge plan --model M --devices P   probe the devices and links; each candidate plan's predicted time
   prism-edge worker --rank R --world-size W --master HOST:PORT    one device of a multi-machine group
   prism-edge run                 the in-process simulator: full vs Voltage vs PRISM on the same input
   prism-edge generate "prompt"   stream text from SmolLM2 split across devices (prefill + KV-cache decode)
@@ -30,6 +31,10 @@ from ..cluster.env import DEBUG_ENV
 from ..bench.options import BENCHES, benches_with
 from ..flags import add_config_flags
 from ..cluster.spec import LaunchSpec
+
+
+# the command line plans each request (the Python API's Cluster runs its config unless asked: plan="auto")
+COMMAND_DEFAULTS = {"plan": "auto"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -121,9 +126,21 @@ def _simulator_commands(sub: typing.Any) -> None:
 def _device_commands(sub: typing.Any) -> None:
     launch = sub.add_parser("launch", help="start one process per device on this machine and run requests")
     add_request_flags(launch)
-    LaunchSpec.add_flags(launch)
+    LaunchSpec.add_flags(launch, defaults=COMMAND_DEFAULTS)
     add_config_flags(launch)
     _command(launch, "prism_edge.app.launch:cmd_launch")
+
+    plan = sub.add_parser("plan", help="probe the devices and links, and show each candidate plan's predicted time "
+                                       "(and with --measure, its measured one) for requests of several lengths")
+    plan.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1024],
+                      help="request lengths in positions (beyond the model's limit: skipped)")
+    plan.add_argument("--measure", type=int, default=0, metavar="N",
+                      help="also run every candidate N times (after a warm-up) and show the median")
+    plan.add_argument("--outputs", choices=OUTPUT_MODES, help="output mode of the requests (default: the model's)")
+    plan.add_argument("--json", action="store_true", help="print the probes and the rows as JSON")
+    LaunchSpec.add_flags(plan, defaults=COMMAND_DEFAULTS)
+    add_config_flags(plan)
+    _command(plan, "prism_edge.app.plan:cmd_plan")
 
     worker = sub.add_parser("worker", help="one device process of a group (also: python -m prism_edge.worker)")
     worker.add_argument("--rank", type=int, help="this device's rank (default: $RANK, as set by torchrun)")
@@ -132,7 +149,7 @@ def _device_commands(sub: typing.Any) -> None:
     worker.add_argument("--bind", help="local address whose interface gloo uses (default: the hostname's)")
     worker.add_argument("--iface", help="network interface gloo uses, e.g. eth0 (like GLOO_SOCKET_IFNAME)")
     add_request_flags(worker)
-    LaunchSpec.add_flags(worker)
+    LaunchSpec.add_flags(worker, defaults=COMMAND_DEFAULTS)
     add_config_flags(worker)
     worker.set_defaults(devices=None)  # the group's size
     _command(worker, "prism_edge.app.launch:cmd_worker")

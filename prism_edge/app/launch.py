@@ -84,13 +84,15 @@ def drive(cluster: Cluster, args: argparse.Namespace) -> int:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     inputs, _ = build_request(cluster.loaded, args.text, args.text_file, args.image, args.max_length)
     mode = args.outputs or default_mode(cluster)
-    outs = [cluster(**inputs, outputs=mode, budget=None) for _ in range(args.repeat)]  # the config's budget
+    # the config's budget; the cluster's --plan and --fidelity
+    outs = [cluster(**inputs, outputs=mode, budget=None, plan=None, fidelity=None) for _ in range(args.repeat)]
     stats = measured(outs[-1].stats)
     walls = [measured(o.stats).wall_s or 0.0 for o in outs]
     if args.json:
-        print(json.dumps({"cluster": cluster.describe(), "mode": mode, "wall_s": walls, "stats": stats.to_dict()}))
+        print(json.dumps({"cluster": cluster.describe(), "mode": mode, "wall_s": walls, "stats": stats.to_dict(),
+                          "planned": outs[-1].planned}))
         return 0
-    for line in _summary(cluster, inputs, mode, walls):
+    for line in _summary(cluster, inputs, mode, walls) + _plan_lines(outs[-1].planned):
         print(line)
     stages = cluster.coordinator.stages
     if stages.staged:  # rank 0 holds only its stage: no unpartitioned model here to compare with
@@ -107,6 +109,15 @@ def drive(cluster: Cluster, args: argparse.Namespace) -> int:
     print(f"\non the wire: {fmt_bytes(stats.request_bytes)} = exchange {fmt_bytes(stats.total_bytes)}{staged} + inputs "
           f"{fmt_bytes(sum(stats.input_bytes or ()))} + outputs {fmt_bytes(sum(stats.output_bytes or ()))}")
     return 0
+
+
+def _plan_lines(planned: dict | None) -> list[str]:
+    """The plan that ran: the planner's pick with its predicted and measured time, and what it weighed."""
+    if not planned or planned.get("predicted_ms") is None:
+        return []
+    weighed = ", ".join(f"{label} {ms:,.0f}" for label, ms in planned.get("candidates", {}).items())
+    return [f"plan     auto (fidelity {planned['fidelity']}): {planned['plan']}, predicted {planned['predicted_ms']:,.1f} "
+            f"ms, measured {planned['measured_ms']:,.1f} ms; predicted ms of the candidates weighed: {weighed}"]
 
 
 def _summary(cluster: Cluster, inputs: dict[str, torch.Tensor], mode: str, walls: list[float]) -> list[str]:

@@ -66,6 +66,19 @@ def request_budget(body: dict[str, Any]) -> float | None:
     return None if budget is None else float(budget)
 
 
+def request_fidelity(body: dict[str, Any]) -> str | float | None:
+    """The optional "fidelity" field: what a server planning each request (--plan auto) may trade for speed, exact,
+    high, balanced or a byte budget; None: the server's --fidelity."""
+    value = body.get("fidelity")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not (value in ("exact", "high", "balanced")
+                                       or (isinstance(value, (int, float)) and 0 < value <= 1)):
+        raise BadField("fidelity", '"fidelity" must be "exact", "high", "balanced" or a byte budget above 0 and at '
+                                   f"most 1, got {value!r:.60}")
+    return value if isinstance(value, str) else float(value)
+
+
 def decode_mode(body: dict[str, Any]) -> str:
     """The optional "decode" field of a generation request (runtime.decode.MODES)."""
     mode = field(body, "decode", str, "auto")

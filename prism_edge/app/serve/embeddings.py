@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...models.loading import IMAGE_TYPES
 from ...cluster import Cluster
-from .api import BadField, field, request_budget
+from .api import BadField, field, request_budget, request_fidelity
 from .openai_api import check_model, prism_figures
 from ...eval.requests import encode_texts, hf_config
 
@@ -116,7 +116,7 @@ def handle_embeddings(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
     if field(body, "dimensions", int, width) != width:
         raise BadField("dimensions", f"this model's embeddings have {width} dimensions, not {body['dimensions']}")
     budget = request_budget(body)
-    out = cluster(**inputs, outputs=pooling.output_mode, budget=budget)
+    out = cluster(**inputs, outputs=pooling.output_mode, budget=budget, plan=None, fidelity=request_fidelity(body))
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
     assert out.last_hidden_state is not None  # an encoder's
     vectors = pooling.pool(out.last_hidden_state, mask)  # (B, width)
@@ -125,4 +125,4 @@ def handle_embeddings(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
              else v.tolist()} for i, v in enumerate(vectors)]
     tokens = int(mask.sum())
     return {"object": "list", "data": data, "model": served, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "prism": {**prism_figures(cluster, out.stats, budget=budget), "pooling": list(pooling.modes)}}
+            "prism": {**prism_figures(cluster, out.stats, budget=budget, planned=out.planned), "pooling": list(pooling.modes)}}

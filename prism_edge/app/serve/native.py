@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ...runtime.generate import Sampling
-from .api import BadField, decode_mode, field, request_budget
+from .api import BadField, decode_mode, field, request_budget, request_fidelity
 from ...cluster import Cluster
 from ...eval.requests import check_ids, encode_texts, prompt_ids
 
@@ -66,11 +66,11 @@ def _forward_inputs(cluster: Cluster, body: dict[str, Any]) -> dict[str, torch.T
 def handle_forward(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
     mode = field(body, "outputs", str) or default_mode(cluster)
     inputs = _forward_inputs(cluster, body)
-    out = cluster(**inputs, outputs=mode, budget=request_budget(body))
+    out = cluster(**inputs, outputs=mode, budget=request_budget(body), plan=None, fidelity=request_fidelity(body))
     assert out.stats is not None
     reply: dict[str, Any] = {"mode": mode, "outputs": {}, "stats": out.stats.to_dict()}
     for name in out.keys():
-        if name in ("stats", "plan"):
+        if name in ("stats", "plan", "planned"):
             continue
         value = getattr(out, name)
         if name == "logits" and mode == "last":
@@ -88,6 +88,7 @@ def handle_forward(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
             if not field(body, "return_logits", bool, False):
                 continue
         reply["outputs"][name] = value.tolist()
+    reply["prism"] = out.planned  # which plan ran, its predicted and measured time
     if "input_ids" in inputs:
         reply["tokens"] = [int(m.sum()) for m in inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))]
     return reply
@@ -113,10 +114,11 @@ def handle_generate(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         raise BadField("stop_ids", f'"stop_ids" must be a list of token ids (integers), got {stop_ids!r:.80}')
     stops = tuple(stop_ids) + ((eos,) if isinstance(eos, int) else ())
     gen = cluster.generate(ids, max_new_tokens=field(body, "max_new_tokens", int, 32), sampling=sampling,
-                           stop_ids=stops, decode=decode_mode(body), budget=request_budget(body))
+                           stop_ids=stops, decode=decode_mode(body), budget=request_budget(body),
+                           fidelity=request_fidelity(body))
     text = tok.decode(gen.new_ids, skip_special_tokens=True) if tok is not None else None
     assert gen.prefill_stats is not None
     return {"text": text, "token_ids": gen.new_ids, "stopped_by": gen.stopped_by, "decode": gen.mode,
             "prefill_stats": gen.prefill_stats.to_dict(), "bytes": gen.phases(),
-            "decode_bytes_per_token": gen.decode_bytes_per_token}
+            "decode_bytes_per_token": gen.decode_bytes_per_token, "prism": gen.planned}
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from ...runtime.generate import TOKEN_ID_BYTES, Generation, Sampling
 from ...runtime.stats import Stats
 from ...cluster import Cluster
-from .api import ApiError, BadField, Emit, Stream, decode_mode, field, request_budget
+from .api import ApiError, BadField, Emit, Stream, decode_mode, field, request_budget, request_fidelity
 from ...eval.requests import chat_ids, check_ids
 from .textstream import TextStream
 
@@ -64,14 +64,18 @@ def list_models(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def prism_figures(cluster: Cluster, stats: Stats | None, gen: Generation | None = None,
-                  budget: float | None = None) -> dict[str, Any]:
+                  budget: float | None = None, planned: dict[str, Any] | None = None) -> dict[str, Any]:
     """What PRISM did for the request: the split, its byte budget (the request's, else the server's; 0: fixed
-    counts), and the bytes of every phase (counted from the tensors sent)."""
+    counts), the bytes of every phase (counted from the tensors sent), and the plan that ran (`plan`: which, its
+    predicted and measured time)."""
     cfg = cluster.cfg.with_budget(budget)
     cfg = cfg.for_generation() if gen is not None else cfg
     out: dict[str, Any] = {"devices": cluster.world, "scheme": cfg.scheme, "cr": cfg.effective_cr,
                            "weights": list(cfg.weights) if cfg.weights else None,
                            "budget": cfg.budget if cfg.scheme == "prism" else None}
+    if planned is not None:
+        out["plan"] = planned
+        out["devices"] = planned["devices"]
     if stats is not None:
         out["bytes"] = {"inputs": sum(stats.input_bytes or ()), "exchange": stats.total_bytes,
                         "outputs": sum(stats.output_bytes or ())}
@@ -95,6 +99,7 @@ class Params:
     include_usage: bool
     decode: str = "auto"  # an extension: how new tokens see the earlier devices (runtime.decode)
     budget: float | None = None  # an extension: the prefill's byte budget (None: the server's)
+    fidelity: str | float | None = None  # an extension: what a planning server may trade (None: the server's)
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float, open_low: bool = False) -> float:
@@ -131,7 +136,7 @@ def parse_params(body: dict[str, Any]) -> Params:
                         seed=field(body, "seed", int))
     options = field(body, "stream_options", dict, {})
     return Params(max_tokens, sampling, _stops(body), field(body, "stream", bool, False),
-                  bool(options.get("include_usage")), decode_mode(body), request_budget(body))
+                  bool(options.get("include_usage")), decode_mode(body), request_budget(body), request_fidelity(body))
 
 
 @dataclass
@@ -166,13 +171,13 @@ def generate(cluster: Cluster, ids: Tensor, params: Params, show: Callable[[str]
     eos = getattr(tok, "eos_token_id", None)
     gen: Generation = cluster.generate(ids, max_new_tokens=params.max_tokens, sampling=params.sampling,
                                        stop_ids=(eos,) if isinstance(eos, int) else (), on_token=on_token,
-                                       decode=params.decode, budget=params.budget)
+                                       decode=params.decode, budget=params.budget, fidelity=params.fidelity)
     rest = text.flush()
     if rest and show is not None and not gone:
         show(rest)
     finish = "stop" if text.stopped or gen.stopped_by == "stop token" else "length"
     return Outcome(text.text, finish, int(ids.shape[1]), len(gen.new_ids),
-                   prism_figures(cluster, gen.prefill_stats, gen, params.budget))
+                   prism_figures(cluster, gen.prefill_stats, gen, params.budget, gen.planned))
 
 
 def _checked(cluster: Cluster, ids: Tensor, params: Params) -> Tensor:
