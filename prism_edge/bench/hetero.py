@@ -47,8 +47,9 @@ def measure(model: str, cfg: PrismConfig, setup: Setup, inputs: dict[str, torch.
     worker_env = {env.SLOW_ENV: f"1:{setup.slowdown:g}"} if setup.slowdown else None
     with Cluster(model, cfg, cache_dir=str(cache) if cache else None, auto_weights=setup.auto,
                  worker_env=worker_env) as cluster:
-        cluster(**inputs, outputs="mean", budget=None)  # warm-up (the budget: the config's)
-        stats = [cluster(**inputs, outputs="mean", budget=None).stats for _ in range(repeats)]
+        cluster(**inputs, outputs="mean", budget=None, plan=None, fidelity=None)  # warm-up (the config's budget)
+        stats = [cluster(**inputs, outputs="mean", budget=None, plan=None, fidelity=None).stats
+                 for _ in range(repeats)]
         weights = cluster.cfg.weights
         probe = cluster.agreement.probe_s
     walls = [s.wall_s for s in stats if s is not None and s.wall_s is not None]

@@ -367,9 +367,40 @@ class StagesOptions(BenchOptions):
         _count("--cr", self.cr, 1, 16)
 
 
+@dataclass(frozen=True)
+class PlanOptions(BenchOptions):
+    """The planner: every candidate plan measured and predicted, and the planner's pick, per link and length."""
+
+    bench, entry = "plan", "prism_edge.bench.plan"
+    summary = "the planner: every candidate plan measured against the cost model, and the pick against the best"
+
+    model: str = option("model alias, hub name or folder (also random:bert-base, random:gpt2)", default="minilm")
+    devices: int = option("device processes (candidates: the first 1..devices of them)", default=4)
+    lengths: tuple[int, ...] = option("request lengths in positions (beyond the model's limit: skipped)",
+                                      default=(16, 64, 256, 1024))
+    link: tuple[str, ...] = option(f"links: loopback or {LINKS} (emulated: needs root, else loopback)",
+                                   default=("loopback",))
+    repeats: int = option("timed requests per candidate (median; one more warms up)", default=3)
+    fidelity: str = option("the planner's fidelity: exact, high, balanced or a byte budget", default="high")
+    outputs: str = option("output mode of the requests: auto (decoders last, encoders mean), all, last, mean, "
+                          "pooled", default="auto")
+
+    def check(self) -> None:
+        from ..cluster.spec import check_fidelity
+
+        _model(self.model)
+        _count("--devices", self.devices, 1, 4)
+        _counts("--lengths", self.lengths, 1, 256)
+        _links(self.link, loopback=True)
+        _count("--repeats", self.repeats, 1, 3)
+        check_fidelity(self.fidelity)
+        if self.outputs not in ("auto", "all", "last", "mean", "pooled"):
+            raise ValueError(f"--outputs must be auto, all, last, mean or pooled, got {self.outputs!r}")
+
+
 BENCHES: dict[str, type[BenchOptions]] = {o.bench: o for o in (
     SchemesOptions, TargetsOptions, GenerationOptions, OverheadOptions, RuntimeOptions, HeteroOptions, FaultsOptions,
-    StagesOptions)}
+    StagesOptions, PlanOptions)}
 
 
 def benches_with(flag: str) -> list[str]:
