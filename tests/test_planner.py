@@ -194,6 +194,13 @@ def test_a_request_on_fewer_devices_equals_the_simulator(saved):
             cluster(input_ids=ids, attention_mask=mask, plan=Candidate(4))
         cluster.reprobe()  # between requests, every device again
         assert cluster(input_ids=ids, attention_mask=mask, plan=Candidate(2)).stats.world == 2
+        before = cluster.profile
+        cluster._beat()  # the heartbeat re-probes only once the exchanges drifted (and not too often)
+        assert cluster.profile is before
+        cluster.coordinator.drift.run, cluster.replanner.probed = 99, time.monotonic() - 3600
+        cluster._beat()
+        assert cluster.profile is not before and not cluster.coordinator.drift.drifted
+        assert cluster(input_ids=ids, attention_mask=mask, plan="auto").stats.world >= 1
 
 
 def test_fixed_clusters_do_not_plan(saved):
@@ -243,3 +250,61 @@ def test_devices_sitting_out_a_long_request_stay_up(tmp_path, monkeypatch):
         assert time.monotonic() - t0 > 2.0
         monkeypatch.setattr(node, "_layer", slow_layer)
         assert cluster(input_ids=ids, plan=Candidate(3)).stats.world == 3
+
+
+# ------------------------------------------------------------------------------------------- the commands
+def test_plan_command_shows_the_probes_and_every_candidate(saved, capsys):
+    from prism_edge.app.cli import main
+
+    rc = main(["plan", "--model", saved["bert"], "--devices", "2", "--cr", "4", "--lengths", "8", "30", "--measure",
+               "1", "--timeout", "20"], hard_exit=False)
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "device 1:" in out and "link 0-1:" in out and "probes took" in out
+    lines = [line for line in out.splitlines() if line.strip().startswith(("8", "30"))]
+    assert len(lines) == 4 and sum("*" in line for line in lines) == 2  # 2 candidates per length, one pick each
+    assert "beyond the model's" not in out
+    assert main(["plan", "--model", saved["bert"], "--devices", "2", "--lengths", "0"], hard_exit=False) != 0
+
+
+def _bench_rows():
+    rows = []
+    for link, one, two in (("loopback", 0.010, 0.020), ("wifi", 0.100, 0.050)):
+        rows.append({"model": "m", "link": link, "positions": 64, "plan": "1 device", "devices": 1, "wall_s": one,
+                     "predicted_s": one * 1.1})
+        rows.append({"model": "m", "link": link, "positions": 64, "plan": "2 devices", "devices": 2, "wall_s": two,
+                     "predicted_s": two * 0.8})
+        pick = "1 device" if one < two else "2 devices"
+        rows.append({"model": "m", "link": link, "positions": 64, "plan": "auto", "pick": pick,
+                     "devices": 1 if pick == "1 device" else 2, "wall_s": min(one, two) * 1.01,
+                     "predicted_s": 0.0})
+    rows.append({"model": "m", "link": "wifi", "positions": 2048, "error": "longer than the model takes (512)"})
+    return rows
+
+
+def test_bench_plan_summarises_picks_and_errors(tmp_path):
+    from prism_edge.bench import plan as bench
+
+    rows = _bench_rows()
+    s = bench.summary(rows)
+    assert s["cells"] == 2 and s["candidates"] == 4
+    assert s["median_error"] == pytest.approx(0.15) and s["pick_within_10pct"] == 1.0
+    assert s["worst_pick_vs_one"] == 1.0 and s["worst_pick_vs_best"] == pytest.approx(1.0)
+    text = bench.table(rows, "t")
+    assert "| wifi | 64 |" in text and "**50** / 40" in text  # the fastest measured in bold
+    assert bench.plot(rows, tmp_path / "p.png", "m").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_plan_runs_a_group(saved, tmp_path):
+    from prism_edge.bench import plan as bench
+    from prism_edge.bench.options import PlanOptions
+
+    options = PlanOptions(out=tmp_path, model=saved["bert"], devices=2, lengths=(8, 40), link=("loopback",),
+                          repeats=1, default_job=False)
+    text = bench.main(options)
+    assert "prediction error over 4 measured candidates" in text
+    rows = [r for r in __import__("json").loads((tmp_path / f"plan-{saved['bert'].replace('/', '_')}.json")
+                                                .read_text())["rows"]]
+    autos = [r for r in rows if r["plan"] == "auto"]
+    assert len(autos) == 2 and all(r["ran"] == r["pick"] for r in autos) and all(r["planning_s"] > 0 for r in autos)

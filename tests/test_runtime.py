@@ -376,7 +376,7 @@ def test_torchrun_starts_workers(minilm, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "prism_edge.worker",
            "--model", "minilm", "--cr", "8", "--text", "The river burst its banks after three days of rain.",
-           "--json"]
+           "--json", "--plan", "fixed"]  # planned, this short text would stay on one device
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -391,8 +391,12 @@ def test_readme_main_job_runs_on_real_processes(minilm):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["cluster"]["model"] == "minilm" and report["mode"] == "mean"
-    stats = report["stats"]
-    assert stats["total_bytes"] > 0 and stats["input_bytes"][1] > 0 and stats["output_bytes"][1] > 0
+    stats, planned = report["stats"], report["planned"]  # --plan auto: the planner's pick ran
+    assert report["cluster"]["plan"] == "auto" and planned["plan"] in planned["candidates"]
+    assert planned["predicted_ms"] > 0 and planned["measured_ms"] > 0
+    assert len(stats["input_bytes"]) == planned["devices"] and report["cluster"]["profile"]["probe_s"] < 10
+    if planned["devices"] == 2:
+        assert stats["total_bytes"] > 0 and stats["input_bytes"][1] > 0 and stats["output_bytes"][1] > 0
 
 
 @pytest.mark.slow

@@ -384,6 +384,8 @@ class PlanOptions(BenchOptions):
     fidelity: str = option("the planner's fidelity: exact, high, balanced or a byte budget", default="high")
     outputs: str = option("output mode of the requests: auto (decoders last, encoders mean), all, last, mean, "
                           "pooled", default="auto")
+    default_job: bool = option("also the request `prism-edge launch` sends by default (its built-in texts)",
+                               default=True)
 
     def check(self) -> None:
         from ..cluster.spec import check_fidelity

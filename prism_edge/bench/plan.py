@@ -34,37 +34,39 @@ from .stages import _limit, prompt
 
 
 def _mode(cluster: Any, outputs: str) -> str:
+    """auto: what `prism-edge launch` returns unless asked (decoders last, classifiers pooled, encoders mean)."""
     if outputs != "auto":
         return outputs
     return "last" if cluster.adapter.geometry.causal else ("pooled" if cluster.adapter.head == "classify" else "mean")
 
 
-def _time(cluster: Any, ids: torch.Tensor, mode: str, plan: Any, repeats: int) -> tuple[float, list[float], Any]:
+def _time(cluster: Any, inputs: dict[str, Any], mode: str, plan: Any, repeats: int
+          ) -> tuple[float, list[float], Any]:
     walls, out = [], None
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        out = cluster(input_ids=ids, attention_mask=torch.ones_like(ids), outputs=mode, plan=plan)
+        out = cluster(**inputs, outputs=mode, plan=plan)
         walls.append(time.perf_counter() - t0)
     return statistics.median(walls[1:]), walls[1:], out
 
 
-def _cell(cluster: Any, ids: torch.Tensor, mode: str, fidelity: Any, repeats: int) -> list[dict[str, Any]]:
+def _cell(cluster: Any, inputs: dict[str, Any], mode: str, fidelity: Any, repeats: int) -> list[dict[str, Any]]:
     """Every candidate of one request, measured and predicted, then the planner's own pick run as `auto`."""
     planner = cluster.planner
-    batch = cluster.coordinator._batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    batch = cluster.coordinator._batch(inputs)
     rows = []
-    for cand in planner.candidates(fidelity, int(ids.shape[1])):
-        if cand.devices > ids.shape[1]:
+    for cand in planner.candidates(fidelity, batch.longest):
+        if cand.devices > batch.longest:
             continue
         est = planner.weigh(batch, cand, mode)
-        wall, walls, out = _time(cluster, ids, mode, cand, repeats)
+        wall, walls, out = _time(cluster, inputs, mode, cand, repeats)
         rows.append({"plan": cand.label, "devices": cand.devices, "wall_s": wall, "walls_s": walls,
                      "predicted_s": est.seconds, "predicted": est.to_dict(),
                      "exchange_bytes": out.stats.total_bytes, "predicted_bytes": est.exchange_bytes})
     t0 = time.perf_counter()
     choice = planner._choose(batch, mode, fidelity, False)  # uncached: what planning a new shape costs
     planning = time.perf_counter() - t0
-    wall, walls, out = _time(cluster, ids, mode, "auto", repeats)
+    wall, walls, out = _time(cluster, inputs, mode, "auto", repeats)
     rows.append({"plan": "auto", "pick": choice.candidate.label, "devices": choice.candidate.devices,
                  "wall_s": wall, "walls_s": walls, "predicted_s": choice.estimate.seconds, "planning_s": planning,
                  "ran": out.planned["plan"], "exchange_bytes": out.stats.total_bytes})
@@ -90,10 +92,25 @@ def rank0(args: argparse.Namespace) -> None:
                 rows.append({"positions": length, "error": f"longer than the model takes ({limit})"})
                 continue
             ids, source = prompt(cluster.tokenizer, vocab, length)
-            for r in _cell(cluster, ids, mode, fidelity, args.repeats):
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            for r in _cell(cluster, inputs, mode, fidelity, args.repeats):
                 rows.append({"positions": length, "prompt": source, "outputs": mode, **r})
+        if args.default_job and cluster.tokenizer is not None:
+            rows += _default_job(cluster, fidelity, args.repeats)
         profile = cluster.profile.to_dict()
         print(json.dumps({"rows": rows, "profile": profile, "startup_s": cluster.startup_s}))
+
+
+def _default_job(cluster: Any, fidelity: Any, repeats: int) -> list[dict[str, Any]]:
+    """The README's default job: `prism-edge launch`'s own request (the built-in texts, its output mode)."""
+    from ..eval.requests import builtin_request
+
+    inputs = builtin_request(cluster.loaded, 512)
+    mode = _mode(cluster, "auto")  # launch's default (app.serve.native.default_mode)
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    label = f"launch job ({len(lengths)} x {min(lengths)}-{max(lengths)})"
+    return [{"positions": label, "prompt": "built-in texts", "outputs": mode, **r}
+            for r in _cell(cluster, inputs, mode, fidelity, repeats)]
 
 
 def run_link(place: Placement, options: PlanOptions, link: Any, cache: Any) -> dict[str, Any]:
@@ -104,7 +121,8 @@ def run_link(place: Placement, options: PlanOptions, link: Any, cache: Any) -> d
                       startup_timeout=900, plan="auto", fidelity=options.fidelity)
     head = [sys.executable, "-m", "prism_edge.bench.plan", "--rank0", "--master", master, "--bind", place.address(0),
             "--model", options.model, "--fidelity", options.fidelity, "--outputs", options.outputs,
-            "--devices", str(world), "--lengths", *map(str, options.lengths), "--repeats", str(options.repeats)]
+            "--devices", str(world), "--lengths", *map(str, options.lengths), "--repeats", str(options.repeats),
+            "--default-job", str(int(options.default_job))]
     head += ["--cache-dir", str(cache)] if cache else []
     commands = [head] + [spec.worker_command(cfg, r, world, master, place.address(r)) for r in range(1, world)]
     return json.loads(run_ranks(place, commands, timeout=5400))
@@ -198,10 +216,10 @@ def plot(rows: list[dict], path: Path, model: str) -> Path:
     for ax, link in zip(axes[0], links):
         for plan in dict.fromkeys(r["plan"] for r in ok):
             pts = sorted((r["positions"], r["wall_s"] * 1e3, r["predicted_s"] * 1e3) for r in ok
-                         if r["link"] == link and r["plan"] == plan)
+                         if r["link"] == link and r["plan"] == plan and isinstance(r["positions"], int))
             line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{plan} measured")
             ax.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", color=line.get_color(), alpha=0.7)
-        picks = [c for c in cells(rows) if c["link"] == link]
+        picks = [c for c in cells(rows) if c["link"] == link and isinstance(c["positions"], int)]
         ax.scatter([c["positions"] for c in picks], [c["auto_s"] * 1e3 for c in picks], marker="*", s=140,
                    color="black", zorder=5, label="plan auto (measured)")
         ax.set_xscale("log", base=2)
@@ -252,8 +270,8 @@ def main(options: PlanOptions, cache: Any = None) -> str:
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
-    return rank0_args(argv, ("master", "bind", "model", "cache-dir", "fidelity", "outputs"), ("repeats", "devices"),
-                      ("lengths",))
+    return rank0_args(argv, ("master", "bind", "model", "cache-dir", "fidelity", "outputs"),
+                      ("repeats", "devices", "default-job"), ("lengths",))
 
 
 if __name__ == "__main__":
