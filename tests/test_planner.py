@@ -184,9 +184,14 @@ def test_a_request_on_fewer_devices_equals_the_simulator(saved):
             assert (out.last_hidden_state - ref.last_hidden_state).abs().max() < 1e-5
             assert out.stats.world == k and out.stats.total_bytes == ref.stats.total_bytes
             assert out.planned["devices"] == k
-        auto = cluster(input_ids=ids, attention_mask=mask, outputs="mean", plan="auto")
-        assert auto.planned["predicted_ms"] > 0 and auto.planned["measured_ms"] > 0
-        assert auto.planned["plan"] in auto.planned["candidates"]
+        for _ in range(2):  # planned, then the same shape again (the choice and its plans remembered)
+            auto = cluster(input_ids=ids, attention_mask=mask, plan="auto")
+            assert auto.planned["predicted_ms"] > 0 and auto.planned["measured_ms"] > 0
+            assert auto.planned["plan"] in auto.planned["candidates"]
+            k = auto.planned["devices"]
+            ref = simulate(model, cluster.planner.config_for(Candidate(k, "full" if k == 1 else "prism")),
+                           input_ids=ids, attention_mask=mask)
+            assert (auto.last_hidden_state - ref.last_hidden_state).abs().max() < 1e-5
         exact = cluster(input_ids=ids, attention_mask=mask, plan=Candidate(3, "voltage"))
         full = model(input_ids=ids, attention_mask=mask).last_hidden_state
         assert ((exact.last_hidden_state - full) * mask[..., None]).abs().max() < 1e-4

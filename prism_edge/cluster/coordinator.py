@@ -148,7 +148,9 @@ class Coordinator:
                                      scheme=cand.scheme if cand is not None and cand.scheme != self.cfg.scheme else "")
         cfg = request_config(self.cfg, header)  # the plan as every worker reads it from the header
         layout = request_layout(self.stages, cfg, self.adapter.geometry.layers)
-        plans = stage_plans(batch, cfg, self.adapter.geometry, layout)
+        est = choice.estimate if choice is not None else None
+        plans = (list(est.plans) if est is not None and est.config == cfg and est.plans
+                 else stage_plans(batch, cfg, self.adapter.geometry, layout))  # the planner's, when it made them
         plan0 = plans[0]
         messages = [(wire.meta_tensors(batch, header), wire.input_tensors(batch, plan0, p) if p < plan0.world else [])
                     for p in range(1, layout.world)]

@@ -87,11 +87,15 @@ class Estimate:
     exchange_s: float  # the layers' exchanges and the stage hand-offs
     fixed_s: float  # rank 0's fixed work, the messaging of inputs and outputs, the head
     exchange_bytes: int  # per request, every layer, every device (what the ledger will count)
+    # what it was computed from (not part of the prediction): the config and every stage's plan, which the request
+    # then runs with instead of planning again
+    config: RunConfig | None = dataclasses.field(default=None, compare=False, repr=False)
+    plans: tuple[Plan, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, float]:
         """Times in ms (rounded), bytes as counted."""
-        return {k: (round(v * 1e3, 2) if k.endswith("_s") or k == "seconds" else v)
-                for k, v in dataclasses.asdict(self).items()}
+        return {f.name: (round(getattr(self, f.name) * 1e3, 2) if f.name.endswith("_s") or f.name == "seconds"
+                         else getattr(self, f.name)) for f in dataclasses.fields(self) if f.compare}
 
 
 def route_bytes(plan: Plan, cfg: RunConfig, geo: Geometry, wire: str) -> dict[tuple[int, int], int]:
@@ -152,7 +156,7 @@ def estimate(batch: Batch, cfg: RunConfig, cost: ModelCost, profile: Profile, la
     if len(used) > 1:  # inputs out, outputs and reports back
         fixed += constants.request_trips * max(profile.link(0, q).latency_s for q in used[1:])
     fixed += _head_rows(batch, plans[0], outputs) * cost.head_flops / rank0.flops_per_s * share[0]
-    return Estimate(compute + exchange + fixed, compute, exchange, fixed, int(sent))
+    return Estimate(compute + exchange + fixed, compute, exchange, fixed, int(sent), cfg, tuple(plans))
 
 
 def _head_rows(batch: Batch, plan: Plan, outputs: str) -> int:
