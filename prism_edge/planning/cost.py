@@ -15,7 +15,7 @@ A request's time is rank 0's fixed work, then every layer in turn, then the head
           them (and, for the first stage's head, back).
 
 What the probes do not measure (Constants) was fitted on this machine's measurements (`prism-edge bench plan`,
-docs/RESULTS.md §9) and is scaled by each device's own probed speed and each link's probed latency.
+docs/RESULTS.md §8) and is scaled by each device's own probed speed and each link's probed latency.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .profile import Profile
 @dataclass(frozen=True)
 class Constants:
     """What the probes do not measure, fitted on this machine's measurements (`prism-edge bench plan`, MiniLM and
-    the BERT-base shape; SmolLM2 held out: docs/RESULTS.md §9).  Overheads are in units of the device's own probed
+    the BERT-base shape; SmolLM2 held out: docs/RESULTS.md §8).  Overheads are in units of the device's own probed
     per-layer intercept, so they scale with its speed; trips in units of the link's probed one-way latency."""
 
     # fitted values (the fit set two to 0: the probed intercepts already cover rank 0's own work per request)
