@@ -118,6 +118,10 @@ def _simulator_commands(sub: typing.Any) -> None:
                      "cost model; runtime/decode.py)")
     gen.add_argument("--launch", action="store_true",
                      help="run on real local device processes (multi-process runtime) instead of the simulator")
+    gen.add_argument("--plan", choices=("auto", "fixed"),
+                     help="with --launch: auto (the default) probes the devices and runs the prefill on the plan "
+                     "predicted fastest; fixed runs the config on every device")
+    gen.add_argument("--fidelity", help="with --launch --plan auto: exact, high (default), balanced or a byte budget")
     _threads(gen)
     add_config_flags(gen)
     _command(gen, "prism_edge.app.commands:cmd_generate")

@@ -91,6 +91,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..eval.requests import check_ids, prompt_ids
 
     cfg = config_from(args, allow_auto=args.launch)
+    if not args.launch and (args.plan or args.fidelity):
+        raise ValueError("--plan and --fidelity choose among device processes: add --launch")
     _threads(args)
     sampling = Sampling(args.sample, args.temperature, args.top_k, args.top_p, args.seed)
     if args.max_new_tokens < 0:  # before loading a model: the prompt and the model are checked after
@@ -117,10 +119,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print()
     st = gen.prefill_stats
     _log(f"\n{len(gen.new_ids)} new tokens ({gen.stopped_by}) in {wall:.2f} s, {len(gen.new_ids) / wall:.1f} tokens/s "
-         f"including prefill; prompt {ids.shape[1]} tokens over {cfg.effective_devices} devices, CR={cfg.effective_cr}; "
+         f"including prefill; prompt {ids.shape[1]} tokens on {_devices(gen, cfg)}, CR={cfg.effective_cr}; "
          f"prefill exchanged {fmt_bytes(st.total_bytes if st else 0)}; decode mode {gen.mode}: hand-off "
          f"{fmt_bytes(gen.handoff_bytes)}, {gen.decode_bytes_per_token:,.0f} B per token (new tokens join the last device)")
     return 0
+
+
+def _devices(gen: Any, cfg: Any) -> str:
+    """The devices the prefill ran on: the plan's (and which plan, when the planner chose it)."""
+    planned = getattr(gen, "planned", None)
+    devices = planned["devices"] if planned else cfg.effective_devices
+    text = f"{devices} device{'s' if devices > 1 else ''}"
+    if planned and planned.get("predicted_ms") is not None:
+        text += f" (planned: predicted {planned['predicted_ms']:,.0f} ms, measured {planned['measured_ms']:,.0f})"
+    return text
 
 
 def _generate_on_cluster(args: argparse.Namespace, cfg: Any, ids: torch.Tensor, sampling: Any, stops: tuple[int, ...],
@@ -129,7 +141,8 @@ def _generate_on_cluster(args: argparse.Namespace, cfg: Any, ids: torch.Tensor, 
     from ..flags import auto_weights
 
     with Cluster(args.model, cfg, threads=args.threads or 1, cache_dir=str(env.cache_dir()),
-                 auto_weights=auto_weights(args), log=_log) as cluster:
+                 auto_weights=auto_weights(args), log=_log, plan=args.plan or "auto",
+                 fidelity=args.fidelity or "high") as cluster:
         return cluster.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stops,
                                 on_token=printer, decode=args.decode)
 
