@@ -24,7 +24,7 @@ from ..models.base import Batch
 from ..models.loading import IMAGE_TYPES
 from ..partition.plan import Plan
 from ..partition.stages import StageLayout
-from ..planning import Candidate, Choice, Drift, Planner, candidate_config, check_fidelity, exchange_waits
+from ..planning import Candidate, Choice, Drift, Planner, candidate_config, check_fidelity
 from ..runtime import wire
 from ..models.parts import held_bytes
 from .node import DeviceRun, describe_error, device_report, output_layout, run_device
@@ -131,6 +131,9 @@ class Coordinator:
         batch = self._batch(inputs)
         self.cfg.with_budget(budget)  # refuses a bad budget before the header quantises it
         choice, plan = None, self.plan if plan is None else plan
+        if fidelity is not None and plan != "auto":
+            raise ValueError(f"fidelity {fidelity!r} is what a planned request may trade, but this request runs "
+                             "its plan as given; start the cluster with --plan auto (plan='auto'), or drop fidelity")
         fidelity = self.fidelity if fidelity is None else check_fidelity(fidelity)
         if plan == "auto":
             if self.planner is None:
@@ -261,10 +264,11 @@ class Coordinator:
 
     def planned(self, req: Request, stats: Stats | None) -> dict[str, Any]:
         """What ran (the planner's pick, or the fixed plan), its predicted time and the measured one; the measured
-        exchange is checked against the model (drift: the probes run again between requests)."""
+        time is checked against the prediction (drift: the probes run again between requests)."""
         if req.choice is not None:
             info = req.choice.to_dict()
-            self.drift.observe(req.choice.estimate.exchange_s, exchange_waits(stats.wait_s if stats else None))
+            if stats is not None and stats.wall_s is not None:
+                self.drift.observe(req.choice.estimate.seconds, stats.wall_s)
         else:
             info = {"plan": "fixed", "devices": req.world, "scheme": req.cfg.scheme,
                     "budget": req.header.budget, "predicted_ms": None}

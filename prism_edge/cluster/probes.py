@@ -8,7 +8,7 @@
            (latency: half the median) and of LINK_BYTES (rate: the extra time of the larger payload).
 
 Every rank all-gathers every rank's numbers as JSON bytes, so each holds the same Profile (prism_edge.planning);
-rank 0 re-runs the probes between requests when the measured exchanges drift from the model (cluster.Cluster).
+rank 0 re-runs the probes between requests when the measured times drift from the model (cluster/replan.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Rank 0's planner over a cluster's life: built from the start-up probes, rebuilt when the probes run again.
 
-The probes run again (every device, between requests, never during one) when the measured exchanges drifted from
-the model for several requests in a row (planning.Drift), at most every REPROBE_MIN_S.
+The probes run again (every device, between requests, never during one) when the measured request times drifted
+from the model's predictions for several requests in a row (planning.Drift), at most every REPROBE_MIN_S.
 """
 
 from __future__ import annotations

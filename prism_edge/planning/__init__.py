@@ -2,9 +2,8 @@
 (planner).  Plain data and arithmetic: the probes themselves run in the device processes (cluster/probes.py)."""
 
 from .cost import CONSTANTS, Constants, Estimate, ModelCost, estimate
-from .planner import (FIDELITIES, Candidate, Choice, Drift, Planner, candidate_config, check_fidelity, exchange_waits,
-                      speed_weights)
+from .planner import FIDELITIES, Candidate, Choice, Drift, Planner, candidate_config, check_fidelity, speed_weights
 from .profile import DeviceProfile, LinkProfile, Profile
 
-__all__ = ["CONSTANTS", "Candidate", "Choice", "Constants", "Drift", "exchange_waits", "DeviceProfile", "Estimate", "FIDELITIES", "LinkProfile", "ModelCost", "Planner",
+__all__ = ["CONSTANTS", "Candidate", "Choice", "Constants", "Drift", "DeviceProfile", "Estimate", "FIDELITIES", "LinkProfile", "ModelCost", "Planner",
            "Profile", "candidate_config", "check_fidelity", "estimate", "speed_weights"]
