@@ -149,6 +149,27 @@ def test_exact_fidelity_plans_voltage_and_stages_keep_their_layout():
     assert staged.weigh(b, Candidate(3), "mean").exchange_s > 0  # the hand-offs
 
 
+def test_memory_rules_out_what_does_not_fit():
+    import dataclasses
+
+    adapter = adapter_for(tiny("bert", layers=4))
+    b = adapter.prepare(input_ids=torch.randint(3, 90, (4, 60)))
+    roomy, _ = _planner("bert", 2, _profile(2))  # two hosts, 4 GiB free each
+    one, two = roomy.weigh(b, Candidate(1, "full"), "all"), roomy.weigh(b, Candidate(2), "all")
+    assert one.fits and two.fits and 0 < two.peak_bytes < one.peak_bytes
+    assert roomy.choose(b, "all").candidate.devices == 1  # fast compute: one device wins while it fits
+
+    def planner(free_mib: float) -> Planner:
+        devices = tuple(dataclasses.replace(d, free_mib=free_mib) for d in roomy.profile.devices)
+        return Planner(roomy.cfg, roomy.cost, Profile(devices, roomy.profile.links), roomy.layout)
+
+    between = (one.peak_bytes + two.peak_bytes) / 2 / 0.8 / 2**20  # one device cannot hold it, each of two can
+    choice = planner(between).choose(b, "all")
+    assert choice.candidate.devices == 2 and not dict(choice.considered)[Candidate(1, "full")].fits
+    with pytest.raises(ValueError, match="no plan fits this request in memory"):
+        planner(1e-4).choose(b, "all")
+
+
 def test_drift():
     d = Drift(window=2, factor=2.0, slack_s=0.0)
     d.observe(0.01, 0.011)

@@ -51,6 +51,7 @@ class Constants:
 
 
 CONSTANTS = Constants()
+MEMORY_SHARE = 0.8  # of a host's free memory (at the probe) a request's activations may take
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class Estimate:
     exchange_s: float  # the layers' exchanges and the stage hand-offs
     fixed_s: float  # rank 0's fixed work, the messaging of inputs and outputs, the head
     exchange_bytes: int  # per request, every layer, every device (what the ledger will count)
+    peak_bytes: int = 0  # the largest activation memory one host needs for the request (all its devices)
+    fits: bool = True  # within MEMORY_SHARE of every host's free memory at the probe (unknown free memory: True)
     # what it was computed from (not part of the prediction): the config and every stage's plan, which the request
     # then runs with instead of planning again
     config: RunConfig | None = dataclasses.field(default=None, compare=False, repr=False)
@@ -156,7 +159,31 @@ def estimate(batch: Batch, cfg: RunConfig, cost: ModelCost, profile: Profile, la
     if len(used) > 1:  # inputs out, outputs and reports back
         fixed += constants.request_trips * max(profile.link(0, q).latency_s for q in used[1:])
     fixed += _head_rows(batch, plans[0], outputs) * cost.head_flops / rank0.flops_per_s * share[0]
-    return Estimate(compute + exchange + fixed, compute, exchange, fixed, int(sent), cfg, tuple(plans))
+    peak, fits = _memory(batch, layout, plans, cost, profile, outputs)
+    return Estimate(compute + exchange + fixed, compute, exchange, fixed, int(sent), peak, fits, cfg, tuple(plans))
+
+
+def _memory(batch: Batch, layout: StageLayout, plans: list[Plan], cost: ModelCost, profile: Profile,
+            outputs: str) -> tuple[int, bool]:
+    """(the most activation bytes one host needs, whether every host has them within MEMORY_SHARE of its free
+    memory).  Per device and layer: every weight matrix's output for each row it computes, the attention scores
+    over its own rows and received slots; on the first stage the head's outputs.  Summed over the devices of a
+    host (and over stages: an upper bound)."""
+    head = _head_rows(batch, plans[0], outputs) * cost.head_flops / (2 * cost.geo.hidden) * 4  # float32 outputs
+    per_row = cost.layer_flops / 2 / cost.geo.hidden  # values a row's layer writes: every weight matrix's width
+    need: dict[str, float] = {}
+    for st, plan in zip(layout.stages, plans):
+        for p, rank in enumerate(st.ranks):
+            sl = plan.devices[p]
+            b, rows = sl.index.shape
+            keys = rows + sum(r.width for r in plan.routes_to(p))
+            act = cost.itemsize * (b * rows * per_row + b * cost.geo.heads * rows * keys) + (head if st.index == 0
+                                                                                             else 0.0)
+            host = profile.devices[rank].host
+            need[host] = need.get(host, 0.0) + act
+    free = {d.host: d.free_mib * 2**20 for d in profile.devices}
+    fits = all(not free[h] or n <= MEMORY_SHARE * free[h] for h, n in need.items())
+    return int(max(need.values())), fits
 
 
 def _head_rows(batch: Batch, plan: Plan, outputs: str) -> int:

@@ -12,7 +12,9 @@ agreed device speeds, at the requested fidelity:
 
 One device is exact at any fidelity.  A group with pipeline stages (devices holding only their layers) has
 one layout: only the fidelity is chosen.  Among candidates within PREFER_FEWER of the fastest prediction the
-one with the fewest devices wins: the model's error is of that order, and fewer devices is the safer bet.
+one with the fewest devices wins: the model's error is of that order, and fewer devices is the safer bet.  A
+candidate whose activations would not fit its hosts' free memory (cost.MEMORY_SHARE of it, at the probe) is not
+run; a request no candidate fits is refused with a ValueError.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..config import RunConfig
 from ..frontiers import predict
 from ..models.base import Batch
 from ..partition.stages import StageLayout
-from .cost import CONSTANTS, Estimate, ModelCost, estimate
+from .cost import CONSTANTS, MEMORY_SHARE, Estimate, ModelCost, estimate
 from .profile import Profile
 
 FIDELITIES = ("exact", "high", "balanced")
@@ -142,15 +144,23 @@ class Planner:
         for cand in self.candidates(fidelity, length):
             if cand.devices > length:
                 continue  # every device needs a position
-            if considered and self.lower_bound(batch, cand) > min(e.seconds for _, e in considered):
+            fitting = [e.seconds for _, e in considered if e.fits]
+            if fitting and self.lower_bound(batch, cand) > min(fitting):
                 continue
             cfg = self.config_for(cand)
             if generating and cand.devices > 1:
                 cfg = cfg.for_generation()
             considered.append((cand, estimate(batch, cfg, self.cost, self.profile, self.layout_for(cand), outputs)))
         considered.sort(key=lambda ce: ce[1].seconds)
-        best = considered[0][1].seconds
-        pick = min((ce for ce in considered if ce[1].seconds <= best * (1 + PREFER_FEWER)),
+        fit = [ce for ce in considered if ce[1].fits]
+        if not fit:
+            least = min(e.peak_bytes for _, e in considered) / 2**20
+            free = min(d.free_mib for d in self.profile.devices)
+            raise ValueError(f"no plan fits this request in memory: its activations need at least {least:,.0f} MiB "
+                             f"on a device, {MEMORY_SHARE:.0%} of the {free:,.0f} MiB free is the limit; send fewer "
+                             "or shorter sequences")
+        best = fit[0][1].seconds
+        pick = min((ce for ce in fit if ce[1].seconds <= best * (1 + PREFER_FEWER)),
                    key=lambda ce: (ce[0].devices, ce[1].seconds))
         return Choice(pick[0], pick[1], fidelity, tuple(considered))
 
