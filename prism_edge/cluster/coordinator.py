@@ -92,6 +92,22 @@ def request_layout(layout: StageLayout, cfg: RunConfig, layers: int) -> StageLay
     return layout if layout.staged else StageLayout.single(cfg.effective_devices, layers)
 
 
+def check_plan(plan: Candidate | str | None, world: int, staged: bool) -> Candidate | None:
+    """A request's plan as given (None: the config on every device), checked against the cluster."""
+    if plan is None or plan == "fixed":
+        return None
+    if not isinstance(plan, Candidate):
+        raise ValueError(f"plan must be 'auto', 'fixed' or a Candidate, got {plan!r}")
+    if not 1 <= plan.devices <= world:
+        raise ValueError(f"plan devices must be 1..{world} (the devices of this cluster), got {plan.devices}")
+    if staged and plan.devices != world:
+        raise ValueError(f"this cluster's devices hold only their pipeline stage's layers: every request runs on "
+                         f"all {world}; drop the plan's devices")
+    if plan.scheme not in wire.PLAN_SCHEMES:
+        raise ValueError(f"plan scheme must be one of {', '.join(wire.PLAN_SCHEMES)}, got {plan.scheme!r}")
+    return plan
+
+
 class Coordinator:
     """Runs requests on a group whose rank 0 is this process (comm); one at a time (the caller locks).
 
@@ -142,7 +158,7 @@ class Coordinator:
             choice = self.planner.choose(batch, outputs, budget if budget is not None else fidelity,
                                          op == wire.GENERATE)
             plan = choice.candidate
-        cand = self._check_plan(plan)
+        cand = check_plan(plan, self.world, self.stages.staged)
         if cand is not None and cand.budget is not None:
             budget = cand.budget
         header = dataclasses.replace(wire.request_header(batch, 0, outputs), op=op,  # numbered when sent
@@ -171,20 +187,6 @@ class Coordinator:
             raise ValueError(f"position {int(batch.positions.max())} is beyond the model's {n_pos} positions; "
                              f"truncate the input to {n_pos} tokens")
         return batch
-
-    def _check_plan(self, plan: Candidate | str | None) -> Candidate | None:
-        if plan is None or plan == "fixed":
-            return None
-        if not isinstance(plan, Candidate):
-            raise ValueError(f"plan must be 'auto', 'fixed' or a Candidate, got {plan!r}")
-        if not 1 <= plan.devices <= self.world:
-            raise ValueError(f"plan devices must be 1..{self.world} (the devices of this cluster), got {plan.devices}")
-        if self.stages.staged and plan.devices != self.world:
-            raise ValueError(f"this cluster's devices hold only their pipeline stage's layers: every request runs on "
-                             f"all {self.world}; drop the plan's devices")
-        if plan.scheme not in wire.PLAN_SCHEMES:
-            raise ValueError(f"plan scheme must be one of {', '.join(wire.PLAN_SCHEMES)}, got {plan.scheme!r}")
-        return plan
 
     def start(self, req: Request, keep_cache: bool = False) -> DeviceRun:
         """Send every other device its header, plan data and slice; then run device 0's share."""
