@@ -113,9 +113,7 @@ def test_cloze_items_and_scores(smollm2):
         assert "XXXXX" in item["question"] and len(item["options"]) == 10
         assert item["answer"] in item["options"] and len(set(item["options"])) == 10
         assert any(item["answer"] in s for s in item["context"])
-    ref = task.evaluate(None)
-    volt = task.evaluate(PrismConfig(devices=2, scheme="voltage"))
-    assert volt.metrics == ref.metrics
+    task.evaluate(None)  # the reference; Voltage's exactness on SmolLM2: tests/test_real_models.py
     got = task.evaluate(_defaults(devices=2))
     assert got.metrics["accuracy"] >= rec["accuracy"] - TOL and got.bytes_per_item > 0
 
