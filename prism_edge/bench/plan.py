@@ -30,14 +30,12 @@ from ..cluster.spec import LaunchSpec
 from ..config import PrismConfig
 from .common import Placement, free_port, rank0_args, run_ranks
 from .options import PlanOptions
-from .stages import _limit, prompt
+from .stages import default_output, length_prompts
 
 
 def _mode(cluster: Any, outputs: str) -> str:
-    """auto: what `prism-edge launch` returns unless asked (decoders last, classifiers pooled, encoders mean)."""
-    if outputs != "auto":
-        return outputs
-    return "last" if cluster.adapter.geometry.causal else ("pooled" if cluster.adapter.head == "classify" else "mean")
+    """auto: what `prism-edge launch` returns unless asked."""
+    return default_output(cluster) if outputs == "auto" else outputs
 
 
 def _time(cluster: Any, inputs: dict[str, Any], mode: str, plan: Any, repeats: int
@@ -85,13 +83,11 @@ def rank0(args: argparse.Namespace) -> None:
     with Cluster(config=PrismConfig(devices=args.devices), spec=spec, spawn=args.devices == 1,
                  endpoint=Endpoint.parse(args.master, bind=args.bind)) as cluster:
         mode = _mode(cluster, args.outputs)
-        vocab, limit = cluster.adapter.vocab_size(), _limit(cluster.model)
         rows = []
-        for length in args.lengths:
-            if length > limit:
-                rows.append({"positions": length, "error": f"longer than the model takes ({limit})"})
+        for length, ids, source in length_prompts(cluster, args.lengths):
+            if ids is None:
+                rows.append({"positions": length, "error": source})
                 continue
-            ids, source = prompt(cluster.tokenizer, vocab, length)
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             for r in _cell(cluster, inputs, mode, fidelity, args.repeats):
                 rows.append({"positions": length, "prompt": source, "outputs": mode, **r})
@@ -106,7 +102,7 @@ def _default_job(cluster: Any, fidelity: Any, repeats: int) -> list[dict[str, An
     from ..eval.requests import builtin_request
 
     inputs = builtin_request(cluster.loaded, 512)
-    mode = _mode(cluster, "auto")  # launch's default (app.serve.native.default_mode)
+    mode = default_output(cluster)
     lengths = inputs["attention_mask"].sum(1).tolist()
     label = f"launch job ({len(lengths)} x {min(lengths)}-{max(lengths)})"
     return [{"positions": label, "prompt": "built-in texts", "outputs": mode, **r}

@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,25 @@ def prompt(tokenizer: Any, vocab: int, length: int) -> tuple[torch.Tensor, str]:
 def _limit(model: Any) -> int:
     cfg = model.config
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30)
+
+
+def default_output(cluster: Any) -> str:
+    """What `prism-edge launch` returns unless asked (app.serve.native.default_mode): decoders last, classifiers
+    pooled, encoders mean."""
+    if cluster.adapter.geometry.causal:
+        return "last"
+    return "pooled" if cluster.adapter.head == "classify" else "mean"
+
+
+def length_prompts(cluster: Any, lengths: Any) -> Iterator[tuple[int, torch.Tensor | None, str]]:
+    """(length, ids, source) per length; ids None and source the reason for a length beyond the model's limit."""
+    vocab, limit = cluster.adapter.vocab_size(), _limit(cluster.model)
+    for length in lengths:
+        if length > limit:
+            yield length, None, f"longer than the model takes ({limit})"
+            continue
+        ids, source = prompt(cluster.tokenizer, vocab, length)
+        yield length, ids, source
 
 
 def _prefill(cluster: Any, mode: str, ids: torch.Tensor, repeats: int) -> dict[str, Any]:
@@ -106,15 +126,13 @@ def rank0(args: argparse.Namespace) -> None:
     spec = LaunchSpec(model=args.model, cache_dir=args.cache_dir, threads=1, timeout=300, startup_timeout=900)
     with Cluster(config=cfg, spec=spec, spawn=cfg.effective_devices == 1,
                  endpoint=Endpoint.parse(args.master, bind=args.bind)) as cluster:
-        causal = cluster.adapter.geometry.causal
-        mode = "last" if causal else ("pooled" if cluster.adapter.head == "classify" else "mean")
-        vocab, limit = cluster.adapter.vocab_size(), _limit(cluster.model)
+        causal, mode = cluster.adapter.geometry.causal, default_output(cluster)
+        vocab = cluster.adapter.vocab_size()
         rows = []
-        for length in args.lengths:
-            if length > limit:
-                rows.append({"positions": length, "error": f"longer than the model takes ({limit})"})
+        for length, ids, source in length_prompts(cluster, args.lengths):
+            if ids is None:
+                rows.append({"positions": length, "error": source})
                 continue
-            ids, source = prompt(cluster.tokenizer, vocab, length)
             rows.append({**_prefill(cluster, mode, ids, args.repeats), "prompt": source})
         gen = {}
         if causal and args.new > 0:
