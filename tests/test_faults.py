@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -224,17 +223,11 @@ def test_a_device_failing_in_a_prefill_abandons_the_generation(saved):
 
 # ----------------------------------------------------------------------------------------------- HTTP
 @contextlib.contextmanager
-def _serving(path: str, cfg: PrismConfig, timeout: float = 10.0):
-    from prism_edge.app.serve.http import make_server
+def _serving(path: str, cfg: PrismConfig, timeout: float = 10.0, **options):
+    from serving import serving
 
-    with Cluster(path, cfg, timeout=20) as cluster:
-        server = make_server(cluster, "127.0.0.1", 0, timeout=timeout)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            yield cluster, f"http://127.0.0.1:{server.server_address[1]}"
-        finally:
-            server.shutdown()
-            server.server_close()
+    with Cluster(path, cfg, timeout=20) as cluster, serving(cluster, client_timeout=timeout, **options) as url:
+        yield cluster, url
 
 
 def _call(url: str, body: object = None, method: str = "POST", raw: bytes | None = None,

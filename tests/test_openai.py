@@ -38,17 +38,10 @@ def one_thread():
 def _serve(model: str):
     from prism_edge.cluster import Cluster
     from prism_edge.cluster.env import cache_dir
-    from prism_edge.app.serve.http import make_server
+    from serving import serving
 
-    with Cluster(model, CFG, timeout=60, cache_dir=str(cache_dir())) as cluster:
-        server = make_server(cluster, "127.0.0.1", 0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        try:
-            yield cluster, base, openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
-        finally:
-            server.shutdown()
-            server.server_close()
+    with Cluster(model, CFG, timeout=60, cache_dir=str(cache_dir())) as cluster, serving(cluster) as base:
+        yield cluster, base, openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")

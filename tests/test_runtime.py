@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -224,16 +223,10 @@ def test_handshake_refuses_mismatched_ranks(saved, mismatch):
 @contextlib.contextmanager
 def _serving(path: str, cfg: PrismConfig):
     """A cluster with its HTTP endpoint on a free port; yields the base URL."""
-    from prism_edge.app.serve.http import make_server
+    from serving import serving
 
-    with Cluster(path, cfg, timeout=20) as cluster:
-        server = make_server(cluster, "127.0.0.1", 0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}"
-        finally:
-            server.shutdown()
-            server.server_close()
+    with Cluster(path, cfg, timeout=20) as cluster, serving(cluster) as url:
+        yield url
 
 
 def test_http_endpoint(saved):

@@ -31,6 +31,11 @@ from ..cluster.env import DEBUG_ENV
 from ..bench.options import BENCHES, benches_with
 from ..flags import add_config_flags
 from ..cluster.spec import LaunchSpec
+from .serve.options import ServeOptions
+
+
+class Terminated(Exception):
+    """SIGTERM reached a command that stops gracefully (launch --serve): it exits 143 once everything is down."""
 
 
 # the command line plans each request (the Python API's Cluster runs its config unless asked: plan="auto")
@@ -84,6 +89,7 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--serve", metavar="HOST:PORT", help="serve HTTP (JSON and OpenAI-compatible) instead of "
                         "running one request")
+    ServeOptions.add_flags(parser.add_argument_group("serving (with --serve)"))
 
 
 def _threads(parser: argparse.ArgumentParser) -> None:
@@ -275,6 +281,9 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("prism-edge: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("prism-edge: terminated (SIGTERM); every device stopped", file=sys.stderr)
+        return 143
     except Exception as err:  # anything else: one line (the traceback with --debug)
         from ..cluster.transport import DeviceLost
         from ..cluster.errors import ClusterError

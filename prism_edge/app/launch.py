@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
+from typing import Any
 
 import torch
 
@@ -24,6 +26,7 @@ from ..eval.requests import build_request
 from ..cluster.follower import Seat, serve_rank
 from ..cluster.node import Fault
 from ..cluster.spec import LaunchSpec
+from .cli import Terminated
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -52,34 +55,49 @@ def cmd_launch(args: argparse.Namespace) -> int:
     spec = spec.replace(cache_dir=spec.cache_dir or str(env.cache_dir()))
     cfg = config_from(args, allow_auto=True)
     torch.set_num_threads(spec.threads)  # this process is device 0
+    serve_setup(args)  # a bad --serve or key file is refused before any device starts
     log(f"starting {cfg.effective_devices} device process(es) for {spec.model} ...")
     with Cluster(config=cfg, spec=spec, log=log) as cluster:
         return drive(cluster, args)
 
 
-def serve(cluster: Cluster, address: str) -> int:
-    """Serve HTTP on HOST:PORT until Ctrl-C or a lost device."""
-    from .serve.http import make_server
+def serve_setup(args: argparse.Namespace) -> tuple[str, int, Any, tuple[str, ...]] | None:
+    """--serve HOST:PORT and the server's flags, checked before any device starts: (host, port, options, keys)."""
+    if not getattr(args, "serve", None):
+        return None
+    from .serve.options import ServeOptions
 
-    host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        raise ValueError(f"--serve must be HOST:PORT (e.g. 127.0.0.1:8000), got {address!r}")
-    server = make_server(cluster, host or "127.0.0.1", int(port))
-    h, p = server.server_address[:2]
-    h = h.decode() if isinstance(h, bytes) else h
-    log(f"serving on http://{h}:{p}  (GET /health, /v1/models; POST /v1/forward, /v1/generate, /v1/completions, "
-        "/v1/chat/completions, /v1/embeddings); Ctrl-C stops every device")
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    host, _, port = args.serve.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--serve must be HOST:PORT (e.g. 127.0.0.1:8000), got {args.serve!r}")
+    options = ServeOptions.from_args(args)
+    return host or "127.0.0.1", int(port), options, options.keys(os.environ)
+
+
+def serve(cluster: Cluster, setup: tuple[str, int, Any, tuple[str, ...]]) -> int:
+    """Serve HTTP until SIGTERM / Ctrl-C (in-flight requests finish first) or a lost device."""
+    from .serve.server import Server
+
+    host, port, options, keys = setup
+    server = Server(cluster, host, port, options, keys)
+    for line in server.warnings():
+        log(line)
+    signal.signal(signal.SIGTERM, _terminated)  # uvicorn re-raises it once shut down: leave through the finally's
+    server.run(lambda url: log(
+        f"serving on {url}  (GET /health, /metrics, /v1/models; POST /v1/forward, /v1/generate, /v1/completions, "
+        f"/v1/chat/completions, /v1/embeddings){'; API key required' if keys else ''}; Ctrl-C or SIGTERM stops "
+        "every device"))
     return 0 if cluster.alive else 1
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def drive(cluster: Cluster, args: argparse.Namespace) -> int:
     """Rank 0's work once the cluster is up: serve HTTP, or run the request `repeat` times and print the result."""
     if args.serve:
-        return serve(cluster, args.serve)
+        return serve(cluster, serve_setup(args) or ("127.0.0.1", 8000, None, ()))
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     inputs, _ = build_request(cluster.loaded, args.text, args.text_file, args.image, args.max_length)

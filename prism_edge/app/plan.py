@@ -40,7 +40,7 @@ def _measure(cluster: Cluster, ids: torch.Tensor, mode: str, plan: Any, repeats:
 def rows_for(cluster: Cluster, planner: Planner, length: int, mode: str, measure: int) -> list[dict[str, Any]]:
     """Every candidate for one request of `length` positions: predicted (and measured) ms; the pick marked."""
     ids = _ids(cluster, length)
-    batch = cluster.coordinator._batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    batch = cluster.coordinator.batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     fidelity = cluster.coordinator.fidelity
     pick = planner.choose(batch, mode, fidelity).candidate
     rows = []

@@ -51,7 +51,7 @@ def _time(cluster: Any, inputs: dict[str, Any], mode: str, plan: Any, repeats: i
 def _cell(cluster: Any, inputs: dict[str, Any], mode: str, fidelity: Any, repeats: int) -> list[dict[str, Any]]:
     """Every candidate of one request, measured and predicted, then the planner's own pick run as `auto`."""
     planner = cluster.planner
-    batch = cluster.coordinator._batch(inputs)
+    batch = cluster.coordinator.batch(inputs)
     rows = []
     for cand in planner.candidates(fidelity, batch.longest):
         if cand.devices > batch.longest:

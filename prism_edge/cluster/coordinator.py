@@ -142,23 +142,8 @@ class Coordinator:
         plan: "fixed" runs the config on every device; a Candidate runs that; "auto" asks the planner for the
         fastest candidate at `fidelity` (a budget given with it is the fidelity); None: the coordinator's plan
         and fidelity."""
-        if not isinstance(outputs, str) or outputs not in wire.OUTPUT_MODES:
-            raise ValueError(f"unknown outputs {outputs!r}; choose one of {', '.join(wire.OUTPUT_MODES)}")
-        batch = self._batch(inputs)
-        self.cfg.with_budget(budget)  # refuses a bad budget before the header quantises it
-        choice, plan = None, self.plan if plan is None else plan
-        if fidelity is not None and plan != "auto":
-            raise ValueError(f"fidelity {fidelity!r} is what a planned request may trade, but this request runs "
-                             "its plan as given; start the cluster with --plan auto (plan='auto'), or drop fidelity")
-        fidelity = self.fidelity if fidelity is None else check_fidelity(fidelity)
-        if plan == "auto":
-            if self.planner is None:
-                raise ValueError("plan 'auto' needs the start-up probes: start the cluster with plan='auto' "
-                                 "(--plan auto)")
-            choice = self.planner.choose(batch, outputs, budget if budget is not None else fidelity,
-                                         op == wire.GENERATE)
-            plan = choice.candidate
-        cand = check_plan(plan, self.world, self.stages.staged)
+        batch = self.batch(inputs, outputs)
+        choice, cand = _resolve(self, batch, outputs, op, budget, plan, fidelity)
         if cand is not None and cand.budget is not None:
             budget = cand.budget
         header = dataclasses.replace(wire.request_header(batch, 0, outputs), op=op,  # numbered when sent
@@ -176,7 +161,18 @@ class Coordinator:
         return Request(batch, plan0, plans, cfg, header, messages, batch.gather(plan0.devices[0].index), layout,
                        choice)
 
-    def _batch(self, inputs: dict[str, Tensor | None]) -> Batch:
+    def resolve(self, inputs: dict[str, Tensor | None], outputs: str, op: int = wire.FORWARD,
+                budget: float | None = None, plan: Candidate | str | None = None,
+                fidelity: str | float | None = None) -> tuple[Choice | None, Candidate | None]:
+        """What `prepare` would run the request on, checking it the same way, without building its messages:
+        the planner's choice (None: the plan was given) and the candidate (None: the config on every device).
+        Safe beside a running request (a server groups requests by it)."""
+        return _resolve(self, self.batch(inputs, outputs), outputs, op, budget, plan, fidelity)
+
+    def batch(self, inputs: dict[str, Tensor | None], outputs: str = "all") -> Batch:
+        """The request's inputs checked and prepared (ValueError: what is wrong with them), as `prepare` reads them."""
+        if not isinstance(outputs, str) or outputs not in wire.OUTPUT_MODES:
+            raise ValueError(f"unknown outputs {outputs!r}; choose one of {', '.join(wire.OUTPUT_MODES)}")
         given = check_inputs(inputs, self.adapter.family)
         try:
             batch = self.adapter.prepare(**given, sink_token_ids=self.cfg.sink_token_ids)
@@ -272,8 +268,8 @@ class Coordinator:
             if stats is not None and stats.wall_s is not None:
                 self.drift.observe(req.choice.estimate.seconds, stats.wall_s)
         else:
-            info = {"plan": "fixed", "devices": req.world, "scheme": req.cfg.scheme,
-                    "budget": req.header.budget, "predicted_ms": None}
+            info = {"plan": "given" if req.header.devices else "fixed", "devices": req.world,
+                    "scheme": req.cfg.scheme, "budget": req.header.budget, "predicted_ms": None}
         info["measured_ms"] = round((stats.wall_s or 0.0) * 1e3, 1) if stats is not None else None
         return info
 
@@ -297,3 +293,21 @@ class Coordinator:
         for p in ranks:
             self.comm.isend("control", p, [wire.Header(op).encode()], TAG_HEADER, what, count=False)
         self.comm.flush()
+
+
+def _resolve(co: "Coordinator", batch: Batch, outputs: str, op: int, budget: float | None,
+             plan: Candidate | str | None, fidelity: str | float | None) -> tuple[Choice | None, Candidate | None]:
+    """The planner's choice (None: the plan was given) and the candidate (None: the config on every device)."""
+    co.cfg.with_budget(budget)  # refuses a bad budget before the header quantises it
+    choice, plan = None, co.plan if plan is None else plan
+    if fidelity is not None and plan != "auto":
+        raise ValueError(f"fidelity {fidelity!r} is what a planned request may trade, but this request runs "
+                         "its plan as given; start the cluster with --plan auto (plan='auto'), or drop fidelity")
+    fidelity = co.fidelity if fidelity is None else check_fidelity(fidelity)
+    if plan == "auto":
+        if co.planner is None:
+            raise ValueError("plan 'auto' needs the start-up probes: start the cluster with plan='auto' "
+                             "(--plan auto)")
+        choice = co.planner.choose(batch, outputs, budget if budget is not None else fidelity, op == wire.GENERATE)
+        plan = choice.candidate
+    return choice, check_plan(plan, co.world, co.stages.staged)

@@ -13,6 +13,7 @@ from pathlib import Path
 DEBUG_ENV = "PRISM_EDGE_DEBUG"  # set by --debug: tracebacks of unexpected errors (workers inherit it)
 CACHE_ENV = "PRISM_EDGE_CACHE"  # folder for converted weights (default: $XDG_CACHE_HOME/prism-edge)
 FAULT_ENV = "PRISM_EDGE_FAULT"  # testing: "RANK:KIND@LAYER[#REQUEST]", KIND die|hang|raise|late|decode (cluster.node.Fault)
+API_KEY_ENV = "PRISM_EDGE_API_KEY"  # a key the HTTP endpoint accepts (app/serve/options.py: also --api-key(-file))
 SLOW_ENV = "PRISM_EDGE_SLOW"  # testing: "RANK:FACTOR", e.g. "1:1": rank 1 sleeps as long as it computed (half speed)
 
 
@@ -66,3 +67,8 @@ def slowdown(rank: int, environ: Mapping[str, str] = os.environ) -> float:
     if not factor >= 0:
         raise ValueError(f"{SLOW_ENV} must be RANK:FACTOR with FACTOR >= 0 (e.g. 1:1), got {what!r}")
     return factor
+
+
+def api_key(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The API key the HTTP endpoint accepts from PRISM_EDGE_API_KEY (None: unset or blank)."""
+    return environ.get(API_KEY_ENV, "").strip() or None

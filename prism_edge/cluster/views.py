@@ -45,5 +45,12 @@ class ClusterViews:
                 "error": self._broken, "plan": self.spec.plan, "fidelity": self.spec.fidelity,
                 "profile": self.profile.to_dict() if self.profile is not None else None}
 
+    def resolve(self, inputs: dict[str, Any], outputs: str = "all", budget: float | None = None,
+                fidelity: str | float | None = None) -> tuple[Any, Any]:
+        """What a forward request would run on, checked as a request is (ValueError), without running it and
+        without waiting for the running one: the planner's Choice (None: the plan is fixed) and the Candidate
+        (None: the config on every device).  A server groups concurrent requests by it."""
+        return self.coordinator.resolve(inputs, outputs, budget=budget, fidelity=fidelity)
+
     planner = property(lambda self: self.coordinator.planner)  # plan auto: the planner, else None
     profile = property(lambda self: self.planner.profile if self.planner is not None else None)  # what the probes saw

@@ -20,6 +20,7 @@ run; a request no candidate fits is refused with a ValueError.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,7 @@ class Planner:
             raise ValueError(f"the profile has {profile.world} devices but the config {cfg.effective_devices}")
         self.cfg, self.cost, self.profile, self.layout = cfg, cost, profile, layout
         self._recent: OrderedDict[tuple, Choice] = OrderedDict()  # the last choices, by request shape
+        self._lock = threading.Lock()  # a server plans requests in its threads beside the running one
 
     def scheme_budget(self, fidelity: str | float, length: int) -> tuple[str, float | None]:
         """(scheme, budget) of a distributed candidate at `fidelity` for inputs of `length` positions."""
@@ -129,14 +131,15 @@ class Planner:
         (building a plan costs milliseconds: short requests would pay more for planning than they gain)."""
         key = (hashlib.sha1(batch.valid.cpu().numpy().tobytes() + batch.sink.cpu().numpy().tobytes()).hexdigest(),
                tuple(batch.valid.shape), outputs, fidelity, generating)
-        if key in self._recent:  # the same shape again (a server's traffic repeats): the same plan, no planning
-            self._recent.move_to_end(key)
-            return self._recent[key]
-        choice = self._choose(batch, outputs, fidelity, generating)
-        self._recent[key] = choice
-        if len(self._recent) > RECENT:
-            self._recent.popitem(last=False)
-        return choice
+        with self._lock:
+            if key in self._recent:  # the same shape again (a server's traffic repeats): the same plan, no planning
+                self._recent.move_to_end(key)
+                return self._recent[key]
+            choice = self._choose(batch, outputs, fidelity, generating)
+            self._recent[key] = choice
+            if len(self._recent) > RECENT:
+                self._recent.popitem(last=False)
+            return choice
 
     def _choose(self, batch: Batch, outputs: str, fidelity: str | float, generating: bool) -> Choice:
         length = batch.longest

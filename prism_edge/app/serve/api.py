@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from ...cluster import ClusterError, RequestError
 from ...runtime.modes import DECODE_MODES as MODES
 
 Emit = Callable[[dict[str, Any]], bool]  # sends one server-sent event; False once the client is gone
@@ -49,6 +53,17 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
     return value
 
 
+@dataclass
+class Ctx:
+    """What a handler works with: the cluster (to read), and how to run on it: `forward` (batched with concurrent
+    requests by the server) and `generate` (Cluster.generate's arguments, in turn with the others), both timed for
+    the server's metrics."""
+
+    cluster: Any  # cluster.Cluster
+    forward: Callable[..., Any]  # forward(inputs, outputs=, budget=, fidelity=) -> PrismOutput
+    generate: Callable[..., Any]  # generate(ids, **Cluster.generate's keywords) -> Generation
+
+
 @dataclass(frozen=True)
 class Stream:
     """A reply sent as server-sent events: `run(emit)` emits each chunk; `data: [DONE]` follows."""
@@ -85,3 +100,23 @@ def decode_mode(body: dict[str, Any]) -> str:
     if mode not in MODES:
         raise BadField("decode", f'"decode" must be one of {", ".join(MODES)}, got {mode!r}')
     return mode
+
+
+@contextmanager
+def as_api_errors() -> Iterator[None]:
+    """Turn what a handler raises into the right HTTP error."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except BadField as err:
+        raise ApiError(400, str(err), err.param) from None
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+    except ClusterError as err:
+        raise ApiError(503, str(err), code="cluster_down") from None
+    except RequestError as err:  # a device failed inside this request; the cluster serves the next one
+        raise ApiError(500, str(err), code="request_failed") from None
+    except Exception as err:  # a bug on rank 0 (the cluster stays up unless the devices were mid-request)
+        traceback.print_exc(file=sys.stderr)
+        raise ApiError(500, f"internal error: {type(err).__name__}: {err}") from None

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...models.loading import IMAGE_TYPES
 from ...cluster import Cluster
-from .api import BadField, field, request_budget, request_fidelity
+from .api import BadField, Ctx, field, request_budget, request_fidelity
 from .openai_api import check_model, prism_figures
 from ...eval.requests import encode_texts, hf_config
 
@@ -103,7 +103,8 @@ def _inputs(cluster: Cluster, body: dict[str, Any], pooling: Pooling) -> dict[st
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def handle_embeddings(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
+def handle_embeddings(ctx: Ctx, body: dict[str, Any]) -> dict[str, Any]:
+    cluster: Cluster = ctx.cluster
     served = check_model(cluster, body)
     if cluster.adapter.geometry.causal or hf_config(cluster.model).model_type in IMAGE_TYPES:
         raise BadField("model", f"{served!r} is not a text encoder; /v1/embeddings needs one (e.g. minilm)")
@@ -116,7 +117,7 @@ def handle_embeddings(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
     if field(body, "dimensions", int, width) != width:
         raise BadField("dimensions", f"this model's embeddings have {width} dimensions, not {body['dimensions']}")
     budget = request_budget(body)
-    out = cluster(**inputs, outputs=pooling.output_mode, budget=budget, plan=None, fidelity=request_fidelity(body))
+    out = ctx.forward(inputs, outputs=pooling.output_mode, budget=budget, fidelity=request_fidelity(body))
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
     assert out.last_hidden_state is not None  # an encoder's
     vectors = pooling.pool(out.last_hidden_state, mask)  # (B, width)

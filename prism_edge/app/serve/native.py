@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ...runtime.generate import Sampling
-from .api import BadField, decode_mode, field, request_budget, request_fidelity
+from .api import BadField, Ctx, decode_mode, field, request_budget, request_fidelity
 from ...cluster import Cluster
 from ...eval.requests import check_ids, encode_texts, prompt_ids
 
@@ -63,10 +63,11 @@ def _forward_inputs(cluster: Cluster, body: dict[str, Any]) -> dict[str, torch.T
     raise BadField(None, 'send "texts", "input_ids" (with optional "attention_mask") or "pixel_values"')
 
 
-def handle_forward(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
+def handle_forward(ctx: Ctx, body: dict[str, Any]) -> dict[str, Any]:
+    cluster: Cluster = ctx.cluster
     mode = field(body, "outputs", str) or default_mode(cluster)
     inputs = _forward_inputs(cluster, body)
-    out = cluster(**inputs, outputs=mode, budget=request_budget(body), plan=None, fidelity=request_fidelity(body))
+    out = ctx.forward(inputs, outputs=mode, budget=request_budget(body), fidelity=request_fidelity(body))
     assert out.stats is not None
     reply: dict[str, Any] = {"mode": mode, "outputs": {}, "stats": out.stats.to_dict()}
     for name in out.keys():
@@ -94,7 +95,8 @@ def handle_forward(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-def handle_generate(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
+def handle_generate(ctx: Ctx, body: dict[str, Any]) -> dict[str, Any]:
+    cluster: Cluster = ctx.cluster
     tok: Any = cluster.tokenizer
     if "prompt" in body:
         prompt = field(body, "prompt", str)
@@ -113,9 +115,9 @@ def handle_generate(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
         raise BadField("stop_ids", f'"stop_ids" must be a list of token ids (integers), got {stop_ids!r:.80}')
     stops = tuple(stop_ids) + ((eos,) if isinstance(eos, int) else ())
-    gen = cluster.generate(ids, max_new_tokens=field(body, "max_new_tokens", int, 32), sampling=sampling,
-                           stop_ids=stops, decode=decode_mode(body), budget=request_budget(body),
-                           fidelity=request_fidelity(body))
+    gen = ctx.generate(ids, max_new_tokens=field(body, "max_new_tokens", int, 32), sampling=sampling,
+                       stop_ids=stops, decode=decode_mode(body), budget=request_budget(body),
+                       fidelity=request_fidelity(body))
     text = tok.decode(gen.new_ids, skip_special_tokens=True) if tok is not None else None
     assert gen.prefill_stats is not None
     return {"text": text, "token_ids": gen.new_ids, "stopped_by": gen.stopped_by, "decode": gen.mode,

@@ -25,7 +25,7 @@ from torch import Tensor
 from ...runtime.generate import TOKEN_ID_BYTES, Generation, Sampling
 from ...runtime.stats import Stats
 from ...cluster import Cluster
-from .api import ApiError, BadField, Emit, Stream, decode_mode, field, request_budget, request_fidelity
+from .api import ApiError, BadField, Ctx, Emit, Stream, decode_mode, field, request_budget, request_fidelity
 from ...eval.requests import chat_ids, check_ids
 from .textstream import TextStream
 
@@ -51,7 +51,8 @@ def check_model(cluster: Cluster, body: dict[str, Any]) -> str:
     return served
 
 
-def list_models(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any]:
+def list_models(ctx: Ctx, body: dict[str, Any]) -> dict[str, Any]:
+    cluster: Cluster = ctx.cluster
     card = {"id": model_id(cluster), "object": "model", "created": STARTED, "owned_by": "prism-edge",
             "prism": {"class": type(cluster.model).__name__, "devices": cluster.world, "cr": cluster.cfg.effective_cr}}
     served = model_id(cluster)
@@ -155,8 +156,9 @@ class Outcome:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def generate(cluster: Cluster, ids: Tensor, params: Params, show: Callable[[str], bool] | None = None) -> Outcome:
+def generate(ctx: Ctx, ids: Tensor, params: Params, show: Callable[[str], bool] | None = None) -> Outcome:
     """Generate on the cluster, handing each piece of safe text to `show` (False: the client left, stop)."""
+    cluster: Cluster = ctx.cluster
     tok: Any = cluster.tokenizer
     text = TextStream(tok, params.stops)
     gone = False
@@ -169,7 +171,7 @@ def generate(cluster: Cluster, ids: Tensor, params: Params, show: Callable[[str]
         return text.stopped or gone
 
     eos = getattr(tok, "eos_token_id", None)
-    gen: Generation = cluster.generate(ids, max_new_tokens=params.max_tokens, sampling=params.sampling,
+    gen: Generation = ctx.generate(ids, max_new_tokens=params.max_tokens, sampling=params.sampling,
                                        stop_ids=(eos,) if isinstance(eos, int) else (), on_token=on_token,
                                        decode=params.decode, budget=params.budget, fidelity=params.fidelity)
     rest = text.flush()
@@ -220,33 +222,35 @@ def _prompt(cluster: Cluster, body: dict[str, Any]) -> Tensor:
     raise BadField("prompt", '"prompt" must be a non-empty string or token id list (one prompt per request)')
 
 
-def handle_completions(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any] | Stream:
+def handle_completions(ctx: Ctx, body: dict[str, Any]) -> dict[str, Any] | Stream:
+    cluster: Cluster = ctx.cluster
     served, params = check_model(cluster, body), parse_params(body)
     ids = _checked(cluster, _prompt(cluster, body), params)
-    return _reply(cluster, served, ids, params, chat=False)
+    return _reply(ctx, served, ids, params, chat=False)
 
 
-def handle_chat(cluster: Cluster, body: dict[str, Any]) -> dict[str, Any] | Stream:
+def handle_chat(ctx: Ctx, body: dict[str, Any]) -> dict[str, Any] | Stream:
+    cluster: Cluster = ctx.cluster
     served, params, messages = check_model(cluster, body), parse_params(body), _messages(body)
     if cluster.tokenizer is None:
         raise BadField("model", f"{served!r} has no tokenizer; chat needs one")
     ids = _checked(cluster, check_ids(chat_ids(cluster.tokenizer, messages)), params)
-    return _reply(cluster, served, ids, params, chat=True)
+    return _reply(ctx, served, ids, params, chat=True)
 
 
-def _reply(cluster: Cluster, served: str, ids: Tensor, params: Params, chat: bool) -> dict[str, Any] | Stream:
+def _reply(ctx: Ctx, served: str, ids: Tensor, params: Params, chat: bool) -> dict[str, Any] | Stream:
     head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
             "model": served}
     if params.stream:
-        return Stream(lambda emit: _stream(cluster, ids, params, chat, head, emit))
-    done = generate(cluster, ids, params)
+        return Stream(lambda emit: _stream(ctx, ids, params, chat, head, emit))
+    done = generate(ctx, ids, params)
     choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
     choice.update({"message": {"role": "assistant", "content": done.text}} if chat else {"text": done.text})
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
             "usage": done.usage, "prism": done.prism}
 
 
-def _stream(cluster: Cluster, ids: Tensor, params: Params, chat: bool, head: dict[str, Any], emit: Emit) -> None:
+def _stream(ctx: Ctx, ids: Tensor, params: Params, chat: bool, head: dict[str, Any], emit: Emit) -> None:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
@@ -259,7 +263,7 @@ def _stream(cluster: Cluster, ids: Tensor, params: Params, chat: bool, head: dic
 
     if chat and not emit(chunk("", role=True)):
         return
-    done = generate(cluster, ids, params, lambda piece: emit(chunk(piece)))
+    done = generate(ctx, ids, params, lambda piece: emit(chunk(piece)))
     last = chunk(None if chat else "", done.finish_reason)
     if emit({**last, "prism": done.prism}) and params.include_usage:
         emit({**head, "object": kind, "choices": [], "usage": done.usage})
