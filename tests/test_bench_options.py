@@ -48,7 +48,7 @@ def test_flags_give_the_options_back():
 @pytest.mark.parametrize("argv, owner", [
     (["runtime", "--trials", "3"], "faults"),
     (["overhead", "--link", "wifi"], "schemes, generation, runtime, stages and plan"),
-    (["targets", "--model", "minilm"], "schemes, generation, overhead, runtime, hetero, stages and plan"),
+    (["targets", "--model", "minilm"], "schemes, generation, overhead, runtime, hetero, stages, plan and load"),
     (["schemes", "--device-counts", "2"], "generation and runtime"),
 ])
 def test_a_flag_of_another_bench_is_refused(argv, owner, capsys):

@@ -193,3 +193,73 @@ def test_a_server_on_a_public_address_without_a_key_warns(bert):
     assert not Server(bert, "127.0.0.1", 0).warnings()
     with pytest.raises(ValueError, match="max_queue"):
         ServeOptions(max_queue=0)
+
+
+# ----------------------------------------------------------------------------------------------- units
+def _job(key, rows: int, width: int, outputs: str = "all"):
+    from prism_edge.app.serve.batching import Job
+
+    ids = torch.arange(1, rows * width + 1).reshape(rows, width)
+    return Job(key, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, outputs, None, None, None)
+
+
+def test_the_batcher_groups_equal_keys_and_answers_each_job_its_own_rows():
+    from prism_edge.app.serve.batching import Batcher
+    from prism_edge.runtime.simulator import PrismOutput
+
+    runs: list[tuple[int, tuple[int, ...]]] = []
+    gate = threading.Event()
+
+    def run(inputs, first, jobs):
+        gate.wait(5)  # hold the first batch until every job queued
+        runs.append((jobs, tuple(inputs["input_ids"].shape)))
+        if (inputs["input_ids"] == 999).any():
+            raise ValueError("token 999 is beyond the vocabulary")
+        hidden = inputs["input_ids"].float().unsqueeze(-1) * inputs["attention_mask"].unsqueeze(-1)
+        return PrismOutput(last_hidden_state=hidden, planned={"plan": "fixed"})
+
+    batcher = Batcher(run, max_rows=4, wait_s=0.0, busy=lambda: 0)
+    jobs = [_job("a", 1, 3), _job("a", 2, 5), _job("b", 1, 4), _job("a", 1, 2), _job("a", 1, 6)]
+    jobs[3].inputs["input_ids"][0, 1] = 999
+    results: dict[int, object] = {}
+
+    def submit(i):
+        try:
+            results[i] = batcher.submit(jobs[i])
+        except ValueError as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert isinstance(results[3], ValueError)  # the bad one fails alone; its batch is retried job by job
+    for i in (0, 1, 2, 4):
+        out = results[i]
+        assert out.last_hidden_state.shape[:2] == jobs[i].inputs["input_ids"].shape  # its own rows and width
+        torch.testing.assert_close(out.last_hidden_state[..., 0], jobs[i].inputs["input_ids"].float())
+    assert all(rows <= 4 for _, (rows, _) in runs)
+    assert any(jobs > 1 for jobs, _ in runs)
+    batcher.close(RuntimeError("closed"))
+
+
+def test_schema_errors_name_the_field():
+    from prism_edge.app.serve.api import BadField
+    from prism_edge.app.serve.schemas import check_body
+
+    cases = [("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+             ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+             ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
+             ("/v1/embeddings", {"input": 5}, "input"),
+             ("/v1/forward", {"input_ids": [[1, 2.5]]}, "input_ids[0][1]"),
+             ("/v1/generate", {"max_new_tokens": True}, "max_new_tokens"),
+             ("/v1/forward", {"budget": "0.1"}, "budget")]
+    for route, body, param in cases:
+        with pytest.raises(BadField) as err:
+            check_body(route, body)
+        assert err.value.param == param, (body, err.value.param, str(err.value))
+        assert param in str(err.value)
+    check_body("/v1/completions", {"model": "m", "prompt": [1, 2], "user": "extra fields pass"})

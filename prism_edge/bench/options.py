@@ -400,9 +400,45 @@ class PlanOptions(BenchOptions):
             raise ValueError(f"--outputs must be auto, all, last, mean or pooled, got {self.outputs!r}")
 
 
+@dataclass(frozen=True)
+class LoadOptions(BenchOptions):
+    """The HTTP server under concurrent clients (loopback only)."""
+
+    bench, entry = "load", "prism_edge.bench.load"
+    summary = "the HTTP server under N concurrent clients: throughput, latency percentiles, statuses, RSS"
+
+    model: str = option("model alias, hub name or folder (an encoder: the clients ask for embeddings)",
+                        default="minilm")
+    devices: int = option("device processes behind the server", default=2)
+    clients: tuple[int, ...] = option("concurrent clients, one level after another", default=(1, 16, 64))
+    seconds: tuple[float, ...] = option("seconds per level (one value for every level, or one per level)",
+                                        default=(20.0, 20.0, 60.0))
+    max_requests: int = option("requests per level at most", default=20000)
+    max_queue: int = option("the server's --max-queue", default=64)
+    unbatched: bool = option("also run every level with dynamic batching off (--max-batch 1), to compare",
+                             default=True)
+    plan: str = option("the server's --plan (auto or fixed)", default="auto", choices=("auto", "fixed"))
+
+    def check(self) -> None:
+        _model(self.model)
+        _count("--devices", self.devices, 1, 2)
+        _counts("--clients", self.clients, 1, 16)
+        if max(self.clients) > 256:
+            raise ValueError(f"--clients: at most 256 clients, got {max(self.clients)}; e.g. --clients 1 16 64")
+        if not (isinstance(self.seconds, tuple) and len(self.seconds) in (1, len(self.clients))
+                and all(isinstance(x, (int, float)) and 0 < x <= 600 for x in self.seconds)):
+            raise ValueError(f"--seconds takes one value or one per level ({len(self.clients)}), each above 0 and at "
+                             f"most 600, got {self.seconds!r}; e.g. --seconds 20")
+        _count("--max-requests", self.max_requests, 1, 10000)
+        _count("--max-queue", self.max_queue, 1, 64)
+
+    def level_seconds(self, i: int) -> float:
+        return float(self.seconds[i] if len(self.seconds) > 1 else self.seconds[0])
+
+
 BENCHES: dict[str, type[BenchOptions]] = {o.bench: o for o in (
     SchemesOptions, TargetsOptions, GenerationOptions, OverheadOptions, RuntimeOptions, HeteroOptions, FaultsOptions,
-    StagesOptions, PlanOptions)}
+    StagesOptions, PlanOptions, LoadOptions)}
 
 
 def benches_with(flag: str) -> list[str]:
