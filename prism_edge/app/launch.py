@@ -29,12 +29,19 @@ from ..cluster.spec import LaunchSpec
 from .cli import Terminated
 
 
+def launch_spec(args: argparse.Namespace) -> LaunchSpec:
+    """The LaunchSpec of a device command's flags, with what they leave to the environment: the cluster secret
+    (--cluster-secret, --cluster-secret-file or $PRISM_EDGE_CLUSTER_SECRET) and the weights cache."""
+    spec = LaunchSpec.from_args(args)
+    return spec.replace(cache_dir=spec.cache_dir or str(env.cache_dir()),
+                        cluster_secret=env.cluster_secret(spec.cluster_secret, args.cluster_secret_file))
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     seat = Seat.from_args(args)
     if args.devices is None:
         args.devices = seat.world
-    spec, cfg = LaunchSpec.from_args(args).replace(cache_dir=args.cache_dir or str(env.cache_dir())), \
-        config_from(args, allow_auto=True)
+    spec, cfg = launch_spec(args), config_from(args, allow_auto=True)
     if cfg.effective_devices != seat.world:
         raise ValueError(f"the config has devices={cfg.effective_devices} but the group has {seat.world} ranks; "
                          f"pass --devices {seat.world}")
@@ -51,8 +58,7 @@ def log(msg: str) -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    spec = LaunchSpec.from_args(args)
-    spec = spec.replace(cache_dir=spec.cache_dir or str(env.cache_dir()))
+    spec = launch_spec(args)
     cfg = config_from(args, allow_auto=True)
     torch.set_num_threads(spec.threads)  # this process is device 0
     serve_setup(args)  # a bad --serve or key file is refused before any device starts

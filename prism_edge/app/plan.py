@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from ..cluster import Cluster, env
-from ..cluster.spec import LaunchSpec
+from ..cluster import Cluster
 from ..flags import config_from
 from ..planning import Planner
-from .launch import log
+from .launch import launch_spec, log
 from .serve.native import default_mode
 
 
@@ -56,8 +55,7 @@ def rows_for(cluster: Cluster, planner: Planner, length: int, mode: str, measure
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    spec = LaunchSpec.from_args(args)
-    spec = spec.replace(plan="auto", cache_dir=spec.cache_dir or str(env.cache_dir()))
+    spec = launch_spec(args).replace(plan="auto")
     cfg = config_from(args, allow_auto=True)
     if any(n < 1 for n in args.lengths) or args.measure < 0:
         raise ValueError("--lengths must be positive position counts and --measure >= 0 (timed runs per candidate)")

@@ -7,7 +7,7 @@
   node.py         one device's layer loop for one request, over the DistCommunicator
   transport.py    DistCommunicator: every torch.distributed send and receive, every byte counted
   rendezvous.py   how a group meets;  startup.py: rendezvous + handshake + --weights auto
-  handshake.py    start-up checks;  calibrate.py: `--weights auto`
+  handshake.py    start-up checks;  calibrate.py: `--weights auto`;  secret.py: the cluster secret's challenge and response
   spec.py         LaunchSpec: the frozen runtime settings that give both the flags and the worker command line
   procs.py        local worker processes;  heartbeat.py;  errors.py;  env.py: every environment variable read
 """

@@ -66,9 +66,10 @@ class Cluster(ClusterViews):
 
     model: alias, hub name or folder every rank can load.  config: resolved once, for its kind, into `cfg`.
     settings: any other LaunchSpec field (threads, timeout, startup_timeout, overlap, count_flops, device, cache_dir,
-    verbose, fetch_weights, plan, fidelity, auto_weights), with its defaults (plan "fixed": the config on every
-    device; "auto" probes at start-up and plans each request); or the whole LaunchSpec as `spec`.  spawn: start
-    the other devices as local processes (False: they join through `endpoint`); worker_env: extra environment for spawned workers.
+    verbose, fetch_weights, plan, fidelity, cluster_secret, auto_weights), with its defaults (plan "fixed": the
+    config on every device; "auto" probes at start-up and plans each request); or the whole LaunchSpec as `spec`.
+    spawn: start the other devices as local processes (False: they join through `endpoint`); worker_env: extra
+    environment for spawned workers (the cluster secret reaches them through theirs, not their command line).
     This process's own torch threads and exit hooks are the caller's: set_threads=True sets them to
     `threads` until close(), and close_at_exit=True closes the cluster when the interpreter exits.
     """

@@ -15,12 +15,30 @@ CACHE_ENV = "PRISM_EDGE_CACHE"  # folder for converted weights (default: $XDG_CA
 FAULT_ENV = "PRISM_EDGE_FAULT"  # testing: "RANK:KIND@LAYER[#REQUEST]", KIND die|hang|raise|late|decode (cluster.node.Fault)
 API_KEY_ENV = "PRISM_EDGE_API_KEY"  # a key the HTTP endpoint accepts (app/serve/options.py: also --api-key(-file))
 SLOW_ENV = "PRISM_EDGE_SLOW"  # testing: "RANK:FACTOR", e.g. "1:1": rank 1 sleeps as long as it computed (half speed)
+SECRET_ENV = "PRISM_EDGE_CLUSTER_SECRET"  # the cluster secret, when neither --cluster-secret nor its -file is given
 
 
 def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
     root = environ.get(CACHE_ENV) or os.path.join(
         environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "prism-edge")
     return Path(root)
+
+
+def cluster_secret(given: str | None, path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The cluster secret: --cluster-secret, else the first line of --cluster-secret-file, else
+    PRISM_EDGE_CLUSTER_SECRET; None (no check) when all are absent or empty."""
+    if given and path:
+        raise ValueError("give the cluster secret once: --cluster-secret or --cluster-secret-file, not both")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                line = f.readline().strip()
+        except (OSError, UnicodeError) as err:
+            raise ValueError(f"--cluster-secret-file {path}: cannot read it ({err})") from None
+        if not line:
+            raise ValueError(f"--cluster-secret-file {path}: its first line is empty; write the secret there")
+        return line
+    return given or environ.get(SECRET_ENV) or None
 
 
 def torchrun_seat(environ: Mapping[str, str] = os.environ) -> tuple[int | None, int | None, str, bool]:

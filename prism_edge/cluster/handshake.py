@@ -4,8 +4,13 @@ Each rank describes itself as a small JSON document (version, config, a fingerpr
 weights); all ranks all-gather the documents as uint8 tensors and compare them with rank 0's.  A
 difference stops every rank with a message naming the rank and the field.
 
-What it does not protect against: it is not authentication.  Anyone who can reach the gloo ports
-can join or inject tensors (gloo has none); run the cluster on a trusted network or a tunnel.
+What it does not protect against: it is not authentication.  That is the cluster secret's job, and only at
+the rendezvous (--cluster-secret, secret.py): before a process takes a seat it and rank 0 prove by challenge
+and response that they share the secret, so a process without it (a stray or misconfigured worker, another
+cluster's) is refused by name.  After the rendezvous nothing is authenticated or encrypted: gloo's traffic
+(every tensor) is in clear, and a party that can reach the store or the gloo ports and speaks their
+protocols can still read, inject or disrupt.  On an untrusted network run the cluster inside WireGuard or
+another VPN / tunnel.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
   Endpoint       rank 0's HOST:PORT and this machine's address for gloo (default: the one that routes there)
   open_store     the rendezvous store; rank 0 hosts it on the master address only (a local group: loopback)
-  take_seat      register this rank and wait for the whole group before gloo is built: a duplicate rank, a
-                 rank out of range and a mismatched world size are refused at once with a message naming
-                 them; a missing rank ends the wait at the deadline, named, on every rank
+  take_seat      register this rank and wait for the whole group before gloo is built: a process without the
+                 cluster secret (secret.py: challenge and response), a duplicate rank, a rank out of range
+                 and a mismatched world size are refused at once with a message naming them; a missing
+                 rank ends the wait at the deadline, named, on every rank
   join_group     the gloo process group, built in a helper thread with a deadline (its constructor can hang)
 
 Every function takes a `deadline` (time.monotonic()) that the caller derives from --startup-timeout, so
@@ -15,6 +16,7 @@ mistake, exit code 2); a group that cannot form raises DeviceLost (exit code 3).
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
 import threading
@@ -26,6 +28,7 @@ from typing import Any, cast
 
 import torch.distributed as dist
 
+from . import secret as _secret
 from .transport import DeviceLost
 
 SEATS = "prism-edge/seat/"  # the store keys of take_seat; gloo's own live under "prism-edge/"
@@ -33,7 +36,8 @@ POLL_S = 0.05
 
 
 class StartupError(ValueError):
-    """A process that must not join this group: duplicate rank, rank out of range, wrong world size."""
+    """A process that must not join this group: wrong or missing cluster secret, duplicate rank, rank out of
+    range, wrong world size."""
 
 
 def route_address(host: str) -> str:
@@ -208,29 +212,100 @@ class _Seats:
             time.sleep(POLL_S)
 
 
-def _rank0_waits(seats: _Seats, on_wait: Callable[[], None] | None, log: Callable[[str], None]) -> bool:
+def _who() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+class _Gate:
+    """Rank 0's side of the cluster secret: offers a challenge, answers each joiner's ticket while it waits for
+    the group, and closes when it stops waiting (a ticket still unanswered then is refused: the group is full)."""
+
+    def __init__(self, seats: _Seats, secret: str | None, log: Callable[[str], None]) -> None:
+        self.seats, self.secret, self.log = seats, secret, log
+        offered, self.challenge = _secret.offer(secret)
+        self.answered, self.pending = 0, set[int]()
+        seats.store.set("auth/offer", offered)
+
+    def answer(self) -> None:
+        if self.secret is None or self.challenge is None:
+            return
+        count = self.seats.store.add("auth/tickets", 0)
+        self.pending.update(range(self.answered + 1, count + 1))
+        self.answered = count
+        for n in sorted(self.pending):
+            if self.seats.has(f"auth/ticket/{n}"):  # else taken but not written yet: next time
+                self.pending.discard(n)
+                verdict, refused = _secret.judge(self.secret, self.challenge, n, self.seats.text(f"auth/ticket/{n}"))
+                self.seats.store.set(f"auth/verdict/{n}", verdict)
+                if refused:
+                    self.log(f"warning: rank 0 refused {refused}; it takes no seat, and the group waits for the "
+                             "right process")
+
+    def close(self) -> None:
+        try:
+            self.answer()
+            self.seats.store.set("auth/closed", "1")
+        except (RuntimeError, OSError, DeviceLost):  # the store failed: the start-up fails on its own account
+            pass
+
+
+def _prove(seats: _Seats, secret: str | None, on_wait: Callable[[], None] | None) -> None:
+    """A joiner: answer rank 0's challenge and check its answer, or StartupError naming this process and why."""
+    name = f"rank {seats.rank} ({_who()})"
+    challenge = _secret.challenge_of(seats.text("auth/offer") if seats.has("auth/offer") else _secret.NONE)
+    if challenge is None:
+        if secret:
+            raise seats.refuse(f"{name}: refused: {_secret.UNEXPECTED}")
+        return
+    if seats.has("auth/closed"):
+        raise StartupError(f"{name}: refused: rank 0 admits no more processes, its group of {seats.world} is "
+                           "complete (is this rank started twice?)")
+    number = seats.store.add("auth/tickets", 1)
+    sent = _secret.ticket(secret, challenge, seats.rank, number, _who())
+    seats.store.set(f"auth/ticket/{number}", json.dumps(sent))
+    verdict = f"auth/verdict/{number}"
+    if not seats.wait(lambda: seats.has(verdict) or seats.has("auth/closed"), on_wait):
+        raise DeviceLost(f"{name}: rank 0 did not answer its cluster-secret challenge within the start-up timeout")
+    if not seats.has(verdict):
+        raise StartupError(f"{name}: refused: rank 0 admits no more processes, its group of {seats.world} is "
+                           "complete (is this rank started twice?)")
+    problem = _secret.check_verdict(secret, challenge, sent, number, seats.text(verdict))
+    if problem:
+        raise StartupError(f"{name}: {problem}")
+
+
+def _rank0_waits(seats: _Seats, gate: _Gate, on_wait: Callable[[], None] | None, log: Callable[[str], None]) -> bool:
     def ready() -> bool:
+        gate.answer()
         for why in seats.new_refusals():
             if "--world-size" in why or "out of range" in why:  # the group cannot be what was meant
                 seats.abort(why)
                 raise StartupError(f"start-up refused: {why}")
             log(f"warning: {why}")  # a duplicate leaves; the group can still form
         return not seats.missing()
-    return seats.wait(ready, on_wait)
+    try:
+        return seats.wait(ready, on_wait)
+    finally:
+        gate.close()
 
 
 def take_seat(store: dist.Store, rank: int, world: int, address: str, deadline: float,
-              on_wait: Callable[[], None] | None = None, log: Callable[[str], None] = lambda _: None) -> dict[int, str]:
+              on_wait: Callable[[], None] | None = None, log: Callable[[str], None] = lambda _: None,
+              secret: str | None = None) -> dict[int, str]:
     """Register this rank, then wait until every rank of the group has; returns every rank's gloo address.
 
-    on_wait: called while waiting (rank 0 checks its local workers).  Refuses (StartupError) a rank that
-    is already taken, one outside 0..world-1 and a world size other than rank 0's; fails (DeviceLost) at
-    the deadline, naming the ranks that never came, on every rank that waits."""
+    on_wait: called while waiting (rank 0 checks its local workers).  secret: the cluster secret (None: no
+    check), proved to rank 0 before anything else.  Refuses (StartupError) a process without rank 0's
+    secret, a rank that is already taken, one outside 0..world-1 and a world size other than rank 0's;
+    fails (DeviceLost) at the deadline, naming the ranks that never came, on every rank that waits."""
     seats = _Seats(store, rank, world, deadline)
     if rank == 0:
+        gate = _Gate(seats, secret or None, log)  # the offer goes up before "world": joiners read it next
         seats.store.set("world", str(world))
     elif not seats.wait(lambda: seats.has("world"), on_wait):
         raise DeviceLost(f"rank {rank}: rank 0 did not open the group within the start-up timeout")
+    else:
+        _prove(seats, secret or None, on_wait)  # before anything it says can count
     group = int(seats.text("world"))
     if group != world or not 0 <= rank < group:
         raise seats.refuse(f"a process started as rank {rank} with --world-size {world} tried to join a group of "
@@ -241,11 +316,11 @@ def take_seat(store: dist.Store, rank: int, world: int, address: str, deadline: 
         while not seats.has(f"who/{rank}") and time.monotonic() < soon:
             time.sleep(POLL_S)
         holder = seats.text(f"who/{rank}") if seats.has(f"who/{rank}") else "another process"
-        raise seats.refuse(f"rank {rank} is taken twice: {holder} already holds it, so pid {os.getpid()} on "
-                           f"{socket.gethostname()} leaves; each --rank (torchrun: --node-rank) must run exactly once")
-    seats.store.set(f"who/{rank}", f"pid {os.getpid()} on {socket.gethostname()}")
+        raise seats.refuse(f"rank {rank} is taken twice: {holder} already holds it, so {_who()} leaves; each "
+                           "--rank (torchrun: --node-rank) must run exactly once")
+    seats.store.set(f"who/{rank}", _who())
     seats.store.set(f"addr/{rank}", address)
-    done = _rank0_waits(seats, on_wait, log) if rank == 0 else seats.wait(lambda: not seats.missing(), on_wait)
+    done = _rank0_waits(seats, gate, on_wait, log) if rank == 0 else seats.wait(lambda: not seats.missing(), on_wait)
     if not done:
         missing = ", ".join(map(str, seats.missing()))
         why = (f"rank(s) {missing} of {world} did not join within the start-up timeout; start each with --rank R "

@@ -19,6 +19,7 @@ from typing import Any
 from ..config import PrismConfig, RunConfig
 from ..flags import add_dataclass_flags, config_args, dataclass_args, dataclass_from_args, flag_fields, option
 from ..flags import auto_weights as _auto_weights
+from .env import SECRET_ENV
 
 FIDELITIES = ("exact", "high", "balanced")
 
@@ -59,6 +60,11 @@ class LaunchSpec:
     fidelity: str = option("what --plan auto may trade for speed: exact (one device or Voltage), high (the config's "
                            "fidelity), balanced (the smallest byte budget whose held-out fidelity meets the planner's "
                            "floors), or a byte budget such as 0.1", default="high")
+    # never on a command line nor in a repr: spawned workers get it through their environment (worker_env)
+    cluster_secret: str | None = field(default=None, repr=False, metadata={
+        "help": "a secret every rank must share: each proves it at start-up by challenge and response (it never "
+                "crosses the network); a process without it is refused by name (default: --cluster-secret-file's "
+                f"first line, or ${SECRET_ENV}; none: no check)", "metavar": "SECRET"})
     # set by `--weights auto` (a PrismConfig flag), not a flag of its own
     auto_weights: bool = field(default=False, metadata={"flag": False})
 
@@ -75,6 +81,10 @@ class LaunchSpec:
         check_fidelity(self.fidelity)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be an alias, hub name or folder, got {self.model!r}")
+        if self.cluster_secret is not None and not isinstance(self.cluster_secret, str):
+            raise ValueError(f"cluster_secret must be a string, got a {type(self.cluster_secret).__name__}")
+        if self.cluster_secret == "":
+            object.__setattr__(self, "cluster_secret", None)  # empty: no secret, no check
 
     # ------------------------------------------------------------------ flags
     @staticmethod
@@ -86,6 +96,8 @@ class LaunchSpec:
                   defaults: Mapping[str, Any] | None = None) -> None:
         """One flag per field; defaults from the dataclass (model_default, defaults: a command's own)."""
         add_dataclass_flags(parser, cls, {**({"model": model_default} if model_default else {}), **(defaults or {})})
+        parser.add_argument("--cluster-secret-file", metavar="PATH",
+                            help="read the cluster secret from the first line of this file (kept out of `ps`)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LaunchSpec":
@@ -104,13 +116,19 @@ class LaunchSpec:
         return cls(**values)
 
     def flags(self) -> list[str]:
-        """The flags that give this spec back (through add_flags + from_args) in another process."""
-        return dataclass_args(self) + (["--weights", "auto"] if self.auto_weights else [])
+        """The flags that give this spec back (through add_flags + from_args) in another process, all but the
+        cluster secret: a command line is visible to every user of the machine (worker_env carries it)."""
+        return dataclass_args(self.replace(cluster_secret=None)) + (["--weights", "auto"] if self.auto_weights else [])
+
+    def worker_env(self) -> dict[str, str]:
+        """The environment that gives a spawned worker this spec's cluster secret (empty: none, whatever the
+        parent's environment says)."""
+        return {SECRET_ENV: self.cluster_secret or ""}
 
     def worker_command(self, cfg: PrismConfig | RunConfig, rank: int, world: int, master: str,
                        bind: str | None = None, extra: Sequence[str] = ()) -> list[str]:
-        """The command line of device process `rank` (`python -m prism_edge.worker ...`) with this spec and cfg;
-        extra: request flags for a rank 0 started this way (--repeat, --json, ...)."""
+        """The command line of device process `rank` (`python -m prism_edge.worker ...`) with this spec and cfg
+        (its cluster secret: worker_env); extra: request flags for a rank 0 started this way (--repeat, --json, ...)."""
         cmd = [sys.executable, "-m", "prism_edge.worker", "--rank", str(rank), "--world-size", str(world),
                "--master", master, *(["--bind", bind] if bind else []), *self.flags(), *config_args(cfg)]
         return cmd + list(extra)

@@ -56,13 +56,14 @@ def agree(group: dist.ProcessGroup, rank: int, world: int, model: nn.Module, ada
 def meet(endpoint: Endpoint, rank: int, world: int, spec: LaunchSpec, agent_store: bool = False,
          on_wait: Callable[[], None] | None = None, log: Callable[[str], None] = lambda _: None,
          store: dist.Store | None = None) -> dist.ProcessGroup:
-    """Every rank: the rendezvous store, a seat in the group (duplicates, ranks out of range and a wrong
-    world size refused by name), then the gloo group; all of it by one deadline, --startup-timeout from now.
+    """Every rank: the rendezvous store, a seat in the group (a wrong or missing cluster secret, duplicates,
+    ranks out of range and a wrong world size refused by name), then the gloo group; all of it by one deadline, --startup-timeout from now.
     on_wait: called while waiting (rank 0 checks its local workers, so one that dies is reported at once)."""
     deadline = time.monotonic() + spec.startup_timeout
     if store is None:
         store = open_store(endpoint, rank, world, deadline, agent_store=agent_store)
-    addresses = take_seat(store, rank, world, endpoint.gloo_address(), deadline, on_wait, log)
+    addresses = take_seat(store, rank, world, endpoint.gloo_address(), deadline, on_wait, log,
+                          secret=spec.cluster_secret)
     return join_group(store, endpoint, rank, world, deadline, spec.startup_timeout, addresses, on_wait)
 
 
@@ -75,6 +76,6 @@ def open_group(spec: LaunchSpec, cfg: RunConfig, endpoint: Endpoint | None, work
     if spawn:
         master = f"{endpoint.master_addr}:{store.port}"  # port 0 asked for any free port: the store's
         workers.spawn({r: spec.worker_command(cfg, r, world, master, endpoint.bind) for r in range(1, world)},
-                      worker_env)
+                      {**spec.worker_env(), **(worker_env or {})})  # the secret in their environment, not in `ps`
         log(f"spawned {world - 1} worker process(es): pids " + ", ".join(map(str, workers.pids.values())))
     return meet(endpoint, 0, world, spec, on_wait=workers.check_started, log=log, store=store)
