@@ -176,18 +176,26 @@ def run_server(options: LoadOptions, batched: bool, texts: list[str]) -> dict[st
     served = Served(options, key, None if batched else 1)
     try:
         lone = lone_answers(served, options.model, texts)  # also the warm-up
-        rss0 = served.rss()
-        levels = [level(served, options, n, options.level_seconds(i), texts, lone)
-                  for i, n in enumerate(tqdm(options.clients, desc="batched" if batched else "unbatched",
-                                             unit="level", leave=False))]
-        rss1 = served.rss()
+        levels, rss = [], [served.rss()]
+        for i, n in enumerate(tqdm(options.clients, desc="batched" if batched else "unbatched", unit="level",
+                                   leave=False)):
+            levels.append(level(served, options, n, options.level_seconds(i), texts, lone))
+            rss.append(served.rss())
     finally:
         code = served.stop()
-    growth = {str(pid): round(100 * (rss1[pid] - rss0[pid]) / rss0[pid], 2)
-              for pid in served.pids if rss0.get(pid) and rss1.get(pid)}
-    return {"batched": batched, "levels": levels, "rss_mib_before": {str(k): v for k, v in rss0.items()},
-            "rss_mib_after": {str(k): v for k, v in rss1.items()}, "rss_growth_pct": growth,
+    return {"batched": batched, "levels": levels, "pids": served.pids,
+            "rss_mib": [{str(k): v for k, v in r.items()} for r in rss],  # after the warm-up, then each level
+            "rss_growth_pct": _growth(rss[0], rss[-1]), "last_level_rss_growth_pct": _growth(rss[-2], rss[-1]),
             "requests": sum(lv["requests"] for lv in levels), "exit_code": code}
+
+
+def _growth(before: dict[int, float | None], after: dict[int, float | None]) -> dict[str, float]:
+    out = {}
+    for pid, b in before.items():
+        a = after.get(pid)
+        if a is not None and b:
+            out[str(pid)] = round(100 * (a - b) / b, 2)
+    return out
 
 
 def table(runs: list[dict[str, Any]], options: LoadOptions) -> str:
@@ -203,8 +211,10 @@ def table(runs: list[dict[str, Any]], options: LoadOptions) -> str:
                          f"{lv['p99_ms']} | {statuses} | {lv['differ']} | {lv['mean_batch']} |")
     for r in runs:
         growth = ", ".join(f"{v:+.1f} %" for v in r["rss_growth_pct"].values())
+        last = ", ".join(f"{v:+.1f} %" for v in r["last_level_rss_growth_pct"].values())
         lines.append(f"- batching {'on' if r['batched'] else 'off'}: {r['requests']} requests; RSS growth of every "
-                     f"process (launcher, workers): {growth}; server exit code {r['exit_code']}")
+                     f"process (launcher, workers) since the warm-up: {growth}; over the last level "
+                     f"({r['levels'][-1]['requests']} requests): {last}; server exit code {r['exit_code']}")
     return "\n".join(lines)
 
 
