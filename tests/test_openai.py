@@ -125,6 +125,12 @@ def test_requests_queue_and_never_mix(chat):
     for t in threads:
         t.join(300)
     assert [together[0], together[1]] == alone
+    metrics = urllib.request.urlopen(chat[1] + "/metrics", timeout=30).read().decode()
+    value = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if not line.startswith("#")}
+    assert value["prism_time_to_first_token_seconds_count"] >= 4 and value["prism_prefill_seconds_count"] >= 4
+    assert value["prism_time_per_output_token_seconds_count"] >= 4 * 5  # 6 tokens: 5 gaps each
+    assert value['prism_tokens_total{kind="completion"}'] >= 24
+    assert value['prism_requests_total{route="/v1/completions",status="200"}'] >= 4
 
 
 @pytest.mark.real

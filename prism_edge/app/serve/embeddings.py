@@ -12,6 +12,7 @@ pooling needs: per-sequence sums for mean (the `mean` output mode), every positi
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class Pooling:
     max_length: int = 512
 
     @classmethod
+    @functools.lru_cache(maxsize=8)  # read once per folder: a server asks on every request
     def of(cls, folder: Path | None) -> "Pooling":
         """The pooling a sentence-transformers folder configures (mean over 512 tokens where it says nothing)."""
         if folder is None or not (folder / "modules.json").exists():
