@@ -37,7 +37,7 @@ FIDELITIES = ("exact", "high", "balanced")
 # cosine of the full model's, perplexity within 2 %, image labels agreeing on 97 %
 BALANCED_FLOORS = {"cosine": 0.99, "perplexity_increase": 0.02, "agreement": 0.97}
 PREFER_FEWER = 0.05  # a plan with more devices must be predicted this much faster than one with fewer
-RECENT = 64  # choices remembered by request shape
+RECENT = 256  # choices remembered by request shape (a server sees many: each sentence length, each batch)
 
 
 def check_fidelity(value: Any, name: str = "fidelity") -> str | float:

@@ -9,8 +9,8 @@ grouped by a key (`batch_key`):
     requests of the same shape share a batch (their slices, means and kept tokens are those of the lone run).
     An exact plan (one device, Voltage) pads any widths together.
 One thread runs the batches, so the cluster sees one request at a time.  It takes the oldest request and every
-queued one with its key (up to `max_rows` sequences); while other requests are still being read it waits up to
-`wait_s` for them.  A batch that fails is retried request by request, so one bad request fails alone.
+queued one with its key and a width within WIDTH_RATIO of its own (up to `max_rows` sequences); while other
+requests are still being read it waits up to `wait_s` for them.  A batch that fails is retried request by request, so one bad request fails alone.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import Tensor
 from ...runtime.simulator import PrismOutput
 
 FIELDS = ("last_hidden_state", "pooler_output", "logits")
+WIDTH_RATIO = 1.5  # requests batched together differ in width by at most this factor
 
 
 @dataclass(eq=False)
@@ -41,6 +42,7 @@ class Job:
     fidelity: str | float | None
     queued: float = field(default_factory=time.monotonic)
     started: float = 0.0  # when its batch took the cluster
+    exact: bool = False  # its plan alone is exact (one device, Voltage): any exact plan gives its answer
     result: PrismOutput | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -101,6 +103,10 @@ def split(out: PrismOutput, jobs: list[Job], extra: dict[str, Any]) -> list[Pris
     return parts
 
 
+def _close(width: int, other: int) -> bool:
+    return max(width, other) <= WIDTH_RATIO * max(1, min(width, other))
+
+
 class Batcher:
     """Runs jobs on `run(inputs, job)` (the cluster), grouping jobs with equal keys."""
 
@@ -155,10 +161,14 @@ class Batcher:
             return group
 
     def _group(self) -> list[Job]:
+        """The oldest job and the queued jobs with its key, closest in width first, none more than WIDTH_RATIO
+        wider or narrower (padding is computed like any position: a 10-token request padded to 60 costs 6×)."""
         first = self._jobs[0]
+        near = sorted((j for j in self._jobs[1:] if j.key == first.key and _close(j.width, first.width)),
+                      key=lambda j: abs(j.width - first.width))
         group, rows = [first], first.rows
-        for job in self._jobs[1:]:
-            if job.key == first.key and rows + job.rows <= self.max_rows:
+        for job in near:
+            if rows + job.rows <= self.max_rows:
                 group.append(job)
                 rows += job.rows
         return group

@@ -67,18 +67,22 @@ class Runner:
         else:
             exact = cand.devices == 1 or cand.scheme in ("full", "voltage")
         key = batch_key(inputs, outputs, budget, fidelity, cand, exact)
-        job = Job(key, inputs, outputs, budget, cand, fidelity, queued=t0)
+        job = Job(key, inputs, outputs, budget, cand, fidelity, queued=t0, exact=exact)
         self._unread()  # queued now: the batcher need not wait for it any more
         out = self.batcher.submit(job)
         self.metrics.queue.labels(route).observe(job.started - t0)
         return out
 
     def _run(self, inputs: dict[str, Tensor], job: Job, jobs: int) -> PrismOutput:
-        """One batch on the cluster: a lone job as its request said, several on the plan each would run alone."""
+        """One batch on the cluster: a lone job as its request said; several that each would run exact, on the
+        fastest exact plan for the batch (one device or Voltage: the same answers); others on the plan each would
+        run alone."""
         with self.turn:
             job.started = time.monotonic()
             if jobs == 1:
                 out = self.cluster(**inputs, outputs=job.outputs, budget=job.budget, plan=None, fidelity=job.fidelity)
+            elif job.exact and self.cluster.planner is not None:
+                out = self.cluster(**inputs, outputs=job.outputs, plan="auto", fidelity="exact")
             else:
                 out = self.cluster(**inputs, outputs=job.outputs, budget=job.budget, plan=job.plan or "fixed")
         self.metrics.observe_stats(out.stats)
