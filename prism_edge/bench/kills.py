@@ -106,12 +106,18 @@ def _start(model: str, joined: bool) -> tuple[Any, dict[int, Any]]:
 
 
 def sigkill_trial(model: str, rng: random.Random) -> dict[str, Any]:
-    """One trial (see the module doc); the row of faults.json."""
+    """One trial at random (see the module doc); the row of faults.json."""
+    busy, joined, victim = rng.random() < 0.5, rng.random() < 0.5, rng.randrange(1, DEVICES)
+    return kill_one(model, busy=busy, joined=joined, victim=victim, delay=rng.uniform(0.3, 3.0),
+                    seed=rng.randrange(1 << 30))
+
+
+def kill_one(model: str, *, busy: bool, joined: bool, victim: int, delay: float, seed: int = 0) -> dict[str, Any]:
+    """Start a group (joined: its workers apart), serve requests back to back (busy) or not, SIGKILL rank `victim`
+    after `delay` s and see every other rank notice (the module doc); the row of faults.json."""
     import torch
 
-    busy, joined, victim = rng.random() < 0.5, rng.random() < 0.5, rng.randrange(1, DEVICES)
-    delay = rng.uniform(0.3, 3.0)
-    ids = torch.randint(3, 97, (4, 96), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
+    ids = torch.randint(3, 97, (4, 96), generator=torch.Generator().manual_seed(seed))
     cluster, procs = _start(model, joined)
     watch = _ExitWatch({r: p.pid for r, p in procs.items()})
     stop, box = threading.Event(), dict[str, Any]()
