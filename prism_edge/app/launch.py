@@ -11,12 +11,15 @@ import json
 import os
 import statistics
 import sys
+import threading
+import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..cluster import env
 from ..runtime.stats import measured
-from ..cluster import Cluster
+from ..cluster import Cluster, ClusterError
 from ..flags import config_from
 from .serve.native import default_mode
 from .report import describe_result, fmt_bytes
@@ -24,6 +27,9 @@ from ..eval.requests import build_request
 from ..cluster.follower import Seat, serve_rank
 from ..cluster.node import Fault
 from ..cluster.spec import LaunchSpec
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -57,8 +63,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return drive(cluster, args)
 
 
+def _stop_when_down(cluster: Cluster, server: "ThreadingHTTPServer") -> None:
+    """Stop serving once the cluster is down (a device lost between requests, too: no request has to fail first)."""
+    while cluster.alive:
+        time.sleep(0.1)
+    server.shutdown()
+
+
 def serve(cluster: Cluster, address: str) -> int:
-    """Serve HTTP on HOST:PORT until Ctrl-C or a lost device."""
+    """Serve HTTP on HOST:PORT until Ctrl-C or a lost device (then ClusterError: exit code 3, naming it)."""
     from .serve.http import make_server
 
     host, _, port = address.rpartition(":")
@@ -69,10 +82,14 @@ def serve(cluster: Cluster, address: str) -> int:
     h = h.decode() if isinstance(h, bytes) else h
     log(f"serving on http://{h}:{p}  (GET /health, /v1/models; POST /v1/forward, /v1/generate, /v1/completions, "
         "/v1/chat/completions, /v1/embeddings); Ctrl-C stops every device")
+    threading.Thread(target=_stop_when_down, args=(cluster, server), name="prism-edge-serve-watch", daemon=True).start()
     try:
         server.serve_forever()
     finally:
         server.server_close()
+    down = cluster.describe()["error"]
+    if down:
+        raise ClusterError(f"stopped serving: the cluster is down ({down})")
     return 0 if cluster.alive else 1
 
 
