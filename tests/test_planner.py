@@ -11,7 +11,7 @@ import torch
 from conftest import saved_models, text_batch, tiny
 from prism_edge import PrismConfig, simulate
 from prism_edge.cluster import Cluster
-from prism_edge.cluster.probes import fit, rounds
+from prism_edge.cluster.probes import PROBE_MORE, PROBE_ROUNDS, ProbeSize, fit, measure, rounds
 from prism_edge.models import adapter_for
 from prism_edge.partition.stages import StageLayout
 from prism_edge.planning import (Candidate, DeviceProfile, Drift, LinkProfile, ModelCost, Planner, Profile,
@@ -59,6 +59,39 @@ def test_probe_helpers():
     speed, intercept = fit([(1e9, 0.011), (4e9, 0.041)])
     assert speed == pytest.approx(1e11) and intercept == pytest.approx(0.001)
     assert fit([(1e9, 0.05), (4e9, 0.04)]) == (pytest.approx(1e11), 0.0)  # noise: all speed
+
+
+class _Timed(ProbeSize):
+    """A probe size whose runs take the given seconds per layer (2 layers a run), in turn; 1 ms of real time each."""
+
+    def __init__(self, flops: float, seconds: list[float]) -> None:
+        self.flops, self.seconds, self.times, self.runs = flops, iter(seconds), [], 0
+
+    def run(self, keep: bool = True) -> None:
+        t = next(self.seconds)
+        time.sleep(0.001)
+        self.runs += 1
+        if keep:
+            self.times += [t, t * 1.02]
+
+
+def test_the_compute_probe_reads_through_a_burst_of_load():
+    """1 GFLOP at 11 ms and 4 GFLOPs at 41 ms a layer (100 GFLOP/s, 1 ms intercept): a load that triples the
+    first rounds of the small size (alone, it would make the device look 3x faster) leaves the fit where it is;
+    a load all along is the device's speed; times that never settle stop within PROBE_MORE of the rounds."""
+    quiet = [0.011] * 10, [0.041] * 10
+    burst = [0.011, 0.033, 0.033] + [0.011] * 7, [0.041] * 10  # warm-up, then two loaded small runs
+    for small, large in (quiet, burst):
+        speed, intercept = fit([(f, t) for t, f in measure([_Timed(1e9, small), _Timed(4e9, large)])])
+        assert speed == pytest.approx(1e11, rel=0.03) and intercept == pytest.approx(0.001, rel=0.1)
+    slow = [_Timed(1e9, [0.0165] * 10), _Timed(4e9, [0.0615] * 10)]  # 1.5x slower throughout
+    assert fit([(f, t) for t, f in measure(slow)])[0] == pytest.approx(1e11 / 1.5, rel=0.03)
+    assert all(s.runs == 1 + PROBE_ROUNDS for s in slow)  # trusted at once: no round more than before
+    shaky = [_Timed(1e9, [0.011 * (1 + (i % 3)) for i in range(1000)]), _Timed(4e9, [0.041, 0.01] * 500)]
+    t0 = time.perf_counter()
+    measure(shaky)  # never plausible (the large size looks faster than the small one)
+    first = (1 + PROBE_ROUNDS) * 2 * 0.001
+    assert time.perf_counter() - t0 < (1 + PROBE_MORE) * first * 3 + 0.05
 
 
 def test_fidelity_and_weights():

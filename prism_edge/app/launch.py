@@ -12,13 +12,15 @@ import os
 import signal
 import statistics
 import sys
+import threading
+import time
 from typing import Any
 
 import torch
 
 from ..cluster import env
 from ..runtime.stats import measured
-from ..cluster import Cluster
+from ..cluster import Cluster, ClusterError
 from ..flags import config_from
 from .serve.native import default_mode
 from .report import describe_result, fmt_bytes
@@ -67,6 +69,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return drive(cluster, args)
 
 
+def _stop_when_down(cluster: Cluster, server: Any) -> None:
+    """Stop serving once the cluster is down (a device lost between requests, too: no request has to fail first)."""
+    while cluster.alive:
+        time.sleep(0.1)
+    server.stop()
+
+
 def serve_setup(args: argparse.Namespace) -> tuple[str, int, Any, tuple[str, ...]] | None:
     """--serve HOST:PORT and the server's flags, checked before any device starts: (host, port, options, keys)."""
     if not getattr(args, "serve", None):
@@ -89,10 +98,15 @@ def serve(cluster: Cluster, setup: tuple[str, int, Any, tuple[str, ...]]) -> int
     for line in server.warnings():
         log(line)
     signal.signal(signal.SIGTERM, _terminated)  # uvicorn re-raises it once shut down: leave through the finally's
+    threading.Thread(target=_stop_when_down, args=(cluster, server), name="prism-edge-serve-watch",
+                     daemon=True).start()
     server.run(lambda url: log(
         f"serving on {url}  (GET /health, /metrics, /v1/models; POST /v1/forward, /v1/generate, /v1/completions, "
         f"/v1/chat/completions, /v1/embeddings){'; API key required' if keys else ''}; Ctrl-C or SIGTERM stops "
         "every device"))
+    down = cluster.describe()["error"]
+    if down:
+        raise ClusterError(f"stopped serving: the cluster is down ({down})")
     return 0 if cluster.alive else 1
 
 

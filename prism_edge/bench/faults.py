@@ -7,6 +7,8 @@ measure the runtime, not model loading):
             Cluster raises, whether rank 2 exits by itself with code 3, and orphans (any worker process
             still alive 5 s after the Cluster closed)
   hang      rank 1 stops answering at a random layer: the same, against --timeout
+  sigkill   a random rank > 0 of P=4 is SIGKILLed from outside at a random moment, idle or serving:
+            when every surviving rank noticed (bench/kills.py)
   duplicate two processes start as rank 1 of a 2-rank group: one must be refused by name (exit 2)
   world     rank 1 starts with --world-size 3 against rank 0's 2: both must end, refusing it by name
   missing   rank 1 of a 3-rank group never comes: ranks 0 and 2 must end at --startup-timeout, naming it
@@ -32,6 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .common import free_port
+from .kills import sigkill_trial, table as sigkill_table
 from .options import FaultsOptions
 
 TIMEOUT = 5.0  # --timeout of the kill / hang trials
@@ -171,15 +174,19 @@ def main(options: FaultsOptions, cache: Any = None) -> str:
         model = _tiny_bert(Path(tmp) / "bert")
         plan: list[tuple[str, Callable[[str, str, random.Random], dict[str, Any]]]] = [
             ("kill", lambda m, k, r: lost_device(m, "die", r)), ("hang", lost_device),
-            ("duplicate", startup), ("world", startup), ("missing", startup)]
+            ("sigkill", lambda m, k, r: sigkill_trial(m, r)), ("duplicate", startup), ("world", startup),
+            ("missing", startup)]
         out.mkdir(parents=True, exist_ok=True)
-        for kind, fn in plan:
+        for kind, fn in [(k, f) for k, f in plan if k in options.kinds]:
             for _ in tqdm(range(trials), desc=f"faults: {kind}"):
                 row = fn(model, kind, rng)
                 row["kind"] = kind
                 rows.append(row)
                 (out / "faults.json").write_text(json.dumps(rows, indent=1))  # as it goes
-    text = _table(rows, trials)
+    others = [r for r in rows if r["kind"] != "sigkill"]
+    text = _table(others, trials) if others else ""
+    if "sigkill" in options.kinds:
+        text += ("\n" if text else "") + sigkill_table([r for r in rows if r["kind"] == "sigkill"])
     (out / "faults.md").write_text(text)
     return text
 
@@ -191,6 +198,8 @@ def _table(rows: list[dict[str, Any]], trials: int) -> str:
              "| orphans | hangs | rank 0 ignored Ctrl-C |", "|---|---|---|---|---|---|---|"]
     for kind in ("kill", "hang", "duplicate", "world", "missing"):
         group = [r for r in rows if r["kind"] == kind]
+        if not group:
+            continue
         times = [r.get("detected_s") or r.get("ended_s") for r in group]
         seen = [t for t in times if t is not None]
         span = f"{statistics.median(seen):.2f}, {max(seen):.2f}" if seen else "never"

@@ -25,6 +25,7 @@ from ..runtime.modes import DECODE_MODES
 OptionsT = TypeVar("OptionsT", bound="BenchOptions")
 CHAT_QUESTIONS = 6  # the generation bench's chat prompts (prism_edge.bench.generation.CHAT)
 LINKS = "wifi, slow, lan or RATEmbit[,DELAYms]"
+FAULT_KINDS = ("kill", "hang", "sigkill", "duplicate", "world", "missing")  # bench faults' trials
 
 
 # ---------------------------------------------------------------------- checks (ValueError naming the flag)
@@ -269,9 +270,14 @@ class FaultsOptions(BenchOptions):
 
     trials: int = option("trials per kind of fault", default=20)
     seed: int = option("seed of the random layers and inputs", default=0)
+    kinds: tuple[str, ...] = option(f"the kinds of fault to try, of {', '.join(FAULT_KINDS)}", default=FAULT_KINDS)
 
     def check(self) -> None:
         _count("--trials", self.trials, 1, 20)
+        _words("--kinds", self.kinds, "sigkill")
+        unknown = [k for k in self.kinds if k not in FAULT_KINDS]
+        if unknown:
+            raise ValueError(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(FAULT_KINDS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"--seed must be an integer, got {self.seed!r}; e.g. --seed 0")
 

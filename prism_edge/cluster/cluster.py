@@ -40,6 +40,7 @@ from .coordinator import Coordinator
 from .errors import ClusterError, RequestError
 from .generation import run_generation
 from .heartbeat import Heartbeat
+from .liveness import Liveness, down_when_lost
 from .procs import LocalWorkers
 from .startup import Agreement, agree, open_group
 from .replan import Replanner
@@ -93,6 +94,7 @@ class Cluster(ClusterViews):
         if set_threads:
             torch.set_num_threads(self.spec.threads)
         self._comm: DistCommunicator | None = None
+        self._live: Liveness | None = None  # every rank's beat and watch (cluster/liveness.py)
         t0 = time.perf_counter()
         try:
             self._start(cfg, spawn, endpoint, worker_env)
@@ -114,7 +116,7 @@ class Cluster(ClusterViews):
         self._comm = DistCommunicator(None, 0, 1, self.spec.timeout)  # alone: no group
         self.agreement = Agreement(cfg, [])
         if self.world > 1:
-            group = open_group(self.spec, cfg, endpoint, self.workers, spawn, worker_env, self.log)
+            group, self._live = open_group(self.spec, cfg, endpoint, self.workers, spawn, worker_env, self.log)
             # to workers started without the model; the layout from rank 0's own (partial) model, no second skeleton
             serve_weights(group, self.spec, layout_for(cfg, self.adapter), self.world, self.log)
             self._comm = DistCommunicator(group, 0, self.world, self.spec.timeout)
@@ -129,6 +131,8 @@ class Cluster(ClusterViews):
                                        fidelity=self.spec.fidelity)
         self.replanner = Replanner(self.coordinator, self.adapter, self.cfg, self.spec, self.agreement.profile,
                                    self.log)
+        if self._live is not None:  # a lost rank takes the cluster down even between requests
+            self._live.watch(down_when_lost(self._lock, lambda: not self.alive, self._fail), self.workers.died)
 
     # ------------------------------------------------------------------ requests
     def __call__(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -219,8 +223,10 @@ class Cluster(ClusterViews):
                 self.replanner.reprobe()
 
     def _fail(self, reason: str) -> None:
-        """A device is lost: note which local process died (if one did) and take the rest down."""
-        dead = self.workers.crashed()
+        """A device is lost: tell every rank (the first loss told names the device), note which local process
+        died (if one did) and take the rest down."""
+        reason = self._live.tell(reason) if self._live is not None else reason
+        dead = [d for d in self.workers.crashed() if d not in reason]
         self._broken = reason + (f" [{'; '.join(dead)}]" if dead else "")
         self.log(f"cluster down: {self._broken}")
         self._teardown(grace=2.0)
@@ -228,6 +234,8 @@ class Cluster(ClusterViews):
     def _teardown(self, grace: float = 10.0) -> None:
         if getattr(self, "_heartbeat", None) is not None:
             self._heartbeat.stop()
+        if self._live is not None:
+            self._live.stop()
         self.workers.stop(grace)
         if self._comm is not None:
             self._comm.close(abort=self._broken is not None)
@@ -241,11 +249,8 @@ class Cluster(ClusterViews):
             if self._closed:
                 return
             self._closed = True
-            if not self._broken and self.world > 1:
-                try:
-                    self.coordinator.tell(wire.SHUTDOWN, range(1, self.world), "shutdown")
-                except DeviceLost:
-                    pass
+            if not self._broken and self._live is not None:  # a worker leaving from here on is no loss
+                self._live.closing(lambda: self.coordinator.tell(wire.SHUTDOWN, range(1, self.world), "shutdown"))
             self._teardown()
         if self._at_exit:
             atexit.unregister(self.close)

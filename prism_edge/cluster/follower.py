@@ -26,6 +26,7 @@ from .rendezvous import Endpoint
 from ..runtime.stages import layout_for, stage_plans
 from ..runtime.wire import TAG_HEADER, TAG_INPUT, TAG_META, TAG_OUTPUT, TAG_STATS
 from .transport import DeviceLost, DistCommunicator
+from .liveness import exit_lost
 from . import env
 from .coordinator import request_config, request_layout
 from .generation import serve_generation
@@ -68,7 +69,7 @@ def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | No
     """Rank > 0: join, load the model, agree with the others, serve.  A lost peer ends the process with code 3."""
     hf_logging.disable_progress_bar()  # one "Loading weights" bar (rank 0's) is enough
     endpoint = seat.endpoint()
-    group = meet(endpoint, seat.rank, seat.world, spec, agent_store=seat.agent_store)
+    group, live = meet(endpoint, seat.rank, seat.world, spec, agent_store=seat.agent_store)
     try:
         loaded = (take_weights(group, spec, seat.rank, seat.world, spec.fetch_weights)
                   or load_for_rank(spec.model, spec.cache_dir, cfg, seat.rank))
@@ -77,8 +78,10 @@ def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | No
         # as rank 0 does: resolved once, here; the handshake compares resolved configs
         agreed = agree(group, seat.rank, seat.world, loaded.model, adapter, cfg.resolve(adapter.kind), spec, slowdown)
     except BaseException:
+        live.stop()
         group.shutdown()
         raise
+    live.watch(lambda reason: exit_lost(seat.rank, reason))  # any rank lost: leave at once, code 3
     comm = DistCommunicator(group, seat.rank, seat.world, spec.timeout)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if spec.verbose else None
     try:
@@ -88,13 +91,14 @@ def serve_rank(seat: Seat, spec: LaunchSpec, cfg: PrismConfig, fault: Fault | No
         serve_worker(adapter, agreed.cfg, comm, overlap=spec.overlap, count_flops=spec.count_flops,
                      fault=fault, slowdown=slowdown, log=log, reprobe=reprobe if spec.plan == "auto" else None)
     except DeviceLost as err:
-        # the group is broken and may hold stuck operations: report and leave at once, never hang on exit
-        print(f"prism-edge: error: {err}", file=sys.stderr, flush=True)
-        os._exit(3)
+        # the group is broken and may hold stuck operations: tell the others, report and leave at once
+        exit_lost(seat.rank, live.tell(str(err)))
     except Exception:  # a bug or a resource error mid-request: the peers see a closed connection
         traceback.print_exc()
+        live.tell(f"rank {seat.rank} failed (an error, not a lost peer: see its traceback)")
         print(f"prism-edge: error: rank {seat.rank} failed (traceback above); stopping", file=sys.stderr, flush=True)
         os._exit(1)
+    live.leave()
     comm.close()
     return 0
 

@@ -1,7 +1,9 @@
 """Start-up probes (`--plan auto`): every device's speed and memory, every link's latency and rate.
 
   compute  each device alone (one after the other: devices sharing a machine would slow each other's probe) runs
-           PROBE_LAYERS of its model over two request sizes, PROBE_REPEATS timed runs after a warm-up, medians;
+           PROBE_LAYERS of its model over two request sizes, in rounds that run both sizes, after a warm-up, and
+           keeps each size's fastest layer (another program's burst of work only slows a layer down, so the
+           fastest is the device's own speed), adding rounds within a bound while those are not yet trusted;
            a line through the two (seconds against FLOPs) gives its speed (the slope) and its per-layer intercept.
   memory   MemAvailable of its host; which host it is (hostname and boot id) and how many cores it may use.
   links    every pair of devices, in rounds where each device has one partner: round trips of a tiny message
@@ -37,9 +39,11 @@ from ..runtime.stats import FlopTally
 from .calibrate import probe_in_turn
 from .transport import DeviceLost, all_gather_bytes, exchange_int, ping_pong
 
-PROBE_LAYERS = 2  # layers timed per run: enough to average a layer, few enough for a Raspberry Pi's start-up
+PROBE_LAYERS = 2  # layers per run, each timed apart: enough to average a layer, few enough for a Raspberry Pi's start-up
 PROBE_SIZES = (32, 128)  # positions of the two text requests (images: 1 and 4 images)
-PROBE_REPEATS = 3
+PROBE_ROUNDS = 3  # timed rounds after a warm-up; a round runs every size once, so a burst of load hits all sizes
+PROBE_MORE = 2.0  # rounds added while the times are not yet trusted, for at most this many times the first rounds'
+CONFIRM = 1.1  # a size's fastest layer is trusted once another layer time lies within 10 % of it
 LINK_ROUNDS = 3  # timed round trips per payload, after one warm-up
 LINK_BYTES = 64 * 1024  # the first payload of the rate probe
 LINK_MAX_BYTES = 4 * 2**20
@@ -55,35 +59,72 @@ def _inputs(adapter: Adapter, size: int, small: bool) -> dict[str, torch.Tensor]
     return {"input_ids": (torch.arange(n) % adapter.vocab_size()).unsqueeze(0)}
 
 
-def time_layers(adapter: Adapter, cfg: RunConfig, layers: range, inputs: dict[str, torch.Tensor],
-                repeats: int = PROBE_REPEATS, slowdown: float = 0.0) -> tuple[float, float]:
-    """(median seconds of one layer, its FLOPs) for a one-device request of `inputs` through `layers`."""
-    one = cfg.replace(devices=1, weights=None, scheme="full", stages=1, stage_devices=None, layer_split=None,
-                      memory_budget=None)
-    batch = adapter.prepare(**inputs)
-    plan = plan_for(batch, one, adapter.geometry)
-    local = batch.gather(plan.devices[0].index)
-    param = first_held(adapter.model)
-    rows = batch.valid.shape[1]
-    start = torch.zeros(batch.valid.shape[0], rows, adapter.geometry.hidden, dtype=param.dtype)
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 1):
-            dev = DeviceExecutor(adapter, plan, 0, one, batch, layers=layers)
-            steps = Forward(dev, local, FlopTally(False))
-            steps.resume(start.clone())
-            t0, c0 = time.perf_counter(), time.thread_time()
-            for j in layers:
+class ProbeSize:
+    """One probe size: a one-device request of `inputs` through `layers`, prepared once and run again and again;
+    every layer's seconds are kept (a burst of load on the machine only ever makes one slower)."""
+
+    def __init__(self, adapter: Adapter, cfg: RunConfig, layers: range, inputs: dict[str, torch.Tensor],
+                 slowdown: float) -> None:
+        self.one = cfg.replace(devices=1, weights=None, scheme="full", stages=1, stage_devices=None, layer_split=None,
+                               memory_budget=None)
+        self.adapter, self.layers, self.slowdown = adapter, layers, slowdown
+        self.batch = adapter.prepare(**inputs)
+        self.plan = plan_for(self.batch, self.one, adapter.geometry)
+        self.local = self.batch.gather(self.plan.devices[0].index)
+        rows = self.batch.valid.shape[1]
+        self.start = torch.zeros(self.batch.valid.shape[0], rows, adapter.geometry.hidden,
+                                 dtype=first_held(adapter.model).dtype)
+        self.flops = self.batch.valid.shape[0] * ModelCost.of(adapter).probe_flops(rows)
+        self.times: list[float] = []
+
+    def run(self, keep: bool = True) -> None:
+        with torch.inference_mode():
+            dev = DeviceExecutor(self.adapter, self.plan, 0, self.one, self.batch, layers=self.layers)
+            steps = Forward(dev, self.local, FlopTally(False))
+            steps.resume(self.start.clone())
+            for j in self.layers:
+                t0, c0 = time.perf_counter(), time.thread_time()
                 steps.send(j)
                 steps.meanwhile(j)
                 steps.receive(j, {})
-            if slowdown:  # the testing aid of heterogeneous devices, as in a request (cluster.node)
-                time.sleep(slowdown * (time.thread_time() - c0))
-            if i:
-                times.append((time.perf_counter() - t0) / len(layers))
-    cost = ModelCost.of(adapter)
-    flops = batch.valid.shape[0] * cost.probe_flops(rows)
-    return statistics.median(times), flops
+                if self.slowdown:  # the testing aid of heterogeneous devices, as in a request (cluster.node)
+                    time.sleep(self.slowdown * (time.thread_time() - c0))
+                if keep:
+                    self.times.append(time.perf_counter() - t0)
+
+    def trusted(self) -> bool:
+        """Another layer time within CONFIRM of the fastest: the fastest is the device's, not a lucky timer."""
+        fast = sorted(self.times)
+        return len(fast) >= 2 and fast[1] <= CONFIRM * fast[0]
+
+
+def time_sizes(adapter: Adapter, cfg: RunConfig, layers: range, inputs: list[dict[str, torch.Tensor]],
+               slowdown: float = 0.0) -> list[tuple[float, float]]:
+    """(seconds of one layer, its FLOPs) per request in `inputs`: the fastest layer of PROBE_ROUNDS rounds after a
+    warm-up, each round running every request once.  While a size's fastest time is not trusted or the times do
+    not grow with the FLOPs (a load came and went), more rounds, within PROBE_MORE times the first rounds' time."""
+    return measure([ProbeSize(adapter, cfg, layers, x, slowdown) for x in inputs])
+
+
+def measure(sizes: list[ProbeSize]) -> list[tuple[float, float]]:
+    """time_sizes's rounds over prepared sizes: (fastest layer seconds, FLOPs) per size."""
+    for size in sizes:
+        size.run(keep=False)
+    t0 = time.perf_counter()
+    for _ in range(PROBE_ROUNDS):
+        for size in sizes:
+            size.run()
+    end = time.perf_counter() + PROBE_MORE * (time.perf_counter() - t0)
+    while not _plausible(sizes) and time.perf_counter() < end:
+        for size in sizes:
+            size.run()
+    return [(min(size.times), size.flops) for size in sizes]
+
+
+def _plausible(sizes: list[ProbeSize]) -> bool:
+    points = sorted((size.flops, min(size.times)) for size in sizes)
+    growing = all(t2 > t1 for (_, t1), (_, t2) in zip(points, points[1:]))
+    return all(size.trusted() for size in sizes) and growing and fit(points)[1] > 0
 
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -125,12 +166,9 @@ def probe_device(adapter: Adapter, cfg: RunConfig, rank: int, slowdown: float = 
     layout = layout_for(cfg, adapter)
     held = layout.stage_of(rank).layers if rank < layout.world else range(adapter.geometry.layers)
     layers = range(held.start, min(held.stop, held.start + PROBE_LAYERS))
-    points, ms = [], []
-    for k, size in enumerate(PROBE_SIZES):
-        seconds, flops = time_layers(adapter, cfg, layers, _inputs(adapter, size, k == 0), slowdown=slowdown)
-        points.append((flops, seconds))
-        ms.append(round(seconds * 1e3, 3))
-    speed, intercept = fit(points)
+    timed = time_sizes(adapter, cfg, layers, [_inputs(adapter, n, k == 0) for k, n in enumerate(PROBE_SIZES)], slowdown)
+    ms = [round(seconds * 1e3, 3) for seconds, _ in timed]
+    speed, intercept = fit([(flops, seconds) for seconds, flops in timed])
     host, cores = _host()
     return {"rank": rank, "host": host, "cores": cores, "threads": torch.get_num_threads(), "flops_per_s": speed,
             "layer_s": intercept, "free_mib": _free_mib(), "probe_ms": ms}

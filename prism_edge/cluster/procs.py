@@ -48,10 +48,16 @@ class LocalWorkers:
                                    "see its error above")
 
     def crashed(self) -> list[str]:
-        """The workers that died with an error, described (after giving a crash a moment to settle)."""
+        """The workers that died with an error, described (after giving a crash a moment to settle); not those
+        that left with code 3 (they stopped because of a lost peer)."""
         time.sleep(0.2)
         return [f"rank {r} (pid {p.pid}) {exit_reason(p.returncode)}" for r, p in self.procs.items()
-                if p.poll() is not None and p.returncode != 0]
+                if p.poll() is not None and p.returncode not in (0, 3)]
+
+    def died(self) -> str | None:
+        """A worker that is gone, described (None while all run): the liveness watch asks every beat."""
+        return next((f"rank {r} (pid {p.pid}) {exit_reason(p.returncode)}" for r, p in self.procs.items()
+                     if p.poll() is not None), None)
 
     def stop(self, grace: float = 10.0) -> None:
         """Wait up to `grace` seconds for the workers to leave (they were told to), then terminate, then kill."""

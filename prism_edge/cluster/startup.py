@@ -16,6 +16,7 @@ from torch import nn
 from ..config import RunConfig
 from ..models import Adapter
 from .rendezvous import Endpoint, join_group, open_store, take_seat
+from .liveness import Liveness
 from .calibrate import agree_weights, probe_in_turn, time_forward
 from .probes import probe_profile
 from ..planning import Profile, speed_weights
@@ -55,20 +56,24 @@ def agree(group: dist.ProcessGroup, rank: int, world: int, model: nn.Module, ada
 
 def meet(endpoint: Endpoint, rank: int, world: int, spec: LaunchSpec, agent_store: bool = False,
          on_wait: Callable[[], None] | None = None, log: Callable[[str], None] = lambda _: None,
-         store: dist.Store | None = None) -> dist.ProcessGroup:
+         store: dist.Store | None = None) -> tuple[dist.ProcessGroup, Liveness]:
     """Every rank: the rendezvous store, a seat in the group (a wrong or missing cluster secret, duplicates,
-    ranks out of range and a wrong world size refused by name), then the gloo group; all of it by one deadline, --startup-timeout from now.
-    on_wait: called while waiting (rank 0 checks its local workers, so one that dies is reported at once)."""
+    ranks out of range and a wrong world size refused by name), then the gloo group; all of it by one deadline,
+    --startup-timeout from now.  on_wait: called while waiting (rank 0 checks its local workers, so one that dies
+    is reported at once).  With the group, this rank's liveness beat in the store (beating from now on; judging
+    once told to watch)."""
     deadline = time.monotonic() + spec.startup_timeout
     if store is None:
         store = open_store(endpoint, rank, world, deadline, agent_store=agent_store)
     addresses = take_seat(store, rank, world, endpoint.gloo_address(), deadline, on_wait, log,
                           secret=spec.cluster_secret)
-    return join_group(store, endpoint, rank, world, deadline, spec.startup_timeout, addresses, on_wait)
+    group = join_group(store, endpoint, rank, world, deadline, spec.startup_timeout, addresses, on_wait)
+    return group, Liveness.over(store, rank, world, spec.timeout)
 
 
 def open_group(spec: LaunchSpec, cfg: RunConfig, endpoint: Endpoint | None, workers: LocalWorkers,
-               spawn: bool, worker_env: dict[str, str] | None, log: Callable[[str], None]) -> dist.ProcessGroup:
+               spawn: bool, worker_env: dict[str, str] | None, log: Callable[[str], None]
+               ) -> tuple[dist.ProcessGroup, Liveness]:
     """Rank 0: host the rendezvous, start the local workers (spawn) and join the group with them."""
     world = cfg.effective_devices
     endpoint = endpoint or Endpoint("127.0.0.1", 0, bind="127.0.0.1")

@@ -30,7 +30,7 @@ class DeviceProfile:
     flops_per_s: float  # sustained speed on the model's layers (the probe's slope)
     layer_s: float  # per layer and request, whatever the positions (Python, kernel launches: the intercept)
     free_mib: float  # memory available on its host at the probe
-    probe_ms: tuple[float, ...] = ()  # median ms of one layer at each probe length, as measured
+    probe_ms: tuple[float, ...] = ()  # ms of one layer at each probe length, as measured (the fastest)
 
     def __post_init__(self) -> None:
         _positive("flops_per_s", self.flops_per_s)
