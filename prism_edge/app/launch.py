@@ -27,6 +27,7 @@ from .report import describe_result, fmt_bytes
 from ..eval.requests import build_request
 from ..cluster.follower import Seat, serve_rank
 from ..cluster.node import Fault
+from ..cluster.procs import steady_heap
 from ..cluster.spec import LaunchSpec
 from .cli import Terminated
 
@@ -48,6 +49,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ValueError(f"the config has devices={cfg.effective_devices} but the group has {seat.world} ranks; "
                          f"pass --devices {seat.world}")
     torch.set_num_threads(spec.threads)  # this process is a device: its threads are ours to set
+    steady_heap()
     if seat.rank == 0:
         with Cluster(config=cfg, spec=spec, spawn=False, endpoint=seat.endpoint(), log=log) as cluster:
             return drive(cluster, args)
@@ -63,6 +65,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     spec = launch_spec(args)
     cfg = config_from(args, allow_auto=True)
     torch.set_num_threads(spec.threads)  # this process is device 0
+    steady_heap()
     serve_setup(args)  # a bad --serve or key file is refused before any device starts
     log(f"starting {cfg.effective_devices} device process(es) for {spec.model} ...")
     with Cluster(config=cfg, spec=spec, log=log) as cluster:

@@ -6,8 +6,9 @@ connection, each sending `POST /v1/embeddings` for one sentence at a time (the b
 sentences of 4 to 60 words) until the level's seconds or request cap are spent.  Before the levels, every sentence
 is embedded once alone: each concurrent answer is compared with that lone answer (max |difference| <= 1e-5).
 Measured per level: requests per second (answered 200), latency percentiles, statuses, answers that differ, and
-the server's batches (its /metrics); over the run, the resident memory of every process (launcher and workers)
-after the warm-up and at the end.  With --unbatched the same levels run again on a server with --max-batch 1.
+the server's batches (its /metrics); the resident memory of every process (launcher and workers) after the
+warm-up and after each level, and every 2 s within a level (growth once warm: after a level's first 1000 requests,
+by when its largest batches have been allocated).  With --unbatched the same levels run again on a server with --max-batch 1.
 Writes load.json, load.md and load.png.
 """
 
@@ -32,6 +33,7 @@ from .common import free_port
 from .options import LoadOptions
 
 TOLERANCE = 1e-5
+WARM = 1000  # requests of a level before its RSS counts as warm (the largest batches have been allocated)
 
 
 def sentences() -> list[str]:
@@ -146,8 +148,12 @@ def level(served: Served, options: LoadOptions, clients: int, seconds: float, te
     t0 = time.monotonic()
     threads = [threading.Thread(target=_client, args=(served, options.model, texts, lone, c * 7, t0 + seconds,
                                                       budget, lock, rows)) for c in range(clients)]
+    samples: list[tuple[int, dict[int, float | None]]] = []  # (requests so far, RSS per pid) every 2 s
     for t in threads:
         t.start()
+    while any(t.is_alive() for t in threads):
+        samples.append((len(rows), served.rss()))
+        threads[0].join(2.0)
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
@@ -162,7 +168,17 @@ def level(served: Served, options: LoadOptions, clients: int, seconds: float, te
             "throughput_rps": round(len(ok) / wall, 2), "statuses": statuses,
             "differ": sum(1 for s, _, same in rows if s == 200 and not same),
             "p50_ms": _pct(ok, 0.5), "p90_ms": _pct(ok, 0.9), "p99_ms": _pct(ok, 0.99),
-            "mean_batch": round(batched / batches, 2) if batches else None}
+            "mean_batch": round(batched / batches, 2) if batches else None, **_steady(samples, served.rss())}
+
+
+def _steady(samples: list[tuple[int, dict[int, float | None]]], end: dict[int, float | None]) -> dict[str, Any]:
+    """RSS growth once warm: from the first sample after WARM requests of the level (every batch size seen) to the
+    level's end, and how many requests that covers."""
+    warm = next(((n, rss) for n, rss in samples if n >= WARM), None)
+    if warm is None:
+        return {"steady_requests": 0, "steady_rss_growth_pct": {}}
+    total = samples[-1][0] if samples else 0
+    return {"steady_requests": total - warm[0], "steady_rss_growth_pct": _growth(warm[1], end)}
 
 
 def _pct(sorted_s: list[float], q: float) -> float | None:
@@ -212,9 +228,12 @@ def table(runs: list[dict[str, Any]], options: LoadOptions) -> str:
     for r in runs:
         growth = ", ".join(f"{v:+.1f} %" for v in r["rss_growth_pct"].values())
         last = ", ".join(f"{v:+.1f} %" for v in r["last_level_rss_growth_pct"].values())
+        last_level = r["levels"][-1]
+        steady = ", ".join(f"{v:+.1f} %" for v in last_level["steady_rss_growth_pct"].values())
         lines.append(f"- batching {'on' if r['batched'] else 'off'}: {r['requests']} requests; RSS growth of every "
                      f"process (launcher, workers) since the warm-up: {growth}; over the last level "
-                     f"({r['levels'][-1]['requests']} requests): {last}; server exit code {r['exit_code']}")
+                     f"({last_level['requests']} requests): {last}; over its last {last_level['steady_requests']} "
+                     f"requests (after its first {WARM}): {steady}; server exit code {r['exit_code']}")
     return "\n".join(lines)
 
 
