@@ -80,8 +80,13 @@ def test_a_full_queue_answers_429_with_retry_after_and_metrics_count_it(bert):
     ids = text_batch(batch=1, length=40)[0].tolist()
     with serving(bert, max_queue=2, max_batch=1) as url:
         results: list[tuple[int, dict, dict]] = []
-        threads = [threading.Thread(target=lambda: results.append(call(url + "/v1/forward", {"input_ids": ids})))
-                   for _ in range(12)]
+        barrier = threading.Barrier(12)
+
+        def one() -> None:
+            barrier.wait()
+            results.append(call(url + "/v1/forward", {"input_ids": ids}))
+
+        threads = [threading.Thread(target=one) for _ in range(12)]
         for t in threads:
             t.start()
         for t in threads:
