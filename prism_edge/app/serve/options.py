@@ -24,7 +24,7 @@ MIB = 2**20
 class ServeOptions:
     """Settings of `prism-edge launch --serve HOST:PORT` (and of serve.Server)."""
 
-    api_key: tuple[str, ...] = option("accept requests that send `Authorization: Bearer KEY` (repeatable; every "
+    api_key: tuple[str, ...] = option("accept requests that send `Authorization: Bearer KEY` (one or more keys; every "
                                       "route but /health needs one once any key is set)", default=(), nargs="+")
     api_key_file: str | None = option("a file of API keys, one per line (# comments)", default=None)
     max_queue: int = option("requests admitted at once (running, batched or waiting for the cluster); past it a "
