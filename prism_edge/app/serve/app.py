@@ -109,8 +109,13 @@ class Service:
         return Response(self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _models(self, request: Request) -> Response:
+        try:
+            self.authorize(request)
+        except ApiError as err:
+            self._count_reply("/v1/models", err.status)
+            return error_response(err)
         given = {"id": request.path_params["model"]} if "model" in request.path_params else {}
-        return await self._answer(request, "/v1/models", list_models, given)
+        return await self._answer("/v1/models", list_models, given)
 
     def describe(self) -> dict[str, Any]:
         o = self.options
@@ -128,13 +133,12 @@ class Service:
         except ApiError as err:
             self._count_reply(route, err.status)
             return error_response(err)
-        return await self._answer(request, route, POSTS[route], body)
+        return await self._answer(route, POSTS[route], body)
 
-    async def _answer(self, request: Request, route: str, handler: Handler, body: dict[str, Any]) -> Response:
-        """Admit the request, run its handler in a thread, and answer (a stream: as server-sent events)."""
+    async def _answer(self, route: str, handler: Handler, body: dict[str, Any]) -> Response:
+        """Admit an authorized request, run its handler in a thread, and answer (a stream: as server-sent events)."""
         t0 = time.monotonic()
         try:
-            self.authorize(request)
             self._admit()
         except ApiError as err:
             self._count_reply(route, err.status)

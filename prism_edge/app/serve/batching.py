@@ -40,7 +40,6 @@ class Job:
     budget: float | None
     plan: Any  # the Candidate it runs on alone (None: the fixed plan); a lone job runs as the request said
     fidelity: str | float | None
-    queued: float = field(default_factory=time.monotonic)
     started: float = 0.0  # when its batch took the cluster
     exact: bool = False  # its plan alone is exact (one device, Voltage): any exact plan gives its answer
     result: PrismOutput | None = None

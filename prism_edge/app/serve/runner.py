@@ -67,7 +67,7 @@ class Runner:
         else:
             exact = cand.devices == 1 or cand.scheme in ("full", "voltage")
         key = batch_key(inputs, outputs, budget, fidelity, cand, exact)
-        job = Job(key, inputs, outputs, budget, cand, fidelity, queued=t0, exact=exact)
+        job = Job(key, inputs, outputs, budget, cand, fidelity, exact=exact)
         self._unread()  # queued now: the batcher need not wait for it any more
         out = self.batcher.submit(job)
         self.metrics.queue.labels(route).observe(job.started - t0)
