@@ -18,3 +18,22 @@ def serving(cluster: Any, **options: Any) -> Iterator[str]:
     server = Server(cluster, "127.0.0.1", 0, ServeOptions(**options), keys)
     with server.running() as url:
         yield url
+
+
+def until_serving(proc: Any, wait: float = 120.0) -> tuple[str | None, list[int], list[str]]:
+    """Read a `prism-edge launch --serve` process's stderr until it serves (or ends, or `wait` s pass): its URL
+    (None if it never served), its workers' pids and the lines read."""
+    import time
+
+    url, pids, lines = None, [], []
+    deadline = time.monotonic() + wait
+    while url is None and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "pids" in line:
+            pids = [int(p) for p in line.split("pids")[1].replace(",", " ").split()]
+        if "serving on" in line:
+            url = line.split("serving on ")[1].split()[0]
+        if not line:
+            break
+    return url, pids, lines

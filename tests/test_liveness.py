@@ -14,6 +14,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
+from serving import until_serving
 from prism_edge.cluster.liveness import BEAT_S, LEASE_S, Liveness, down_when_lost
 
 
@@ -183,16 +184,8 @@ def test_a_serving_launcher_stops_with_code_3_when_an_idle_device_is_killed(kill
            "--serve", "127.0.0.1:0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        pids, lines = [], []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "pids" in line:
-                pids = [int(p) for p in line.split("pids")[1].replace(",", " ").split()]
-            if "serving on" in line or not line:
-                break
-        assert "serving on" in lines[-1] and len(pids) == 2, "".join(lines)
+        url, pids, lines = until_serving(proc)
+        assert url and len(pids) == 2, "".join(lines)
         t0 = time.monotonic()
         os.kill(pids[1], signal.SIGKILL)  # rank 2
         _, err = proc.communicate(timeout=30)

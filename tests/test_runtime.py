@@ -303,16 +303,10 @@ def test_ctrl_c_on_the_launcher_tears_everything_down(saved):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        pids, deadline = [], time.monotonic() + 120
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "pids" in line:
-                pids = [int(p) for p in line.split("pids")[1].replace(",", " ").split()]
-            if "serving on" in line or not line:
-                break
-        assert "serving on" in lines[-1], "".join(lines)
+        from serving import until_serving
+
+        url, pids, lines = until_serving(proc)
+        assert url, "".join(lines)
         assert len(pids) == 2
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)  # workers get 10 s to stop, then SIGTERM; a loaded CI machine is slow

@@ -23,7 +23,7 @@ import torch
 from conftest import saved_models, text_batch
 from prism_edge import PrismConfig
 from prism_edge.cluster import Cluster
-from serving import serving
+from serving import serving, until_serving
 
 KEY = "sk-test-0123456789"
 PROTECTED = [("GET", "/v1/models", None), ("GET", "/metrics", None), ("POST", "/v1/forward", {"input_ids": [[5, 6]]}),
@@ -157,17 +157,7 @@ def test_sigterm_finishes_the_request_in_flight_then_stops_every_device(saved):
     env = {**os.environ, "PRISM_EDGE_SLOW": "1:20"}  # rank 1 at 1/21 speed: the generation takes a while
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        url, pids, lines = None, [], []
-        deadline = time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "pids" in line:
-                pids = [int(p) for p in line.split("pids")[1].replace(",", " ").split()]
-            if "serving on" in line:
-                url = line.split("serving on ")[1].split()[0]
-            if not line:
-                break
+        url, pids, lines = until_serving(proc)
         assert url, "".join(lines)
         result: list = []
         worker = threading.Thread(target=lambda: result.append(call(url + "/v1/generate", {
